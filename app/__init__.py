@@ -1,0 +1,1 @@
+"""Gradio app for asking questions about whole books (document loading, chat UI)."""

@@ -1,0 +1,378 @@
+"""The engine: one model, one long document in the cache, many questions against it.
+
+``ingest`` pre-fills the document in chunks and checkpoints the cache at its end; ``ask`` restores that state,
+pre-fills only the question and streams the answer. The document sits inside the chat template's user turn and the
+question follows it, so the document's cache serves every question (the streaming/retrieval split does not depend on
+the question).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
+from duo_qserve.loading import REPO_ROOT, LoadedModel, load_model
+from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
+from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
+
+PATTERNS_DIR = REPO_ROOT / "attn_patterns"
+ANSWER_RESERVE = 1024  # tokens kept free after the document for a question and its answer
+
+
+class Cancelled(RuntimeError):
+    """A running pre-fill or answer was stopped by ``Engine.cancel()``."""
+
+
+class DocumentTooLarge(ValueError):
+    def __init__(self, tokens: int, fits: int):
+        super().__init__(
+            f"the document has {tokens:,} tokens but the cache holds {fits:,} document tokens with these settings "
+            f"(after keeping {ANSWER_RESERVE} for questions and answers): raise the streaming-head ratio, lower "
+            f"kv_bits, or shorten the document"
+        )
+        self.tokens, self.fits = tokens, fits
+
+
+@dataclass
+class DocumentInfo:
+    title: str
+    tokens: int  # document prompt tokens held in the cache (template prefix included)
+    sha256: str  # of the token ids: identifies the cached document
+    prefill_seconds: float
+    loaded_by: str = ""
+    prefilled: int = 0  # tokens pre-filled by this ingest (fewer than ``tokens`` after a resume)
+
+
+@dataclass
+class EngineSettings:
+    model: str = "default"
+    device: str | None = None  # None: CUDA if available, else CPU
+    dtype: torch.dtype | None = None
+    pattern: str | None = "auto"  # "auto": attn_patterns/<model name>/ if present; None: all retrieval heads
+    sparsity: float = 0.5  # fraction of KV heads that become streaming heads
+    kv_bits: int = 4
+    key_group: int = 128
+    sink: int | None = None  # None: the pattern's sink_size
+    recent: int | None = None
+    chunk_size: int | None = None  # None: 32768 on CUDA, 512 on CPU
+    max_tokens: int | None = None  # None: what fits in GPU memory (CUDA) or 32768 (CPU)
+    w8a8: bool | None = None  # None: on for CUDA (when available), off for CPU
+
+
+@dataclass
+class GenerationStats:
+    question_tokens: int = 0
+    answer_tokens: int = 0
+    ttft_s: float = 0.0  # restore + question pre-fill + first token
+    decode_ms_per_token: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings):
+        self.settings, self.loaded = settings, loaded
+        self.model, self.tokenizer, self.args = loaded.model, loaded.tokenizer, loaded.model.args
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.pattern = self._resolve_pattern(settings.pattern)
+        mask, self.sparsity = self.pattern.retrieval_mask(settings.sparsity if settings.pattern else 0.0)
+        self.retrieval_heads = reorder_heads(self.model, mask)
+        self.w8a8 = settings.w8a8 if settings.w8a8 is not None else self.device.type == "cuda"
+        if self.w8a8:
+            from duo_qserve.quant.w8a8 import quantize_model_w8a8
+
+            quantize_model_w8a8(self.model)
+        self.cache_config = CacheConfig(
+            kv_bits=settings.kv_bits,
+            key_group=settings.key_group,
+            sink_tokens=settings.sink if settings.sink is not None else self.pattern.sink_size,
+            recent_tokens=settings.recent if settings.recent is not None else self.pattern.recent_size,
+        )
+        cuda = self.device.type == "cuda"
+        self.chunk_size = settings.chunk_size or (32768 if cuda else 512)
+        self.cache = DuoKVCache(self._cache_spec(settings.max_tokens), self.device)
+        self.document: DocumentInfo | None = None
+        self.last = GenerationStats()
+        self.prefilled_tokens = 0  # every token that went through a forward pass, for accounting and tests
+        self._cancel = threading.Event()
+        self.lock = threading.Lock()  # one GPU job at a time
+        self._doc_prefix, self._question_suffix = self._template_parts()
+        self._stop_ids = self._eos_ids()
+
+    @classmethod
+    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
+        settings = EngineSettings(model=model, **kwargs)
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_model(model, device, settings.dtype), settings)
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def _resolve_pattern(self, pattern: str | None) -> AttentionPattern:
+        if pattern is None:
+            return uniform_pattern(self.args)
+        if pattern == "auto":
+            candidate = PATTERNS_DIR / self.loaded.name
+            if not candidate.is_dir():
+                return uniform_pattern(self.args)  # no trained pattern for this model: plain full attention
+            pattern = str(candidate)
+        p = load_pattern(pattern)
+        p.check_fits(self.args)
+        return p
+
+    def _cache_spec(self, max_tokens: int | None) -> CacheSpec:
+        if max_tokens is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                # weights are already resident: plan the rest of free memory for cache + workspace
+                budget = free - workspace_bytes(self.args, self.chunk_size, self.dtype.itemsize)
+                plan = max_tokens_for_budget(
+                    self.args, self.retrieval_heads, self.cache_config, budget, w8a8=False, chunk_size=0,
+                    dtype=self.dtype,
+                )  # fmt: skip
+                max_tokens = plan.tokens
+            else:
+                max_tokens = 32768
+        return CacheSpec(self.args, self.retrieval_heads, self.cache_config, max_tokens, self.dtype)
+
+    def _template_parts(self) -> tuple[str, str]:
+        """Split the chat template around the user turn: (text before the document, text after the question)."""
+        doc, question = "\x00DOC\x00", "\x00QUESTION\x00"
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            return "Document:\n", "\n\nAnswer:"
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": doc + question}], tokenize=False, add_generation_prompt=True
+        )
+        before, rest = text.split(doc)
+        _, after = rest.split(question)
+        bos = getattr(tok, "bos_token", None)
+        if bos and not before.startswith(bos) and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+            before = bos + before
+        return before, after
+
+    def _eos_ids(self) -> set[int]:
+        tok, ids = self.tokenizer, set()
+        if tok is None:
+            return ids
+        eos = self.args.extra.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"):
+            tid = tok.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != tok.unk_token_id:
+                ids.add(tid)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def document_ids(self, text: str) -> list[int]:
+        return self.encode(self._doc_prefix + text + "\n\n")
+
+    @property
+    def max_document_tokens(self) -> int:
+        return max(self.cache.max_tokens - ANSWER_RESERVE, 0)
+
+    # ---- work ------------------------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.document = None
+
+    @torch.inference_mode()
+    def ingest(
+        self,
+        document: str | Sequence[int],
+        on_progress: Callable[[int, int], None] | None = None,
+        title: str = "document",
+        loaded_by: str = "",
+        resume: bool = False,
+    ) -> DocumentInfo:
+        """Pre-fill the document (text, or ids from ``document_ids``) and checkpoint the cache at its end.
+
+        A document that does not fit is refused before any work; a cancelled pre-fill leaves no document loaded.
+        ``resume=True`` continues from the tokens the cache already holds (a partial pre-fill restored by
+        ``duo_qserve.library``, which checks that they are this document's first tokens).
+        """
+        ids = self.document_ids(document) if isinstance(document, str) else list(document)
+        if len(ids) > self.max_document_tokens:
+            raise DocumentTooLarge(len(ids), self.max_document_tokens)
+        self._cancel.clear()
+        first = self.cache.seq_len if resume else 0
+        if not resume:
+            self.reset()
+        self.document = None
+        t0 = time.perf_counter()
+        tensor = torch.tensor(ids, dtype=torch.long, device=self.device)
+        for start in range(first, len(ids), self.chunk_size):
+            if self._cancel.is_set():
+                self.reset()
+                raise Cancelled(
+                    f"pre-fill stopped after {start:,} of {len(ids):,} tokens; no document is loaded"
+                )
+            chunk = tensor[start : start + self.chunk_size]
+            self.model(chunk, self.cache, last_only=True)
+            self.prefilled_tokens += chunk.numel()
+            if on_progress:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                on_progress(start + chunk.numel(), len(ids))
+        self.cache.checkpoint()
+        digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        seconds = time.perf_counter() - t0
+        self.document = DocumentInfo(title, len(ids), digest, seconds, loaded_by, prefilled=len(ids) - first)
+        return self.document
+
+    @torch.inference_mode()
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Stream the answer to ``question`` about the ingested document as text pieces."""
+        if self.document is None:
+            raise RuntimeError("no document is loaded: ingest one first")
+        self._cancel.clear()
+        t0 = time.perf_counter()
+        self.cache.restore()
+        q_ids = self.encode(question + self._question_suffix)
+        room = self.cache.max_tokens - self.cache.seq_len - len(q_ids)
+        if room <= 0:
+            raise DocumentTooLarge(self.cache.seq_len + len(q_ids), self.cache.max_tokens)
+        max_new_tokens = min(max_new_tokens, room)
+        gen = torch.Generator(device=self.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        stats = GenerationStats(question_tokens=len(q_ids))
+        self.last = stats
+        logits = self.model(torch.tensor(q_ids, device=self.device), self.cache, last_only=True)
+        self.prefilled_tokens += len(q_ids)
+        out_ids: list[int] = []
+        text_so_far = ""
+        t_first = None
+        for _ in range(max_new_tokens):
+            if self._cancel.is_set():
+                break
+            token = sample(logits[-1], temperature, top_p, gen)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.ttft_s = t_first - t0
+            if token in self._stop_ids:
+                break
+            out_ids.append(token)
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            cut = _first_stop(text, stop)
+            piece_end = cut if cut is not None else len(text)
+            if not text.endswith("\ufffd") or cut is not None:  # wait for the rest of a multi-byte character
+                if piece_end > len(text_so_far):
+                    yield text[len(text_so_far) : piece_end]
+                    text_so_far = text[:piece_end]
+            if cut is not None or len(out_ids) == max_new_tokens:
+                break
+            logits = self.model(torch.tensor([token], device=self.device), self.cache, last_only=True)
+            stats.answer_tokens = len(out_ids)
+        stats.answer_tokens = len(out_ids)
+        if t_first is not None and len(out_ids) > 1:
+            stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
+
+    def answer(self, question: str, **kwargs) -> str:
+        return "".join(self.ask(question, **kwargs))
+
+    # ---- reporting -------------------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def stats(self) -> dict:
+        cache = self.cache.spec.bytes_by_component()
+        mem = {"weights": self.weight_bytes(), **cache}
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_allocated(self.device)
+            mem["workspace"] = max(used - sum(mem.values()), 0)
+            free, total = torch.cuda.mem_get_info(self.device)
+            device_mem = {"kind": "gpu", "name": torch.cuda.get_device_name(self.device), "total": total,
+                          "used": total - free, "peak_allocated": torch.cuda.max_memory_allocated(self.device)}  # fmt: skip
+        else:
+            rss = _process_rss()
+            mem["workspace"] = max(rss - sum(mem.values()), 0)
+            device_mem = {
+                "kind": "cpu",
+                "name": "CPU (process memory)",
+                "total": _machine_memory(),
+                "used": rss,
+            }
+        return {
+            "model": self.loaded.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "w8a8": self.w8a8,
+            "kv_bits": self.cache_config.kv_bits,
+            "pattern": self.pattern.name,
+            "sparsity": self.sparsity,
+            "retrieval_heads": list(self.retrieval_heads),
+            "sink_tokens": self.cache_config.sink_tokens,
+            "recent_tokens": self.cache_config.recent_tokens,
+            "context_tokens": self.cache.seq_len,
+            "document_tokens": self.document.tokens if self.document else 0,
+            "capacity_tokens": self.cache.max_tokens,
+            "memory": mem,
+            "device_memory": device_mem,
+            "last_answer": vars(self.last).copy(),
+            "prefill_tokens_per_s": (self.document.prefilled / self.document.prefill_seconds)
+            if self.document and self.document.prefill_seconds
+            else 0.0,
+        }
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _process_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _machine_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

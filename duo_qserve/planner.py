@@ -1,0 +1,111 @@
+"""Capacity planning: how many tokens fit in a memory budget, and how many bytes N tokens take.
+
+The KV-cache figures come from ``CacheSpec`` (the same tensor list the cache allocates), so they are exact.
+Weights are exact for a given shape and precision. Workspace is an estimate of the activations of one pre-fill
+chunk plus a fixed runtime reserve; the engine reports the measured peak beside it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from duo_qserve.cache import CacheConfig, CacheSpec
+from duo_qserve.model import ModelArgs
+
+RUNTIME_RESERVE = 1 << 30  # CUDA context, allocator fragmentation, kernels' small buffers
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'80GB' = 80e9 bytes, '79.6GiB' = 79.6 * 2**30, '512MB', or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r}: write e.g. 80GB, 79.6GiB or 512MB")
+    unit = (m.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def weight_bytes(args: ModelArgs, w8a8: bool, dtype_bytes: int = 2) -> int:
+    """Linear layers int8 + fp32 per-channel scales (W8A8) or dtype; embeddings, norms and lm_head in dtype."""
+    d, kv = args.dim, args.n_kv_heads * args.head_dim
+    q = args.n_heads * args.head_dim
+    inter = args.intermediate_size
+    linear_shapes = [(q, d), (kv, d), (kv, d), (d, q), (inter, d), (inter, d), (d, inter)]
+    per_layer = sum(n * (k + 4) if w8a8 else n * k * dtype_bytes for n, k in linear_shapes)
+    per_layer += 2 * d * dtype_bytes  # the two RMSNorm weights
+    embed = args.vocab_size * d * dtype_bytes
+    head = 0 if args.tie_word_embeddings else embed
+    return args.n_layers * per_layer + embed + head + d * dtype_bytes
+
+
+def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2) -> int:
+    """Peak activations of one pre-fill chunk (hidden states, q/k/v, MLP intermediates and their int8 copies,
+    attention scratch for one layer) plus the runtime reserve."""
+    t, hd = chunk_size, args.head_dim
+    qkv = (args.n_heads + 2 * args.n_kv_heads) * hd
+    per_token = dtype_bytes * (4 * args.dim + qkv + args.n_heads * hd + 3 * args.intermediate_size)
+    per_token += args.intermediate_size + args.dim + 8  # int8 activations + per-token scales
+    attn_scratch = 4 * args.n_heads * t * min(t, 4096)  # fp32 score tiles of the reference/fallback paths
+    return t * per_token + attn_scratch + args.vocab_size * 4 + RUNTIME_RESERVE
+
+
+@dataclass
+class MemoryPlan:
+    tokens: int
+    components: dict[str, int]  # weights, retrieval_kv, scales, streaming_kv, workspace
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+
+def plan_for_tokens(
+    args: ModelArgs,
+    retrieval_heads: list[int],
+    config: CacheConfig,
+    n_tokens: int,
+    *,
+    w8a8: bool,
+    chunk_size: int,
+    dtype: torch.dtype = torch.float16,
+) -> MemoryPlan:
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    spec = CacheSpec(args, retrieval_heads, config, n_tokens, dtype)
+    comps = {"weights": weight_bytes(args, w8a8, dtype_bytes), **spec.bytes_by_component()}
+    comps["workspace"] = workspace_bytes(args, chunk_size, dtype_bytes)
+    return MemoryPlan(n_tokens, comps)
+
+
+def max_tokens_for_budget(
+    args: ModelArgs,
+    retrieval_heads: list[int],
+    config: CacheConfig,
+    budget: int,
+    *,
+    w8a8: bool,
+    chunk_size: int,
+    dtype: torch.dtype = torch.float16,
+) -> MemoryPlan:
+    """The largest token count whose whole plan fits in ``budget`` bytes (0 tokens if not even the weights do)."""
+
+    def fits(n: int) -> bool:
+        plan = plan_for_tokens(
+            args, retrieval_heads, config, n, w8a8=w8a8, chunk_size=chunk_size, dtype=dtype
+        )
+        return plan.total <= budget
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 36:
+            break
+    while hi - lo > 1:  # the plan grows monotonically with tokens
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return plan_for_tokens(args, retrieval_heads, config, lo, w8a8=w8a8, chunk_size=chunk_size, dtype=dtype)
