@@ -82,7 +82,7 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.pattern = self._resolve_pattern(settings.pattern)
-        mask, self.sparsity = self.pattern.retrieval_mask(settings.sparsity if settings.pattern else 0.0)
+        mask, self.sparsity = self.pattern.retrieval_mask(settings.sparsity)
         self.retrieval_heads = reorder_heads(self.model, mask)
         self.w8a8 = settings.w8a8 if settings.w8a8 is not None else self.device.type == "cuda"
         if self.w8a8:
@@ -133,7 +133,7 @@ class Engine:
                 budget = free - workspace_bytes(self.args, self.chunk_size, self.dtype.itemsize)
                 plan = max_tokens_for_budget(
                     self.args, self.retrieval_heads, self.cache_config, budget, w8a8=False, chunk_size=0,
-                    dtype=self.dtype,
+                    dtype=self.dtype, include_fixed=False,
                 )  # fmt: skip
                 max_tokens = plan.tokens
             else:
@@ -179,6 +179,23 @@ class Engine:
     @property
     def max_document_tokens(self) -> int:
         return max(self.cache.max_tokens - ANSWER_RESERVE, 0)
+
+    def document_tokens_at(self, sparsity: float) -> int:
+        """Document tokens that would fit in the bytes of the current cache with ``sparsity`` streaming heads
+        (what a re-load at that ratio would offer)."""
+        mask, _ = self.pattern.retrieval_mask(sparsity)
+        plan = max_tokens_for_budget(
+            self.args, [int(m.sum()) for m in mask], self.cache_config, self.cache.spec.nbytes,
+            w8a8=False, chunk_size=0, dtype=self.dtype, include_fixed=False,
+        )  # fmt: skip
+        return max(plan.tokens - ANSWER_RESERVE, 0)
+
+    def smallest_sparsity_for(self, n_tokens: int, steps: int = 20) -> float | None:
+        """The smallest streaming-head ratio (in 1/steps increments) at which ``n_tokens`` document tokens fit."""
+        for i in range(steps + 1):
+            if self.document_tokens_at(i / steps) >= n_tokens:
+                return i / steps
+        return None
 
     # ---- work ------------------------------------------------------------------------------------------------
     def cancel(self) -> None:

@@ -32,6 +32,9 @@ class AttentionPattern:
     recent_size: int = 256
     config: dict = field(default_factory=dict)
     source: str = ""
+    learned: bool = (
+        True  # False for the all-retrieval stand-in: with no gates, no head can be chosen to stream
+    )
 
     @property
     def name(self) -> str:
@@ -46,6 +49,8 @@ class AttentionPattern:
             )
 
     def retrieval_mask(self, sparsity: float) -> tuple[np.ndarray, float]:
+        if not self.learned:
+            return np.ones(self.gates.shape, dtype=bool), 0.0
         return sparsify(self.gates, sparsity)
 
 
@@ -110,8 +115,10 @@ def random_pattern(args: ModelArgs, seed: int = 0) -> AttentionPattern:
 
 
 def uniform_pattern(args: ModelArgs) -> AttentionPattern:
-    """All gates equal: with sparsity 0 every head is a retrieval head (plain full attention)."""
-    return AttentionPattern(gates=np.ones((args.n_layers, args.n_kv_heads)), source="all-retrieval")
+    """Every head a retrieval head, whatever the ratio asked: plain full attention, for models with no pattern."""
+    return AttentionPattern(
+        gates=np.ones((args.n_layers, args.n_kv_heads)), source="none (full attention)", learned=False
+    )
 
 
 @torch.no_grad()

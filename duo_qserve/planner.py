@@ -74,11 +74,15 @@ def plan_for_tokens(
     w8a8: bool,
     chunk_size: int,
     dtype: torch.dtype = torch.float16,
+    include_fixed: bool = True,
 ) -> MemoryPlan:
+    """Bytes for ``n_tokens``; ``include_fixed=False`` counts the cache alone (weights already resident)."""
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     spec = CacheSpec(args, retrieval_heads, config, n_tokens, dtype)
-    comps = {"weights": weight_bytes(args, w8a8, dtype_bytes), **spec.bytes_by_component()}
-    comps["workspace"] = workspace_bytes(args, chunk_size, dtype_bytes)
+    comps = dict(spec.bytes_by_component())
+    if include_fixed:
+        comps["weights"] = weight_bytes(args, w8a8, dtype_bytes)
+        comps["workspace"] = workspace_bytes(args, chunk_size, dtype_bytes)
     return MemoryPlan(n_tokens, comps)
 
 
@@ -91,14 +95,18 @@ def max_tokens_for_budget(
     w8a8: bool,
     chunk_size: int,
     dtype: torch.dtype = torch.float16,
+    include_fixed: bool = True,
 ) -> MemoryPlan:
     """The largest token count whose whole plan fits in ``budget`` bytes (0 tokens if not even the weights do)."""
 
+    def plan(n: int) -> MemoryPlan:
+        return plan_for_tokens(
+            args, retrieval_heads, config, n, w8a8=w8a8, chunk_size=chunk_size, dtype=dtype,
+            include_fixed=include_fixed,
+        )  # fmt: skip
+
     def fits(n: int) -> bool:
-        plan = plan_for_tokens(
-            args, retrieval_heads, config, n, w8a8=w8a8, chunk_size=chunk_size, dtype=dtype
-        )
-        return plan.total <= budget
+        return plan(n).total <= budget
 
     lo, hi = 0, 1
     while fits(hi):
@@ -108,4 +116,4 @@ def max_tokens_for_budget(
     while hi - lo > 1:  # the plan grows monotonically with tokens
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return plan_for_tokens(args, retrieval_heads, config, lo, w8a8=w8a8, chunk_size=chunk_size, dtype=dtype)
+    return plan(lo)
