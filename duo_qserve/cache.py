@@ -155,12 +155,13 @@ class DuoKVCache:
     def _retrieval(self, layer: int, q, k, v) -> torch.Tensor:
         s, bits = self.layers[layer], self.config.kv_bits
         pos = self.seq_len
-        if bits == 16:
-            k_all = torch.cat([s["k_data"][:, :pos], k], dim=1)
-            v_all = torch.cat([s["v_data"][:, :pos], v], dim=1)
-            out, _ = dense_attention(q, k_all, v_all, n_ctx=pos, sm_scale=self.sm_scale)
-            s["k_data"][:, pos : pos + k.shape[1]] = k
-            s["v_data"][:, pos : pos + v.shape[1]] = v
+        if bits == 16:  # write first, then attend in place: no copy of the prefix
+            end = pos + k.shape[1]
+            s["k_data"][:, pos:end] = k
+            s["v_data"][:, pos:end] = v
+            out, _ = dense_attention(
+                q, s["k_data"][:, :end], s["v_data"][:, :end], n_ctx=pos, sm_scale=self.sm_scale
+            )
             return out
         group = self.config.key_group
         n_quant, tail_len = (pos // group) * group, pos % group

@@ -16,6 +16,7 @@ from duo_qserve.cache import CacheConfig, CacheSpec
 from duo_qserve.model import ModelArgs
 
 RUNTIME_RESERVE = 1 << 30  # CUDA context, allocator fragmentation, kernels' small buffers
+PREFIX_SLAB_BYTES = 256 << 20  # de-quantized prefix tiles of the pre-fill attention
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -46,13 +47,14 @@ def weight_bytes(args: ModelArgs, w8a8: bool, dtype_bytes: int = 2) -> int:
 
 def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2) -> int:
     """Peak activations of one pre-fill chunk (hidden states, q/k/v, MLP intermediates and their int8 copies,
-    attention scratch for one layer) plus the runtime reserve."""
+    flash-attention inputs with K/V repeated per query head, and a bounded slab of de-quantized prefix) plus the
+    runtime reserve. Scores are never materialized on the GPU paths."""
     t, hd = chunk_size, args.head_dim
     qkv = (args.n_heads + 2 * args.n_kv_heads) * hd
     per_token = dtype_bytes * (4 * args.dim + qkv + args.n_heads * hd + 3 * args.intermediate_size)
     per_token += args.intermediate_size + args.dim + 8  # int8 activations + per-token scales
-    attn_scratch = 4 * args.n_heads * t * min(t, 4096)  # fp32 score tiles of the reference/fallback paths
-    return t * per_token + attn_scratch + args.vocab_size * 4 + RUNTIME_RESERVE
+    per_token += dtype_bytes * 3 * args.n_heads * hd  # repeated K/V + output of the flash call
+    return t * per_token + PREFIX_SLAB_BYTES + args.vocab_size * 4 + RUNTIME_RESERVE
 
 
 @dataclass

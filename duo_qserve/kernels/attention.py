@@ -18,14 +18,54 @@ def dense_attention(
     """Keys ``[0, n_ctx)`` are visible to every query; key ``n_ctx + j`` is visible to query ``i`` iff ``j <= i``
     (so ``k`` holds either just the context, or the context followed by the T new tokens).
 
-    Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] float32), computed in float32. This is the reference path
-    (CPU, tests, short fp segments on GPU); long contexts go through the kernels in this package.
+    Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] float32). On CUDA (fp16/bf16) it runs the flash kernel
+    behind SDPA, which never materializes the [T, S] scores; elsewhere the float32 reference below.
     """
     t, hq, d = q.shape
     hkv, s, _ = k.shape
-    group = hq // hkv
     if s not in (n_ctx, n_ctx + t):
         raise ValueError(f"expected {n_ctx} context keys (+ {t} new keys), got {s}")
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and s:
+        return _flash_attention(q, k, v, n_ctx, sm_scale)
+    return reference(q, k, v, n_ctx, sm_scale)
+
+
+def _flash_attention(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context part (non-causal) and new part (causal, square) through the flash kernel, merged by lse: the
+    kernel's own causal mask is top-left aligned, so a context before the new tokens needs the split.
+
+    The context part folds each KV head's query group into the query axis, so a long context is read once and
+    never copied per query head; the new part (at most one chunk) repeats its K/V per query head instead."""
+    t, hq, d = q.shape
+    hkv = k.shape[0]
+    group = hq // hkv
+    parts = []
+    if n_ctx:
+        qf = q.view(t, hkv, group, d).permute(1, 0, 2, 3).reshape(1, hkv, t * group, d)
+        out, lse = _flash(qf, k[None, :, :n_ctx], v[None, :, :n_ctx], False, sm_scale)
+        out = out.view(hkv, t, group, d).permute(1, 0, 2, 3).reshape(t, hq, d)
+        parts.append((out, lse.view(hkv, t, group).permute(1, 0, 2).reshape(t, hq)))
+    if k.shape[1] > n_ctx:
+        kh = k[:, n_ctx:].repeat_interleave(group, 0)[None]
+        vh = v[:, n_ctx:].repeat_interleave(group, 0)[None]
+        out, lse = _flash(q.transpose(0, 1)[None], kh, vh, True, sm_scale)
+        parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
+    return parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
+
+
+def _flash(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, H, T, D] inputs -> (out [1, H, T, D], lse [1, H, T] float32, natural log)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, causal, False, scale=sm_scale
+    )[:2]
+    return out, lse.float()
+
+
+def reference(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 attention with an explicit mask: the oracle for every attention path."""
+    t, hq, d = q.shape
+    hkv, s, _ = k.shape
+    group = hq // hkv
     if s == 0:  # nothing to attend to: a part that contributes no mass to ``merge``
         return torch.zeros_like(q), torch.full((t, hq), float("-inf"), device=q.device)
     qf = q.float().transpose(0, 1)  # [Hq, T, D]

@@ -1,0 +1,219 @@
+"""Command line: ``python -m duo_qserve {ask,info,plan,quantize,patterns,library}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REFERENCE_DEMO_TOKENS = 3_300_000  # the DuoAttention demo's context on an A100-80G (W8A8KV4, 50% streaming)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="default", help="'default', a checkpoint dir, a .gguf file, synthetic:<shape>"
+    )
+    p.add_argument(
+        "--pattern", default="auto", help="attention pattern dir; 'auto' uses attn_patterns/<model>/"
+    )
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="fraction of KV heads that become streaming heads"
+    )
+    p.add_argument("--kv-bits", type=int, default=4, choices=(4, 8, 16))
+    p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--recent", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None)
+
+
+def _engine(a):
+    from duo_qserve.engine import Engine
+
+    return Engine.from_pretrained(
+        a.model,
+        device="cpu" if a.cpu else None,
+        pattern=None if a.pattern == "none" else a.pattern,
+        sparsity=a.sparsity,
+        kv_bits=a.kv_bits,
+        sink=a.sink,
+        recent=a.recent,
+        chunk_size=a.chunk_size,
+        max_tokens=a.max_tokens,
+        w8a8=a.w8a8,
+    )
+
+
+def cmd_ask(a) -> int:
+    from app.documents import read_documents
+
+    doc = read_documents(a.doc)
+    engine = _engine(a)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rpre-fill {done:,}/{total:,} tokens", end="", file=sys.stderr, flush=True)
+
+    info = engine.ingest(doc.text, on_progress=progress, title=doc.title)
+    print(f"\n{info.tokens:,} tokens in {info.prefill_seconds:.1f} s", file=sys.stderr)
+    for question in a.question:
+        if len(a.question) > 1:
+            print(f"\nQ: {question}\nA: ", end="")
+        for piece in engine.ask(question, max_new_tokens=a.max_new_tokens, temperature=a.temperature):
+            print(piece, end="", flush=True)
+        print()
+        s = engine.last
+        print(
+            f"[first token {s.ttft_s * 1000:.0f} ms, {s.decode_ms_per_token:.1f} ms/token]", file=sys.stderr
+        )
+    return 0
+
+
+def cmd_info(a) -> int:
+    engine = _engine(a)
+    s = engine.stats()
+    mem = {k: f"{v / 2**20:.1f} MiB" for k, v in s["memory"].items()}
+    print(json.dumps({**s, "memory": mem}, indent=2, default=str))
+    return 0
+
+
+def _model_args(spec: str):
+    from duo_qserve.loading import ModelLoadError, load_model
+    from duo_qserve.model import PRESETS, ModelArgs
+
+    if spec.lower() in PRESETS:
+        return ModelArgs.from_name(spec), spec
+    if spec.startswith("synthetic:"):
+        return ModelArgs.from_name(spec.split(":", 1)[1]), spec
+    cfg = Path(spec) / "config.json"
+    if cfg.is_file():
+        return ModelArgs.from_hf_config(json.loads(cfg.read_text())), Path(spec).name
+    if spec == "default":
+        lm = load_model("default")
+        return lm.model.args, lm.name
+    raise ModelLoadError(
+        f"{spec}: expected a shape ({', '.join(sorted(PRESETS))}), 'default' or a checkpoint dir"
+    )
+
+
+def cmd_plan(a) -> int:
+    from duo_qserve.cache import CacheConfig
+    from duo_qserve.patterns import load_pattern, uniform_pattern
+    from duo_qserve.planner import max_tokens_for_budget, parse_bytes
+
+    args, name = _model_args(a.model)
+    pattern = load_pattern(a.pattern) if a.pattern else uniform_pattern(args)
+    pattern.check_fits(args)
+    mask, sparsity = pattern.retrieval_mask(a.sparsity)
+    heads = [int(m.sum()) for m in mask]
+    config = CacheConfig(
+        kv_bits=a.kv_bits,
+        key_group=a.key_group,
+        sink_tokens=a.sink if a.sink is not None else pattern.sink_size,
+        recent_tokens=a.recent if a.recent is not None else pattern.recent_size,
+    )
+    budget = parse_bytes(a.memory)
+    plan = max_tokens_for_budget(
+        args, heads, config, budget, w8a8=a.w8a8, chunk_size=a.chunk_size, dtype=torch.float16
+    )
+    result = {
+        "model_shape": name,
+        "pattern": pattern.name,
+        "sparsity": sparsity,
+        "retrieval_heads_per_layer": heads,
+        "kv_bits": a.kv_bits,
+        "key_group": a.key_group,
+        "w8a8": a.w8a8,
+        "sink_tokens": config.sink_tokens,
+        "recent_tokens": config.recent_tokens,
+        "chunk_size": a.chunk_size,
+        "memory_bytes": budget,
+        "max_tokens": plan.tokens,
+        "components": plan.components,
+        "total_bytes": plan.total,
+        "reference_demo_tokens": REFERENCE_DEMO_TOKENS,
+    }
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{name}: {'W8A8' if a.w8a8 else 'fp16 weights'}, KV{a.kv_bits}, {sparsity:.0%} streaming heads")
+    print(f"memory budget {budget / 1e9:.2f} GB ({budget / 2**30:.2f} GiB)")
+    for k, v in plan.components.items():
+        print(f"  {k:<13} {v / 2**30:9.2f} GiB")
+    print(f"tokens that fit: {plan.tokens:,}  (the reference demo: {REFERENCE_DEMO_TOKENS:,} on an A100-80G)")
+    return 0
+
+
+def cmd_forward(module: str):
+    """Sub-commands implemented in their own modules take the rest of the command line."""
+
+    def run(a) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(a.rest) or 0
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="duo_qserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ask", help="answer questions about a document")
+    p.add_argument("question", nargs="+")
+    p.add_argument("--doc", nargs="+", required=True, help="txt, md, epub, pdf or html files")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    _engine_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("info", help="model, device, memory")
+    _engine_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="how many tokens fit in a memory budget")
+    p.add_argument(
+        "--model", default="llama-3-8b", help="a shape (llama-3-8b, ...), 'default' or a checkpoint dir"
+    )
+    p.add_argument("--pattern", default=None)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--kv-bits", type=int, default=4, choices=(4, 8, 16))
+    p.add_argument("--key-group", type=int, default=128)
+    p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--recent", type=int, default=None)
+    p.add_argument("--memory", default="80GB", help="e.g. 80GB (10^9 bytes), 79.6GiB")
+    p.add_argument("--chunk-size", type=int, default=32768, help="pre-fill chunk, sizes the workspace")
+    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    for name, module, text in (
+        ("quantize", "duo_qserve.quant.cli", "quantize a checkpoint to W8A8 once"),
+        ("library", "duo_qserve.library", "save, load, list and remove pre-filled documents"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_forward(module))
+
+    p = sub.add_parser("patterns", help="attention patterns: 'score' a model's heads, 'train' gates")
+    p.add_argument("action", choices=("score", "train"))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(
+        func=lambda a: cmd_forward(
+            {"score": "duo_qserve.score_patterns", "train": "duo_qserve.train_patterns"}[a.action]
+        )(a)
+    )
+
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""End-to-end decode latency, pre-fill throughput and capacity for a Llama-3-8B-shaped model (synthetic weights).
+
+Three decoders in one run, each timed per token at a fixed context (the cache is rolled back after every step):
+- ``fp16-full``: fp16 weights, every head a retrieval head in an fp16 cache, flash attention (SDPA);
+- ``reexpand-kv4``: our W8A8KV4 + DuoAttention model, but the 4-bit prefix is de-quantized to fp16 in full at
+  every step before attention: the reference demo's scheme;
+- ``duo-w8a8kv4``: the same model reading the 4-bit cache directly.
+Long contexts are filled with synthetic quantized data (random codes and scales): a real multi-million-token
+pre-fill of an 8B model takes longer than one device call. The real pre-fill is measured separately.
+The floor of a decode step is (bytes of weights read + bytes of KV read) / measured copy bandwidth.
+
+    python -m duo_qserve.bench.e2e --out DIR [--contexts 32768,131072,...] [--pattern DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache, FullKVCache
+from duo_qserve.kernels import kv_attention
+from duo_qserve.kernels.attention import dense_attention
+from duo_qserve.loading import load_model
+from duo_qserve.patterns import load_pattern, reorder_heads
+from duo_qserve.planner import workspace_bytes
+from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
+
+DEFAULT_PATTERN = "../shared/data/upstream_attn_patterns/Llama-3-8B-Instruct-Gradient-4194k"
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) / 1000)
+    del a, b
+    return 2 * (1 << 30) / sorted(times)[len(times) // 2]
+
+
+def fill_synthetic(cache: DuoKVCache, n_tokens: int) -> None:
+    """Random codes, plausible scales (keys ~N(0, 1) per channel group, values ~N(0, 0.5)), fp tails and rings."""
+    for layer in cache.layers:
+        for name, t in layer.items():
+            if t.dtype == torch.uint8:
+                t.random_(0, 256)
+            elif name.endswith("_scale"):
+                t.uniform_(0.05, 0.3)
+            elif name.endswith("_zero"):
+                t.uniform_(-1.5, -0.5)
+            else:
+                t.normal_(0, 0.5)
+    cache.seq_len = n_tokens
+
+
+def reexpand_prefix_attention(
+    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale
+):
+    """The reference demo's way: de-quantize the whole prefix to fp16, then flash attention over it."""
+    ng = n_quant // group
+    k = dequantize_keys(k_data[:, :n_quant], k_scale[:, :ng], k_zero[:, :ng], bits, group).to(q.dtype)
+    v = dequantize_values(v_data[:, :n_quant], v_scale[:, :n_quant], v_zero[:, :n_quant], bits).to(q.dtype)
+    return dense_attention(q, k, v, n_ctx=n_quant, sm_scale=sm_scale)
+
+
+def time_decode(model, cache, context: int, steps: int = 8, warmup: int = 3) -> float:
+    """Median ms of one decode step at ``context`` tokens (the cache is rolled back after each step)."""
+    token = torch.tensor([1], device="cuda")
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + steps):
+            cache.seq_len = context
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            model(token, cache, last_only=True)
+            e1.record()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(e0.elapsed_time(e1))
+    cache.seq_len = context
+    return sorted(times)[len(times) // 2]
+
+
+def weight_bytes_read(model) -> int:
+    """Bytes of every weight a decode step reads (all linears + lm_head; the embedding row is negligible)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "embed_tokens" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    if model.args.tie_word_embeddings:
+        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return total
+
+
+def kv_bytes_read(spec: CacheSpec, context: int) -> int:
+    """Bytes of the cache a decode step reads at ``context`` tokens (valid codes, scales, tails, sinks, rings)."""
+    full = CacheSpec(spec.args, spec.retrieval_heads, spec.config, context, spec.dtype).nbytes
+    return full
+
+
+def run(args) -> dict:
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    rows, prefill_rows = [], []
+    pattern = load_pattern(args.pattern)
+    mask, sparsity = pattern.retrieval_mask(args.sparsity)
+    config = CacheConfig(kv_bits=4, sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size)
+    contexts = [int(c) for c in args.contexts.split(",")]
+
+    loaded = load_model("synthetic:llama-3-8b", "cuda", torch.float16)
+    model = loaded.model
+    margs = model.args
+
+    # fp16 full attention, as long as its cache fits next to the fp16 weights
+    w_fp16 = weight_bytes_read(model)
+    for ctx in contexts:
+        free = torch.cuda.mem_get_info()[0] - workspace_bytes(margs, 1, 2)
+        if ctx * 131072 > free:
+            rows.append(
+                {"method": "fp16-full", "context": ctx, "ms_per_token": None, "note": "does not fit (OOM)"}
+            )
+            continue
+        cache = FullKVCache(margs, ctx + 16, "cuda", torch.float16)
+        for layer in cache.layers:
+            for t in layer.values():
+                t.normal_(0, 0.5)
+        ms = time_decode(model, cache, ctx)
+        floor = (w_fp16 + cache.spec.nbytes * ctx / cache.spec.capacity) / bw * 1000
+        rows.append({"method": "fp16-full", "context": ctx, "ms_per_token": ms, "floor_ms": floor})
+        print(rows[-1], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+    # W8A8 + DuoAttention (head reordering first, then quantization, as the engine does)
+    heads = reorder_heads(model, mask)
+    from duo_qserve.quant.w8a8 import quantize_model_w8a8
+
+    quantize_model_w8a8(model)
+    torch.cuda.empty_cache()
+    w_q = weight_bytes_read(model)
+    fast = kv_attention.quantized_prefix_attention
+    for ctx in contexts:
+        spec = CacheSpec(margs, heads, config, ctx + 256, torch.float16)
+        if spec.nbytes > torch.cuda.mem_get_info()[0] - (2 << 30):
+            continue
+        cache = DuoKVCache(spec, "cuda")
+        fill_synthetic(cache, ctx)
+        floor = (w_q + kv_bytes_read(spec, ctx)) / bw * 1000
+        for method, fn in (("duo-w8a8kv4", fast), ("reexpand-kv4", reexpand_prefix_attention)):
+            if method == "reexpand-kv4" and ctx > args.reexpand_max:
+                continue
+            kv_attention.quantized_prefix_attention = fn
+            try:
+                ms = time_decode(model, cache, ctx)
+            except torch.OutOfMemoryError:
+                ms = None
+                torch.cuda.empty_cache()
+            finally:
+                kv_attention.quantized_prefix_attention = fast
+            rows.append({"method": method, "context": ctx, "ms_per_token": ms, "floor_ms": floor})
+            print(rows[-1], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+    # capacity: the largest cache that fits beside the W8A8 weights and a pre-fill workspace, filled and decoded
+    torch.cuda.reset_peak_memory_stats()
+    free = torch.cuda.mem_get_info()[0]
+    budget = free - workspace_bytes(margs, args.chunk_size, 2)
+    lo, hi = 0, 1 << 24
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        lo, hi = (
+            (mid, hi) if CacheSpec(margs, heads, config, mid, torch.float16).nbytes <= budget else (lo, mid)
+        )
+    cap_spec = CacheSpec(margs, heads, config, lo, torch.float16)
+    cache = DuoKVCache(cap_spec, "cuda")
+    fill_synthetic(cache, lo - 1024)
+    cap_ms = time_decode(model, cache, lo - 1024, steps=3, warmup=1)
+    capacity = {
+        "max_tokens": lo,
+        "decoded_at": lo - 1024,
+        "ms_per_token": cap_ms,
+        "floor_ms": (w_q + kv_bytes_read(cap_spec, lo)) / bw * 1000,
+        "cache_bytes": cap_spec.nbytes,
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+        "gpu_total": torch.cuda.mem_get_info()[1],
+        "note": "cache filled with synthetic quantized data; workspace kept free for a "
+        f"{args.chunk_size}-token pre-fill chunk",
+    }
+    rows.append(
+        {
+            "method": "duo-w8a8kv4",
+            "context": lo - 1024,
+            "ms_per_token": cap_ms,
+            "floor_ms": capacity["floor_ms"],
+        }
+    )
+    print(capacity, flush=True)
+    del cache
+    torch.cuda.empty_cache()
+
+    # real pre-fill: random token ids through the whole model, chunk by chunk, timing each chunk
+    spec = CacheSpec(margs, heads, config, args.prefill_tokens + 256, torch.float16)
+    cache = DuoKVCache(spec, "cuda")
+    ids = torch.randint(0, margs.vocab_size, (args.prefill_tokens,), device="cuda")
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, args.prefill_tokens, args.chunk_size):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            model(ids[start : start + args.chunk_size], cache, last_only=True)
+            e1.record()
+            torch.cuda.synchronize()
+            n = min(args.chunk_size, args.prefill_tokens - start)
+            prefill_rows.append(
+                {
+                    "prefix": start,
+                    "chunk": n,
+                    "ms": e0.elapsed_time(e1),
+                    "tok_per_s": n / e0.elapsed_time(e1) * 1000,
+                }
+            )
+            print(prefill_rows[-1], flush=True)
+            if time.perf_counter() - t_start > args.prefill_seconds:
+                break
+    done = prefill_rows[-1]["prefix"] + prefill_rows[-1]["chunk"]
+    total_s = sum(r["ms"] for r in prefill_rows) / 1000
+    return {
+        "device": dev,
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "command": " ".join(["python -m duo_qserve.bench.e2e", *sys.argv[1:]]),
+        "model_shape": "llama-3-8b (synthetic weights)",
+        "pattern": pattern.name,
+        "sparsity": sparsity,
+        "retrieval_heads_per_layer": heads,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "weights_read_bytes": {"fp16": w_fp16, "w8a8": w_q},
+        "rows": rows,
+        "capacity": capacity,
+        "prefill": {"rows": prefill_rows, "tokens": done, "seconds": total_s, "tok_per_s": done / total_s},
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--pattern", default=DEFAULT_PATTERN)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--contexts", default="32768,131072,262144,524288,1048576,2097152,3145728")
+    p.add_argument("--reexpand-max", type=int, default=1048576)
+    p.add_argument("--chunk-size", type=int, default=16384)
+    p.add_argument("--prefill-tokens", type=int, default=262144)
+    p.add_argument("--prefill-seconds", type=float, default=120.0)
+    a = p.parse_args(argv)
+    result = run(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = result["device"].lower().replace(" ", "-")
+    for kind, payload in (
+        ("decode", result),
+        ("capacity", {**result, "max_tokens": result["capacity"]["max_tokens"]}),
+    ):
+        path = out / f"{kind}-{slug}-{result['date']}.json"
+        path.write_text(json.dumps(payload, indent=2))
+        print("wrote", path)
+    print(f"{'method':<14}{'context':>10}{'ms/token':>10}{'floor ms':>10}")
+    for r in result["rows"]:
+        ms = "-" if r["ms_per_token"] is None else f"{r['ms_per_token']:.2f}"
+        print(f"{r['method']:<14}{r['context']:>10}{ms:>10}{r.get('floor_ms', 0):>10.2f}")
+    print(
+        f"capacity {result['capacity']['max_tokens']:,} tokens; pre-fill {result['prefill']['tok_per_s']:.0f} tok/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""W8A8 GEMM: ``out[m, n] = (x_q[m] . w_q[n]) * x_scale[m] * w_scale[n]``, int8 inputs, int32 accumulation.
+
+One Triton kernel serves both regimes, tuned separately:
+
+- pre-fill (M > 16): 128/256-row tiles on the int8 tensor cores, grouped tile order so row tiles reuse each
+  weight tile from L2, both scales applied in the epilogue so the int32 accumulator never reaches memory.
+  H100, Llama-3-8B shapes (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23-explore.json),
+  M = 4096..32768: 1020-1175 TOPS, vs 790-910 for cuBLAS ``torch._int_mm`` alone (int32 out, no scales),
+  690-860 for ``_int_mm`` + a Triton scale epilogue (so that path was dropped) and 600-720 for bf16 ``torch.mm``;
+- decode (M <= 16, which ``torch._int_mm`` refuses): 16-row tiles with narrow N tiles, so the weight is split
+  over many programs and streamed once with wide K loads. Memory-bound, so the 16x redundant MMA work is free.
+  H100 at M=1 (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23.json; copy 3.0 TB/s read+write):
+  1.1-2.0 TB/s of weight (o smallest, gate_up largest), 1.5-1.7x faster than the bf16 cuBLAS GEMV and
+  1.0-1.2x faster than padding to 32 rows for ``_int_mm``. The tile choice moves it by up to 25%, hence autotune.
+
+The weight stays in nn.Linear layout ``[N, K]`` (K contiguous), the layout QServe checkpoints use.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import use_triton
+
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+DECODE_MAX_M = 16
+
+
+@triton.jit
+def _w8a8_gemm_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    M, N, K, m_bucket,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # m_bucket only keys the autotuner (one tuning per power-of-two M, not per chunk length).
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(n_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Wrap out-of-range rows/cols onto valid ones instead of masking: loads stay unmasked along M and N, and
+    # the duplicate results are dropped by the store mask.
+    x_ptrs = x_ptr + (rows % M)[:, None] * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + (cols % N)[:, None] * stride_wn + ks[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = ks < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    xs = tl.load(xs_ptr + rows, mask=rows < M, other=0.0)
+    ws = tl.load(ws_ptr + cols, mask=cols < N, other=0.0)
+    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _cfg(bm: int, bn: int, bk: int, group: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_stages=stages, num_warps=warps
+    )
+
+
+_PREFILL_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3, 8),
+    _cfg(128, 128, 128, 8, 4, 8),
+    _cfg(256, 128, 128, 8, 3, 8),
+    _cfg(128, 128, 64, 8, 5, 4),
+    _cfg(64, 128, 128, 8, 4, 4),
+]
+_DECODE_CONFIGS = [
+    _cfg(16, 16, 512, 1, 4, 4),
+    _cfg(16, 32, 256, 1, 5, 4),
+    _cfg(16, 32, 512, 1, 4, 4),
+    _cfg(16, 64, 256, 1, 4, 4),
+    _cfg(16, 16, 1024, 1, 3, 4),
+    _cfg(16, 64, 128, 1, 4, 4),
+    _cfg(16, 128, 256, 1, 3, 8),
+]
+_prefill_gemm = triton.autotune(_PREFILL_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
+_decode_gemm = triton.autotune(_DECODE_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
+
+
+def _check(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if x_q.dtype != torch.int8 or w_q.dtype != torch.int8 or x_q.dim() != 2 or w_q.dim() != 2:
+        raise ValueError(
+            f"need 2-D int8 x_q and w_q, got {x_q.dtype} {tuple(x_q.shape)}, {w_q.dtype} {tuple(w_q.shape)}"
+        )
+    (m, k), (n, kw) = x_q.shape, w_q.shape
+    if k != kw:
+        raise ValueError(f"x_q [M, K] = {tuple(x_q.shape)} and w_q [N, K] = {tuple(w_q.shape)} disagree on K")
+    if x_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError(f"need x_scale [M, 1] and w_scale [N]: M={m}, N={n}, got {tuple(x_scale.shape)}, "
+                         f"{tuple(w_scale.shape)}")  # fmt: skip
+
+
+def reference(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Plain PyTorch. float64 holds every int8 dot product of K < 2^37 terms exactly, so this is exact integer
+    accumulation followed by the scales."""
+    _check(x_q, x_scale, w_q, w_scale)
+    acc = x_q.double() @ w_q.double().T
+    return (acc * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)).to(out_dtype)
+
+
+def _triton(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    (m, k), n = x_q.shape, w_q.shape[0]
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    x_scale = x_scale.reshape(-1).float().contiguous()
+    w_scale = w_scale.reshape(-1).float().contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return out
+    tuned = _decode_gemm if m <= DECODE_MAX_M else _prefill_gemm
+    args = (
+        x_q,
+        x_scale,
+        w_q,
+        w_scale,
+        out,
+        m,
+        n,
+        k,
+        triton.next_power_of_2(m),
+        x_q.stride(0),
+        w_q.stride(0),
+        n,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if _INTERPRETED:  # the interpreter cannot time configs: run the smallest tile (most tiles, most edges)
+        cfg = min(
+            tuned.configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]
+        )
+        _w8a8_gemm_kernel[grid](*args, **cfg.kwargs)
+    else:
+        tuned[grid](*args)
+    return out
+
+
+def w8a8_matmul(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.float16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x_q int8 [M, K], x_scale fp32 [M, 1], w_q int8 [N, K], w_scale fp32 [N] or [1, N] -> [M, N] out_dtype.
+
+    ``backend``: "auto" (Triton on CUDA, the reference on CPU), "triton" or "reference".
+    """
+    _check(x_q, x_scale, w_q, w_scale)
+    if use_triton(backend, x_q, _INTERPRETED):
+        return _triton(x_q, x_scale, w_q, w_scale, out_dtype)
+    return reference(x_q, x_scale, w_q, w_scale, out_dtype)

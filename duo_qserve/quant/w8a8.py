@@ -1,0 +1,277 @@
+"""W8A8: int8 weights (symmetric, per output channel) x int8 activations (symmetric, per token), as in QServe.
+
+``quantize_model_w8a8`` swaps modules of ``duo_qserve.model.Transformer`` in place, so the model code stays
+unchanged and the data flow becomes QServe's (kernel-notes 1.1)::
+
+    residual -> RMSNormQuant (fused norm + quant) -> int8 q/k/v GEMMs -> attention -> per-token quant -> int8 o_proj
+    residual -> RMSNormQuant -> int8 gate/up GEMMs -> SiluMulQuant (fused) -> int8 down_proj
+
+Embeddings, the final norm and ``lm_head`` stay in float (QServe does the same).
+
+Optional SmoothQuant balancing (with calibration ids) moves activation outliers into the weights before
+quantizing: per input channel ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; the RMSNorm weight feeding the
+linears is divided by ``s`` and their weight columns multiplied by it, which leaves the float model unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..kernels.int8_gemm import w8a8_matmul
+from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
+
+FORMAT = "duo-qserve-w8a8"
+VERSION = 1
+# alpha = 0.5 (the SmoothQuant paper's choice for Llama-class models) also won our only measurement so far: on a
+# tiny random model with 4 injected x30 outlier channels, the W8A8 logits' relative error was 8.5% unsmoothed and
+# 7.0 / 4.3 / 5.0 / 7.4% at alpha 0.35 / 0.5 / 0.65 / 0.8 (tests/test_w8a8.py::test_smoothquant_reduces_error).
+# A perplexity sweep on a real checkpoint has not been run yet.
+DEFAULT_ALPHA = 0.5
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (w_q int8 [N, K], scale fp32 [N]): symmetric +-127 per output channel, ``w ~= w_q * scale``."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(dim=1).clamp_min(1e-10) / 127.0
+    return torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+class QuantizedActivation(NamedTuple):
+    """int8 rows [..., K] with one fp32 scale per token [..., 1]: what the fused kernels hand to W8A8Linear."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+class W8A8Linear(nn.Module):
+    """nn.Linear (no bias) with int8 weight ``[out, in]`` and fp32 per-output-channel ``dequant_scale``.
+
+    Accepts a QuantizedActivation, or a float tensor that it quantizes per token itself (o_proj's input comes
+    from attention). The output dtype is ``compute_dtype``, fixed at construction: quantize a model after casting
+    it to the dtype it will serve in.
+    """
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("dequant_scale", torch.ones(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        smooth_scale: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> W8A8Linear:
+        """Quantize ``linear``; ``smooth_scale`` [in] multiplies the weight columns first (SmoothQuant)."""
+        if linear.bias is not None:
+            raise ValueError("W8A8Linear has no bias (Llama-family linears have none)")
+        w = linear.weight.detach().float()
+        if smooth_scale is not None:
+            w = w * smooth_scale.float()[None, :]
+        mod = cls(linear.in_features, linear.out_features, compute_dtype or linear.weight.dtype)
+        mod.weight, mod.dequant_scale = quantize_weight_per_channel(w)
+        return mod.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if not isinstance(x, QuantizedActivation):
+            x = QuantizedActivation(*quantize_per_token(x))
+        lead = x.q.shape[:-1]
+        out = w8a8_matmul(
+            x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight, self.dequant_scale,
+            self.compute_dtype,
+        )  # fmt: skip
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+
+
+class RMSNormQuant(nn.Module):
+    """The model's RMSNorm (same ``weight`` and ``eps``) fused with per-token int8 quantization."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> QuantizedActivation:
+        return QuantizedActivation(*rmsnorm_quantize(x, self.weight, self.eps))
+
+
+class SiluMulQuant(nn.Module):
+    """silu(gate) * up fused with per-token int8 quantization (the input of down_proj)."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> QuantizedActivation:
+        return QuantizedActivation(*silu_mul_quantize(gate, up))
+
+
+class _NoPastCache:
+    """Causal attention within one calibration sequence that keeps nothing: calibration needs no past tokens."""
+
+    seq_len = 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rep = q.shape[1] // k.shape[1]
+        q, k, v = (t.transpose(0, 1) for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
+
+    def advance(self, n_tokens: int) -> None:
+        pass
+
+
+def _smooth_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
+    """(RMSNorm, the linears reading its output) pairs; the first linear of each group is hooked for statistics."""
+    groups = []
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        groups.append((block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
+        groups.append((block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+    return groups
+
+
+@torch.no_grad()
+def activation_absmax(model: nn.Module, calibration_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per-input-channel max |x| at the input of each smoothing group, over every calibration token.
+
+    ``calibration_ids``: [T] or [n_sequences, T]; each sequence runs as its own forward with no past.
+    """
+    groups = _smooth_groups(model)
+    stats: list[torch.Tensor | None] = [None] * len(groups)
+
+    def hook(i: int) -> Callable:
+        def record(_module, args):
+            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            stats[i] = m if stats[i] is None else torch.maximum(stats[i], m)
+
+        return record
+
+    handles = [linears[0].register_forward_pre_hook(hook(i)) for i, (_, linears) in enumerate(groups)]
+    try:
+        for ids in calibration_ids.reshape(-1, calibration_ids.shape[-1]):
+            model(ids.to(model.embed_tokens.weight.device), _NoPastCache())
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, calibration_ids: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> None:
+    """SmoothQuant in place on a float model: fold ``1/s`` into each RMSNorm, ``s`` into the weight columns."""
+    for (norm, linears), x_max in zip(
+        _smooth_groups(model), activation_absmax(model, calibration_ids), strict=True
+    ):
+        w_max = torch.cat([lin.weight.detach().abs().float() for lin in linears]).amax(dim=0)
+        s = (x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+        norm.weight.copy_((norm.weight.float() / s).to(norm.weight.dtype))
+        for lin in linears:
+            lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def quantize_model_w8a8(
+    model: nn.Module, calibration_ids: torch.Tensor | None = None, alpha: float = DEFAULT_ALPHA
+) -> nn.Module:
+    """Swap norms, linears and the MLP activation for their W8A8 versions, in place (SmoothQuant first when
+    ``calibration_ids`` are given). The output dtype of every linear is the model's current dtype."""
+    if calibration_ids is not None:
+        smooth_model(model, calibration_ids, alpha)
+    dtype = model.embed_tokens.weight.dtype
+    for block in model.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(block, name)
+            setattr(block, name, RMSNormQuant(norm.weight, norm.eps))
+        for parent, names in ((block.self_attn, _ATTN), (block.mlp, _MLP)):
+            for name in names:
+                setattr(parent, name, W8A8Linear.from_linear(getattr(parent, name), compute_dtype=dtype))
+        block.mlp.act = SiluMulQuant()
+    model.w8a8 = {"alpha": alpha, "smoothquant": calibration_ids is not None}
+    return model
+
+
+def _load_checked(
+    model: nn.Module, tensors: dict[str, torch.Tensor], file_key: Callable[[str], str], source: str
+):
+    """Load ``tensors`` (named by ``file_key(model_key)``) into a W8A8 model, or refuse with every problem listed.
+
+    int8 tensors must be int8 on disk; float tensors are cast to the model's dtype (scales to fp32).
+    """
+    if not any(isinstance(m, W8A8Linear) for m in model.modules()):
+        raise ValueError("load into a model already converted by quantize_model_w8a8")
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    problems, converted = [], {}
+    for key, want in model.state_dict().items():
+        name = file_key(key)
+        if name not in tensors:
+            if not (tied and key == "lm_head.weight"):
+                problems.append(f"missing {name}")
+            continue
+        got = tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        elif (got.dtype == torch.int8) != (want.dtype == torch.int8) or not (
+            got.dtype.is_floating_point or got.dtype == torch.int8
+        ):
+            problems.append(f"{name}: dtype {got.dtype}, expected {want.dtype}")
+        else:
+            converted[key] = got.to(want.dtype)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(f"{source} does not fit this model ({len(problems)} problems): {shown}")
+    model.load_state_dict(converted, strict=False)
+
+
+def load_reference_w8a8_state_dict(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a QServe/DuoAttention W8A8 ``pytorch_model.bin`` (kernel-notes 1.2: HF names, int8 ``*_proj.weight``,
+    per-output-channel ``*_proj.dequant_scale``, fp16 embeddings/norms/lm_head with smoothing folded into the norms)
+    into a model converted by ``quantize_model_w8a8`` (built with the checkpoint's config). Extra tensors such as
+    ``kv_scale_quant_orig`` are ignored: KV scales are computed at run time."""
+    tensors = torch.load(path, map_location="cpu", weights_only=True)
+    _load_checked(model, tensors, lambda k: k if k.startswith("lm_head.") else f"model.{k}", str(path))
+    return model
+
+
+def save_quantized(model: nn.Module, config_dict: dict, out_dir: str | Path) -> None:
+    """Write ``model.safetensors`` + ``quantization.json`` for a model converted by ``quantize_model_w8a8``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.lm_head.weight is model.embed_tokens.weight:
+        del state["lm_head.weight"]  # tied: safetensors refuses shared storage, and loading re-ties it
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))
+    info = getattr(model, "w8a8", {"alpha": None, "smoothquant": False})
+    meta = {"format": FORMAT, "version": VERSION, **info, "model_config": config_dict}
+    (out / "quantization.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_quantized(out_dir: str | Path, model: nn.Module | None = None) -> dict:
+    """Read a ``save_quantized`` directory -> {"meta": quantization.json, "tensors": state dict}.
+
+    With ``model`` (built from ``meta["model_config"]`` and converted by ``quantize_model_w8a8``) the tensors are
+    also loaded into it, refusing any missing or mis-shaped one.
+    """
+    d = Path(out_dir)
+    meta = json.loads((d / "quantization.json").read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{d}: quantization format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"this code reads {FORMAT!r} version {VERSION}"
+        )
+    tensors = load_file(str(d / "model.safetensors"))
+    if model is not None:
+        _load_checked(model, tensors, lambda k: k, str(d))
+        model.w8a8 = {"alpha": meta.get("alpha"), "smoothquant": meta.get("smoothquant", False)}
+    return {"meta": meta, "tensors": tensors}

@@ -1,0 +1,45 @@
+"""Shared fixtures: paths to the read-only shared data, tiny random models, real text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from duo_qserve.loading import REPO_ROOT
+from duo_qserve.model import ModelArgs, Transformer
+
+SHARED = Path(os.environ.get("DUO_QSERVE_SHARED", REPO_ROOT.parent / "shared"))
+HAYSTACK = SHARED / "data" / "haystack" / "paul_graham_essays"
+UPSTREAM_PATTERNS = SHARED / "data" / "upstream_attn_patterns"
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
+    base.update(overrides)
+    return ModelArgs(**base)
+
+
+def tiny_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """A random model whose attention is far from uniform (larger q/k weights), so masks visibly matter."""
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.q_proj.weight.mul_(4.0)
+            block.self_attn.k_proj.weight.mul_(4.0)
+    return model
+
+
+def haystack_text(n_chars: int, start_file: int = 0) -> str:
+    files = sorted(HAYSTACK.glob("*.txt"))
+    if not files:
+        pytest.skip(f"shared haystack not found at {HAYSTACK}")
+    text = ""
+    for f in files[start_file:] + files[:start_file]:
+        text += f.read_text(errors="replace") + "\n\n"
+        if len(text) >= n_chars:
+            break
+    return text[:n_chars]

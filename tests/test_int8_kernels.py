@@ -1,0 +1,161 @@
+"""The W8A8 Triton kernels against their PyTorch references.
+
+On CPU the kernels run under the Triton interpreter. ``TRITON_INTERPRET=1`` must be set before ``triton`` is
+first imported and must stay set, so the kernels run in a child process (this file run as a script) on inputs
+made here; the parent computes the references and compares. ``backend="triton"`` refuses CPU tensors unless
+the kernels were decorated for the interpreter, so the child cannot silently fall back to the reference.
+On a CUDA machine the same cases also run on the GPU in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from duo_qserve.kernels import int8_gemm, quantize_act
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (M, N, K): decode (M <= 16) and pre-fill tiles, odd sizes that leave partial tiles on every axis.
+GEMM_SHAPES = [(1, 96, 160), (3, 96, 160), (16, 96, 160), (17, 64, 128), (33, 96, 160), (130, 300, 288)]
+# Row shapes for the quantization kernels; the last one has leading dims [2, 5].
+ROW_SHAPES = [(1, 160), (3, 96), (33, 4096), (2, 5, 100)]
+ACT_OPS = ("quantize_per_token", "rmsnorm_quantize", "silu_mul_quantize")
+EPS = 1e-5
+
+
+def _nonzero_int8(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    q = torch.randint(1, 128, shape, generator=gen, dtype=torch.int32)
+    sign = torch.randint(0, 2, shape, generator=gen, dtype=torch.int32) * 2 - 1
+    return (q * sign).to(torch.int8)
+
+
+def make_cases() -> dict[str, tuple]:
+    """name -> (function name, positional args, keyword args), deterministic."""
+    gen = torch.Generator().manual_seed(0)
+    cases: dict[str, tuple] = {}
+    for m, n, k in GEMM_SHAPES:
+        args = (
+            _nonzero_int8(m, k, gen=gen), torch.rand(m, 1, generator=gen) + 0.01,
+            _nonzero_int8(n, k, gen=gen), torch.rand(n, generator=gen) + 0.01,
+        )  # fmt: skip
+        cases[f"gemm-{m}x{n}x{k}-fp32"] = ("w8a8_matmul", args, {"out_dtype": torch.float32})
+    m, n, k = GEMM_SHAPES[4]
+    cases[f"gemm-{m}x{n}x{k}-fp16"] = (
+        "w8a8_matmul",
+        cases[f"gemm-{m}x{n}x{k}-fp32"][1],
+        {"out_dtype": torch.float16},
+    )
+    for shape in ROW_SHAPES:
+        for dtype in (torch.float32, torch.float16):
+            x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+            # gate/up as halves of one wider row: strided inputs, as a fused gate_up projection produces.
+            gate_up = (torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) * 2).to(dtype)
+            gate, up = gate_up[..., : shape[-1]], gate_up[..., shape[-1] :]
+            weight = torch.rand(shape[-1], generator=gen) + 0.5
+            tag = f"{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}"
+            cases[f"quantize_per_token-{tag}"] = ("quantize_per_token", (x,), {})
+            cases[f"rmsnorm_quantize-{tag}"] = ("rmsnorm_quantize", (x, weight, EPS), {})
+            cases[f"silu_mul_quantize-{tag}"] = ("silu_mul_quantize", (gate, up), {})
+    return cases
+
+
+def _function(name: str):
+    return getattr(int8_gemm if name == "w8a8_matmul" else quantize_act, name)
+
+
+def _reference(name: str):
+    return int8_gemm.reference if name == "w8a8_matmul" else getattr(quantize_act, f"{name}_reference")
+
+
+def run_cases(cases: dict[str, tuple], device: str) -> dict[str, object]:
+    def to(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    out = {}
+    for name, (fn, args, kwargs) in cases.items():
+        res = _function(fn)(*map(to, args), **kwargs, backend="triton")
+        out[name] = tuple(r.cpu() for r in res) if isinstance(res, tuple) else res.cpu()
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, tuple]:
+    return make_cases()
+
+
+@pytest.fixture(scope="module")
+def interpreted(cases, tmp_path_factory) -> dict[str, object]:
+    """The Triton kernels' outputs, computed by the interpreter in a child process."""
+    d = tmp_path_factory.mktemp("interp")
+    torch.save(cases, d / "cases.pt")
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, str(d / "cases.pt"), str(d / "out.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return torch.load(d / "out.pt", weights_only=True)
+
+
+def check(name: str, case: tuple, got) -> None:
+    fn, args, kwargs = case
+    want = _reference(fn)(*args, **kwargs)
+    if fn == "w8a8_matmul":
+        # Exact integer accumulation on both sides: only the fp32 epilogue rounds (int32->fp32, 2 products).
+        rtol = 1e-5 if kwargs["out_dtype"] == torch.float32 else 2e-3
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6)
+        return
+    (q, s), (q_ref, s_ref) = got, want
+    assert q.dtype == torch.int8 and q.shape == q_ref.shape and s.shape == s_ref.shape == (*q.shape[:-1], 1)
+    # Same fp32 operations, different summation order (and rsqrt/division approximations on GPUs): the scale
+    # matches to fp32 rounding; a code may move by one step where y*127/absmax lies within an ulp of a .5 tie.
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, (
+        f"{name}: {int((diff > 0).sum())} codes differ"
+    )
+    assert q.abs().max() == 127  # the row maximum maps to +-127
+
+
+@pytest.mark.parametrize("name", list(make_cases()))
+def test_interpreted_kernel_matches_reference(name, cases, interpreted):
+    check(name, cases[name], interpreted[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernels_match_reference(cases):
+    got = run_cases(cases, "cuda")
+    for name, case in cases.items():
+        check(name, case, got[name])
+
+
+def test_triton_backend_refuses_cpu_without_interpreter():
+    if int8_gemm._INTERPRETED:
+        pytest.skip("this process runs under TRITON_INTERPRET=1")
+    x = torch.ones(2, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        int8_gemm.w8a8_matmul(x, torch.ones(2, 1), x, torch.ones(2), backend="triton")
+
+
+def test_gemm_checks_shapes():
+    x, w = torch.ones(4, 32, dtype=torch.int8), torch.ones(8, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="disagree on K"):
+        int8_gemm.w8a8_matmul(x, torch.ones(4, 1), w, torch.ones(8))
+
+
+if __name__ == "__main__":  # the interpreter child: python tests/test_int8_kernels.py CASES OUT
+    assert int8_gemm._INTERPRETED and quantize_act._INTERPRETED, "run with TRITON_INTERPRET=1"
+    torch.save(run_cases(torch.load(sys.argv[1], weights_only=True), "cpu"), sys.argv[2])
