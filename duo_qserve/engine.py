@@ -84,8 +84,11 @@ class Engine:
         self.pattern = self._resolve_pattern(settings.pattern)
         mask, self.sparsity = self.pattern.retrieval_mask(settings.sparsity)
         self.retrieval_heads = reorder_heads(self.model, mask)
-        self.w8a8 = settings.w8a8 if settings.w8a8 is not None else self.device.type == "cuda"
-        if self.w8a8:
+        prequantized = getattr(self.model, "w8a8", None) is not None  # a W8A8 checkpoint was loaded
+        self.w8a8 = prequantized or (
+            settings.w8a8 if settings.w8a8 is not None else self.device.type == "cuda"
+        )
+        if self.w8a8 and not prequantized:
             from duo_qserve.quant.w8a8 import quantize_model_w8a8
 
             quantize_model_w8a8(self.model)

@@ -112,6 +112,38 @@ def _safetensors_files(path: Path) -> list[Path]:
     )
 
 
+def _empty_w8a8_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The W8A8 module structure with uninitialized storage on ``device``, ready to receive int8 tensors."""
+    from duo_qserve.quant.w8a8 import quantize_model_w8a8
+
+    with torch.device("meta"):
+        model = quantize_model_w8a8(Transformer(args).to(dtype))
+    w8a8 = model.w8a8
+    model = model.to_empty(device=device)
+    model.w8a8 = w8a8
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def load_w8a8_checkpoint(
+    path: Path, args: ModelArgs, device: torch.device, dtype: torch.dtype
+) -> Transformer:
+    """Our quantized format (``quantization.json`` + safetensors, from ``python -m duo_qserve quantize``) or the
+    reference demo's W8A8 ``pytorch_model.bin`` (int8 ``*_proj.weight`` + ``*_proj.dequant_scale``)."""
+    from duo_qserve.quant.w8a8 import load_quantized, load_reference_w8a8_state_dict
+
+    model = _empty_w8a8_model(args, device, dtype)
+    try:
+        if (path / "quantization.json").is_file():
+            load_quantized(path, model)
+        else:
+            load_reference_w8a8_state_dict(model, path / "pytorch_model.bin")
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    return model.eval()
+
+
 def load_hf_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -119,6 +151,10 @@ def load_hf_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> 
     cfg = json.loads(cfg_file.read_text())
     _check_architecture(cfg, str(path))
     args = ModelArgs.from_hf_config(cfg)
+    if (path / "quantization.json").is_file() or (
+        (path / "pytorch_model.bin").is_file() and not list(path.glob("*.safetensors"))
+    ):
+        return load_w8a8_checkpoint(path, args, device, dtype)
     with torch.device("meta"):
         model = Transformer(args)
     state = {}

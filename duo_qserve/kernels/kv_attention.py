@@ -4,15 +4,35 @@ The retrieval cache of one layer holds ``n_quant`` tokens (a multiple of the key
 codes (layout in ``duo_qserve.quant.kv_quant``); every new query sees all of them. The result carries its
 log-sum-exp so the cache can merge it with attention over the fp tail and the new tokens.
 
-``reference`` de-quantizes everything and is the oracle; on CUDA the Triton kernels read the codes directly.
+``reference`` de-quantizes everything and is the oracle. On CUDA (or on CPU with ``DUO_QSERVE_TRITON=1`` under
+``TRITON_INTERPRET=1``) two paths read the codes instead:
+
+- decode (``T <= DECODE_MAX_T``): ``_attn_codes_kernel``, a split-K flash-decoding kernel. One program per
+  (kv head, split of the tokens) holds all ``T * G`` query rows of that kv head (GQA: the codes are read once).
+  It never de-quantizes a tile: within one key group the key scale/zero are per channel, so
+  ``q . k = (q * s_k) . codes + q . z_k``; value scale/zero are per token, so
+  ``p @ v = (p * s_v) @ codes + (p . z_v)``. Codes become fp16 by bit tricks (``_codes``), not converts.
+  A second tiny kernel merges the splits by their log-sum-exp.
+- pre-fill: slabs of the prefix are de-quantized into one bounded fp16 buffer (``_dequant_kernel``) and go
+  through the fused flash/cuDNN attention with log-sum-exp, merged across slabs. The de-quantization traffic is
+  ~1 % of the attention time at 8K queries, so this runs at the library kernel's FLOP rate.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from duo_qserve.kernels.attention import dense_attention
-from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
+from duo_qserve.kernels import use_triton
+from duo_qserve.kernels.attention import dense_attention, merge
+from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
+from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, qmax
+
+DECODE_MAX_T = 16  # queries per call that go through the split-K code kernel; more go through the slab path
+SLAB_BYTES = 256 << 20  # bound on the pre-fill path's fp K+V buffer
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 def reference(
@@ -36,6 +56,317 @@ def reference(
     return dense_attention(q, k, v, n_ctx=n_quant, sm_scale=sm_scale)
 
 
-def quantized_prefix_attention(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale):
-    """Dispatch point used by the cache (reference until the Triton kernels land)."""
-    return reference(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
+# ---------------------------------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _codes(w, SUB: tl.constexpr, BITS: tl.constexpr):
+    """Code ``SUB`` of each packed word as an exact fp16: the bits ``0x6400 | c`` are the fp16 number 1024 + c,
+    so an and/or and one fp16 subtract replace the slow int->float convert (kernel-notes 2.4)."""
+    c = ((w >> (SUB * BITS)) & ((1 << BITS) - 1)) | 0x6400
+    return c.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _channels(j, SUB: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    """Channel of code ``SUB`` in word ``j``. Words are 4 codes: int16 (4-bit: bytes 2j, 2j+1, each holding
+    channel b in its low nibble and b + D/2 in its high one) or int32 (8-bit: bytes 4j..4j+3)."""
+    CPB: tl.constexpr = 8 // BITS  # codes per byte
+    BPW: tl.constexpr = 4 // CPB  # bytes per word
+    return BPW * j + SUB // CPB + (SUB % CPB) * (D // 2)
+
+
+@triton.jit
+def _attn_codes_kernel(
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, o_ptr, lse_ptr,
+    n_rows, blocks_per_split, n_blocks, qk_scale,
+    s_qt, s_qh, s_kwh, s_ksh, s_vwh, s_vsh,
+    s_oh, s_os, s_ot, s_og, s_lh, s_ls, s_lt, s_lg,
+    G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Program (kv head, split, row tile): online softmax over the split's tokens for rows ``t * G + g``.
+    The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W."""
+    h, split, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    W: tl.constexpr = D // 4
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    t, g = rows // G, rows % G
+    j = tl.arange(0, W)
+    c0, c1 = _channels(j, 0, BITS, D), _channels(j, 1, BITS, D)
+    c2, c3 = _channels(j, 2, BITS, D), _channels(j, 3, BITS, D)
+    q_rows = (q_ptr + t * s_qt + (h * G + g) * s_qh)[:, None]
+    qm = row_ok[:, None]
+    q0 = tl.load(q_rows + c0[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
+    q1 = tl.load(q_rows + c1[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
+    q2 = tl.load(q_rows + c2[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
+    q3 = tl.load(q_rows + c3[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    a0 = tl.zeros([BLOCK_M, W], tl.float32)
+    a1 = tl.zeros([BLOCK_M, W], tl.float32)
+    a2 = tl.zeros([BLOCK_M, W], tl.float32)
+    a3 = tl.zeros([BLOCK_M, W], tl.float32)
+    az = tl.zeros([BLOCK_M], tl.float32)  # sum_t p_t * z_t, the value zeros' share
+    offs_n = tl.arange(0, BLOCK_N)
+    kw_h, vw_h = kw_ptr + h * s_kwh, vw_ptr + h * s_vwh
+    ks_h, kz_h = ks_ptr + h * s_ksh, kz_ptr + h * s_ksh
+    vs_h, vz_h = vs_ptr + h * s_vsh, vz_ptr + h * s_vsh
+    b_start = split * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    for b in range(b_start, b_end):
+        tok = b * BLOCK_N + offs_n
+        words = tok[:, None] * W + j[None, :]
+        # Keys: fold the block's group scale into q and its zero into a per-row bias (BLOCK_N divides GROUP).
+        sz = (b * BLOCK_N // GROUP) * D
+        s0, z0 = tl.load(ks_h + sz + c0).to(tl.float32), tl.load(kz_h + sz + c0).to(tl.float32)
+        s1, z1 = tl.load(ks_h + sz + c1).to(tl.float32), tl.load(kz_h + sz + c1).to(tl.float32)
+        s2, z2 = tl.load(ks_h + sz + c2).to(tl.float32), tl.load(kz_h + sz + c2).to(tl.float32)
+        s3, z3 = tl.load(ks_h + sz + c3).to(tl.float32), tl.load(kz_h + sz + c3).to(tl.float32)
+        bias = tl.sum(q0 * z0[None, :] + q1 * z1[None, :] + q2 * z2[None, :] + q3 * z3[None, :], 1)
+        kw = tl.load(kw_h + words)
+        qk = tl.dot((q0 * s0[None, :]).to(DOT), tl.trans(_codes(kw, 0, BITS).to(DOT)))
+        qk = tl.dot((q1 * s1[None, :]).to(DOT), tl.trans(_codes(kw, 1, BITS).to(DOT)), qk)
+        qk = tl.dot((q2 * s2[None, :]).to(DOT), tl.trans(_codes(kw, 2, BITS).to(DOT)), qk)
+        qk = tl.dot((q3 * s3[None, :]).to(DOT), tl.trans(_codes(kw, 3, BITS).to(DOT)), qk)
+        qk += bias[:, None]
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+        # Values: fold the per-token scale into p and the per-token zero into az.
+        vs, vz = tl.load(vs_h + tok).to(tl.float32), tl.load(vz_h + tok).to(tl.float32)
+        az = az * alpha + tl.sum(p * vz[None, :], 1)
+        ps = (p * vs[None, :]).to(DOT)
+        vw = tl.load(vw_h + words)
+        a0 = tl.dot(ps, _codes(vw, 0, BITS).to(DOT), a0 * alpha[:, None])
+        a1 = tl.dot(ps, _codes(vw, 1, BITS).to(DOT), a1 * alpha[:, None])
+        a2 = tl.dot(ps, _codes(vw, 2, BITS).to(DOT), a2 * alpha[:, None])
+        a3 = tl.dot(ps, _codes(vw, 3, BITS).to(DOT), a3 * alpha[:, None])
+
+    inv_l = 1.0 / l_i
+    zs = (az * inv_l)[:, None]
+    o_rows = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[:, None]
+    ty = o_ptr.dtype.element_ty
+    tl.store(o_rows + c0[None, :], (a0 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c1[None, :], (a1 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c2[None, :], (a2 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c3[None, :], (a3 * inv_l[:, None] + zs).to(ty), mask=qm)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(lse_ptr + h * s_lh + split * s_ls + t * s_lt + g * s_lg, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    po_ptr, plse_ptr, o_ptr, lse_ptr, n_splits, n_rows, s_ot, s_oh, s_lt, s_lh,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One program per (kv head, row): weights exp(lse_s - lse) over the splits' partial outputs."""
+    pid = tl.program_id(0)
+    h, r = pid // n_rows, pid % n_rows
+    t, g = r // G, r % G
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < n_splits
+    part = (h * n_splits + s) * n_rows + r
+    lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp(lse - m)
+    tot = tl.sum(w, 0)
+    d = tl.arange(0, D)
+    o = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tot
+    hq = h * G + g
+    tl.store(o_ptr + t * s_ot + hq * s_oh + d, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + t * s_lt + hq * s_lh, m + tl.log(tot))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group) -> None:
+    t, hq, d = q.shape
+    hkv, n, _ = k_data.shape
+    qmax(bits)
+    if hq % hkv or d % 8 or n_quant % group or n_quant > n:
+        raise ValueError(
+            f"q {tuple(q.shape)} vs cache {tuple(k_data.shape)}, n_quant {n_quant}, group {group}"
+        )
+    if tuple(k_data.shape) != (hkv, n, d * bits // 8) or v_data.shape != k_data.shape:
+        raise ValueError(f"k_data/v_data must be [Hkv, N, D*bits/8] = {(hkv, n, d * bits // 8)}")
+    if tuple(k_scale.shape) != (hkv, n // group, d) or k_zero.shape != k_scale.shape:
+        raise ValueError(f"k_scale/k_zero must be [Hkv, N/group, D] = {(hkv, n // group, d)}")
+    if tuple(v_scale.shape) != (hkv, n) or v_zero.shape != v_scale.shape:
+        raise ValueError(f"v_scale/v_zero must be [Hkv, N] = {(hkv, n)}")
+    if not all(x.is_contiguous() for x in (k_data, k_scale, k_zero, v_data, v_scale, v_zero)):
+        raise ValueError("the quantized cache tensors must be contiguous")
+
+
+def decode_attention(
+    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
+    block_n: int = 128, num_warps: int = 4, num_stages: int = 3, waves: float = 8.0, num_splits: int | None = None,
+    block_m: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The split-K code kernel (same arguments and result as ``reference``; ``n_quant > 0``).
+
+    Splits: enough (kv head, split, row tile) programs for ``waves`` programs per SM, so one long sequence at
+    batch 1 fills the GPU; with one split the kernel writes the result directly, without the merge kernel.
+    """
+    t, hq, d = q.shape
+    hkv = k_data.shape[0]
+    g = hq // hkv
+    n_rows = t * g
+    block_m = block_m or max(16, triton.next_power_of_2(min(n_rows, 64)))
+    block_n = min(block_n, group)
+    n_blocks = n_quant // block_n
+    m_tiles = triton.cdiv(n_rows, block_m)
+    if num_splits is None:
+        num_splits = triton.cdiv(int(waves * _sm_count(q.device)), hkv * m_tiles)
+    num_splits = max(1, min(num_splits, n_blocks, 256))
+    per_split = triton.cdiv(n_blocks, num_splits)
+    num_splits = triton.cdiv(n_blocks, per_split)
+
+    word = torch.int16 if bits == 4 else torch.int32  # 4 codes per word
+    kw, vw = k_data.view(word), v_data.view(word)
+    out = torch.empty_like(q)
+    lse = torch.empty((t, hq), dtype=torch.float32, device=q.device)
+    if num_splits == 1:  # write [T, Hq, ...] directly: row (t, g) of kv head h is query head h * G + g
+        po, plse = out, lse
+        so = (g * out.stride(1), 0, out.stride(0), out.stride(1))
+        sl = (g * lse.stride(1), 0, lse.stride(0), lse.stride(1))
+    else:
+        po = torch.empty((hkv, num_splits, n_rows, d), dtype=torch.float32, device=q.device)
+        plse = torch.empty((hkv, num_splits, n_rows), dtype=torch.float32, device=q.device)
+        so = (num_splits * n_rows * d, n_rows * d, g * d, d)
+        sl = (num_splits * n_rows, n_rows, g, 1)
+    dot = tl.float32 if q.dtype == torch.float32 else tl.float16
+    _attn_codes_kernel[(hkv, num_splits, m_tiles)](
+        q, kw, k_scale, k_zero, vw, v_scale, v_zero, po, plse,
+        n_rows, per_split, n_blocks, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
+        *so, *sl,
+        G=g, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(hkv * n_rows,)](
+            po, plse, out, lse, num_splits, n_rows, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            G=g, D=d, BLOCK_S=triton.next_power_of_2(num_splits),
+        )  # fmt: skip
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------- pre-fill
+
+
+@triton.jit
+def _dequant_kernel(
+    kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, ko_ptr, vo_ptr, start,
+    s_kdh, s_ksh, s_vdh, s_vsh, s_oh,
+    D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Tokens ``start + [pid1 * BLOCK_N, +BLOCK_N)`` of kv head pid0 to fp rows of ko/vo (exactly the reference's
+    ``code * scale + zero``, rounded once to the output dtype). Works on half-vectors, the packing's unit."""
+    h = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    BYTES: tl.constexpr = D * BITS // 8
+    local = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    tok = start + local
+    half = tl.arange(0, HALF)[None, :]
+    o = h * s_oh + local * D + half
+    ty = ko_ptr.dtype.element_ty
+
+    kb = kd_ptr + h * s_kdh + tok * BYTES + half
+    vb = vd_ptr + h * s_vdh + tok * BYTES + half
+    if BITS == 4:
+        kp, vp = tl.load(kb), tl.load(vb)
+        k_lo, k_hi, v_lo, v_hi = kp & 0xF, kp >> 4, vp & 0xF, vp >> 4
+    else:
+        k_lo, k_hi, v_lo, v_hi = tl.load(kb), tl.load(kb + HALF), tl.load(vb), tl.load(vb + HALF)
+    ksz = h * s_ksh + (tok // GROUP) * D + half
+    k_lo = k_lo.to(tl.float32) * tl.load(ks_ptr + ksz).to(tl.float32) + tl.load(kz_ptr + ksz).to(tl.float32)
+    k_hi = k_hi.to(tl.float32) * tl.load(ks_ptr + ksz + HALF).to(tl.float32) + tl.load(
+        kz_ptr + ksz + HALF
+    ).to(tl.float32)
+    tl.store(ko_ptr + o, k_lo.to(ty))
+    tl.store(ko_ptr + o + HALF, k_hi.to(ty))
+    vs = tl.load(vs_ptr + h * s_vsh + tok).to(tl.float32)
+    vz = tl.load(vz_ptr + h * s_vsh + tok).to(tl.float32)
+    tl.store(vo_ptr + o, (v_lo.to(tl.float32) * vs + vz).to(ty))
+    tl.store(vo_ptr + o + HALF, (v_hi.to(tl.float32) * vs + vz).to(ty))
+
+
+def dequantize_kv(
+    k_data, k_scale, k_zero, v_data, v_scale, v_zero, start: int, n: int, bits: int, group: int,
+    k_out: torch.Tensor, v_out: torch.Tensor,
+) -> None:  # fmt: skip
+    """Tokens ``[start, start + n)`` (whole groups) into ``k_out``/``v_out`` [Hkv, >= n, D] (contiguous)."""
+    hkv, _, d = k_out.shape
+    block_n = min(64, group)
+    _dequant_kernel[(hkv, n // block_n)](
+        k_data, k_scale, k_zero, v_data, v_scale, v_zero, k_out, v_out, start,
+        k_data.stride(0), k_scale.stride(0), v_data.stride(0), v_scale.stride(0), k_out.stride(0),
+        D=d, BITS=bits, GROUP=group, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+
+
+def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, kernel: str = "auto"):
+    """Non-causal attention with log-sum-exp: q [H, M, D], k/v [H, S, D] -> (out [H, M, D], lse [H, M] fp32).
+
+    On CUDA the fused library kernels (cuDNN where it runs, else flash); on CPU the fp32 reference math."""
+    if not q.is_cuda:
+        out, lse = dense_attention(q.transpose(0, 1), k, v, n_ctx=k.shape[1], sm_scale=sm_scale)
+        return out.transpose(0, 1), lse.transpose(0, 1)
+    q4, k4, v4 = q[None], k[None], v[None]
+    if kernel == "auto":
+        kernel = "cudnn" if torch.backends.cudnn.is_available() and q.shape[-1] <= 128 else "flash"
+    if kernel == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, scale=sm_scale)
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, scale=sm_scale)
+    return res[0][0], res[1].reshape(q.shape[:2]).float()
+
+
+def prefill_attention(
+    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
+    slab_bytes: int = SLAB_BYTES, kernel: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Slab path: de-quantize at most ``slab_bytes`` of K+V at a time into one reused buffer, attend with
+    ``sdpa_lse``, merge slabs by lse. Queries are regrouped per kv head as [Hkv, T * G, D] (non-causal, so the
+    G query heads of a kv head are just more rows): no GQA support needed and longer query tiles."""
+    t, hq, d = q.shape
+    hkv = k_data.shape[0]
+    g = hq // hkv
+    fp = q.dtype
+    slab = max(group, slab_bytes // (2 * hkv * d * q.element_size()) // group * group)
+    slab = min(slab, n_quant)
+    kbuf = torch.empty((hkv, slab, d), dtype=fp, device=q.device)
+    vbuf = torch.empty_like(kbuf)
+    qh = q.reshape(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
+    out = lse = None
+    for start in range(0, n_quant, slab):
+        n = min(slab, n_quant - start)
+        dequantize_kv(k_data, k_scale, k_zero, v_data, v_scale, v_zero, start, n, bits, group, kbuf, vbuf)
+        o, s = sdpa_lse(qh, kbuf[:, :n], vbuf[:, :n], sm_scale, kernel)
+        out, lse = (o.float(), s) if out is None else merge(out, lse, o.float(), s)
+    out = out.to(fp).reshape(hkv, t, g, d).permute(1, 0, 2, 3).reshape(t, hq, d)
+    return out, lse.reshape(hkv, t, g).permute(1, 0, 2).reshape(t, hq)
+
+
+def quantized_prefix_attention(
+    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch used by the cache: the reference on CPU (unless ``DUO_QSERVE_TRITON=1``), else the code kernel
+    for up to ``DECODE_MAX_T`` queries and the slab path for more."""
+    _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group)
+    if not use_triton(backend(), q, _INTERPRETED):
+        return reference(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
+    if n_quant == 0:
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    path = decode_attention if q.shape[0] <= DECODE_MAX_T else prefill_attention
+    return path(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)

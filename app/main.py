@@ -1,0 +1,701 @@
+"""The Gradio app: upload a book, watch it pre-fill, ask many questions, see answers stream and memory live.
+
+One process holds one engine and one document at a time. Every engine call runs in a worker thread under
+``engine.lock`` (see ``Job``) and every event that runs the model shares one Gradio concurrency slot, so other
+users wait in Gradio's queue and see their position. The loaded document names who loaded it, and a session that
+loaded its own document is refused an answer once someone else's document has replaced it.
+
+Run: ``python -m app.main [--host 127.0.0.1] [--port 7860] [--model default] [--cpu] ...`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import torch
+
+from app import ui_render as render
+from app.documents import (
+    SUPPORTED_SUFFIXES,
+    Document,
+    DocumentError,
+    chapter_token_offsets,
+    document_from_text,
+    read_documents,
+)
+from duo_qserve import library
+from duo_qserve.engine import ANSWER_RESERVE, Cancelled, DocumentTooLarge, Engine, EngineSettings
+from duo_qserve.loading import ModelLoadError
+from duo_qserve.patterns import PatternError, load_pattern
+
+GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
+_DONE = object()
+
+
+@dataclasses.dataclass
+class Pending:
+    """A document read and tokenized in one session, not yet pre-filled."""
+
+    document: Document
+    ids: list[int]
+    engine_generation: int  # ids are re-made if the engine (and so maybe the tokenizer) was replaced
+
+
+class Job:
+    """One engine call in a worker thread that holds the engine's lock.
+
+    Gradio may abandon a cancelled generator without closing it; the work still ends (``cancel`` makes the engine
+    stop at its next chunk or token, and every update re-asserts it) and the lock is always released, so the GPU
+    never stays busy for nobody.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        work: Callable[[Job], Any],
+        lock: threading.Lock,
+        on_cancel: Callable[[], None] | None = None,
+    ):
+        self.owner, self._on_cancel = owner, on_cancel
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+        self._updates: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, args=(work, lock), daemon=True).start()
+
+    def _run(self, work: Callable[[Job], Any], lock: threading.Lock) -> None:
+        try:
+            with lock:
+                self.result = work(self)
+        except Exception as e:  # handed to the event's thread, which turns it into a message
+            self.error = e
+        finally:
+            self.done.set()
+            self._updates.put(_DONE)
+
+    def put(self, update: Any) -> None:
+        if self.cancelled:  # a cancel that came before the engine cleared its flag must not be lost
+            self.cancel()
+        self._updates.put(update)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def stream(self, interval: float = 0.25) -> Iterator[list]:
+        """Batches of updates, one at least every ``interval`` seconds, until the work is done."""
+        while True:
+            batch = []
+            try:
+                batch.append(self._updates.get(timeout=interval))
+                while not self._updates.empty():
+                    batch.append(self._updates.get_nowait())
+            except queue.Empty:
+                pass
+            yield [u for u in batch if u is not _DONE]
+            if _DONE in batch:
+                return
+
+
+def _who(request: gr.Request) -> str:
+    """The name shown next to a loaded document: the login when auth is on, else a short session id."""
+    return request.username or f"session {(request.session_hash or '?')[:6]}"
+
+
+def _create_engine(settings: EngineSettings) -> Engine:
+    return Engine.from_pretrained(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)})
+
+
+def _check_paths(settings: EngineSettings) -> None:
+    """Refuse a missing model or a bad pattern before the running engine is touched."""
+    model = settings.model
+    if model != "default" and not model.startswith("synthetic:") and not Path(model).expanduser().exists():
+        raise ModelLoadError(
+            f"model {model!r} was not found: give 'default', a Hugging Face checkpoint directory or a .gguf file"
+        )
+    if settings.pattern not in (None, "auto"):
+        load_pattern(settings.pattern)
+
+
+class Server:
+    """The process-wide engine and the handlers of the UI's events."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.engine: Engine = _create_engine(settings)
+        self.generation = 0
+        self.job: Job | None = None
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def _start(self, owner: str, work: Callable[[Job], Any], engine: Engine) -> Job:
+        self.job = Job(owner, work, engine.lock, engine.cancel)
+        return self.job
+
+    def _ids(self, pending: Pending) -> list[int]:
+        if pending.engine_generation != self.generation:
+            pending.ids = self.engine.document_ids(pending.document.text)
+            pending.engine_generation = self.generation
+        return pending.ids
+
+    def _loaded_note(self) -> str:
+        doc = self.engine.document
+        return f"The model still holds **{doc.title}**." if doc else "No document is loaded."
+
+    def _summary(self, pending: Pending) -> tuple[str, Any, Any]:
+        """Summary text, the apply-ratio button and the load button for a document read in this session."""
+        engine, doc = self.engine, pending.document
+        n = len(self._ids(pending))
+        fits = engine.max_document_tokens
+        ratio = engine.smallest_sparsity_for(n) if n > fits else None
+        text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio)
+        sha = hashlib.sha256(np.asarray(pending.ids, dtype=np.int64).tobytes()).hexdigest()  # as the engine's
+        saved = library.find_by_hash(sha, engine=engine)
+        if saved:
+            text += (
+                f"\n\nA saved copy is in the **Library** ('{saved[0].title}', {saved[0].settings}): "
+                "load it there in seconds instead of pre-filling."
+            )
+        ratio_button = gr.update(
+            visible=ratio is not None,
+            value=f"Reload with {ratio:.0%} streaming heads" if ratio is not None else "Reload",
+        )
+        return text, ratio_button, gr.update(interactive=n <= fits)
+
+    # ---- documents -------------------------------------------------------------------------------------------
+    def read(self, files: list[str] | None, text: str) -> tuple[Any, ...]:
+        """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work."""
+        if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
+            raise gr.Error(
+                "The model is being reloaded with new settings; read the document again in a moment."
+            )
+        try:
+            if files:
+                doc = read_documents(files)
+            elif text and text.strip():
+                doc = document_from_text(text)
+            else:
+                raise DocumentError(
+                    f"Nothing to read: upload {', '.join(SUPPORTED_SUFFIXES)} files or paste text first."
+                )
+        except DocumentError as e:
+            message = f"**Not read:** {e}\n\n{self._loaded_note()}"
+            return message, [], None, gr.update(visible=False), gr.update(interactive=False)
+        pending = Pending(doc, self.engine.document_ids(doc.text), self.generation)
+        chapters = [[title, offset] for title, offset in chapter_token_offsets(doc, self.engine.tokenizer)]
+        summary, ratio_button, load_button = self._summary(pending)
+        return summary, chapters, pending, ratio_button, load_button
+
+    def prefill(self, pending: Pending | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """Pre-fill the read document, streaming a progress bar; the previous document is dropped."""
+        if pending is None:
+            raise gr.Error("Read a document first: upload files or paste text, then press Read.")
+        engine, doc = self.engine, pending.document
+        ids = self._ids(pending)
+
+        def work(job: Job) -> Any:
+            return engine.ingest(
+                ids, on_progress=lambda done, total: job.put(done), title=doc.title, loaded_by=_who(request)
+            )
+
+        started, done = time.perf_counter(), 0
+        job = self._start(request.session_hash, work, engine)
+        yield render.progress_html(0, len(ids), 0.0, "waiting for the model…"), "Pre-filling…", gr.skip()
+        try:
+            for batch in job.stream():
+                if batch:
+                    done = batch[-1]
+                    yield (
+                        render.progress_html(done, len(ids), time.perf_counter() - started),
+                        gr.skip(),
+                        gr.skip(),
+                    )
+        finally:
+            if not job.done.is_set():  # the event was cancelled or the page closed
+                job.cancel()
+        if isinstance(job.error, (Cancelled, DocumentTooLarge)):
+            yield render.progress_html(done, len(ids), 1.0, "stopped"), f"**Stopped:** {job.error}", None
+            return
+        if job.error is not None:
+            raise gr.Error(f"Pre-fill failed: {job.error}")
+        info = job.result
+        rate = info.prefilled / info.prefill_seconds if info.prefill_seconds else 0.0
+        bar = render.progress_html(
+            len(ids),
+            len(ids),
+            info.prefill_seconds,
+            f"done in {render.fmt_seconds(info.prefill_seconds)} ({rate:,.0f} tokens/s)",
+        )
+        status = (
+            f"Loaded **{info.title}**: {info.tokens:,} tokens in {render.fmt_seconds(info.prefill_seconds)} "
+            f"({rate:,.0f} tokens/s). Ask away: each question reuses this cache."
+        )
+        yield bar, status, info.sha256
+
+    def cancel(self, request: gr.Request) -> None:
+        """Stop this session's running pre-fill or answer (never another user's)."""
+        job = self.job
+        if job is not None and job.owner == request.session_hash and not job.done.is_set():
+            job.cancel()
+
+    # ---- questions -------------------------------------------------------------------------------------------
+    def ask(
+        self,
+        question: str,
+        history: list[dict],
+        turns: list[dict],
+        mine: str | None,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Stream the answer; the document's cache is restored, so only the question is pre-filled."""
+        engine, question = self.engine, (question or "").strip()
+        doc = engine.document
+        if not question:
+            raise gr.Error("Type a question first.")
+        if doc is None:
+            raise gr.Error("No document is loaded: read one and press Load into model first.")
+        if mine and mine != doc.sha256:
+            raise gr.Error(
+                f"The model now holds '{doc.title}', loaded by {doc.loaded_by}, not the document you loaded: "
+                "load yours again to ask about it."
+            )
+        turn = {
+            "question": question,
+            "answer": "",
+            "document_title": doc.title,
+            "document_sha256": doc.sha256,
+            "provenance": render.provenance(engine),
+        }
+        turns.append(turn)  # in place, so a stopped answer is kept for export too
+
+        def work(job: Job) -> Any:
+            pieces = engine.ask(
+                question,
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p),
+            )
+            try:
+                for piece in pieces:
+                    turn["answer"] += piece
+                    job.put(piece)
+            finally:
+                pieces.close()
+                turn.update(
+                    ttft_s=engine.last.ttft_s,
+                    decode_ms_per_token=engine.last.decode_ms_per_token,
+                    answer_tokens=engine.last.answer_tokens,
+                    question_tokens=engine.last.question_tokens,
+                    stopped=job.cancelled,
+                )
+            return engine.last
+
+        history = [*history, {"role": "user", "content": question}]
+        job = self._start(request.session_hash, work, engine)
+        yield [*history, {"role": "assistant", "content": "…"}], "", "Answering…"
+        try:
+            for batch in job.stream():
+                if batch:
+                    yield [*history, {"role": "assistant", "content": turn["answer"]}], gr.skip(), gr.skip()
+        finally:
+            if not job.done.is_set():
+                job.cancel()
+        if job.error is not None:
+            raise gr.Error(f"Could not answer: {job.error}")
+        stats = job.result
+        note = " (stopped)" if turn["stopped"] else ""
+        line = (
+            f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
+            f"{stats.answer_tokens} answer tokens{note} · question {stats.question_tokens} tokens; "
+            f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
+        )
+        yield [*history, {"role": "assistant", "content": turn["answer"] or "_(no answer)_"}], gr.skip(), line
+
+    def export(self, fmt: str, turns: list[dict]) -> str:
+        """Write the conversation with its provenance to a file for download."""
+        if not turns:
+            raise gr.Error("Nothing to export yet: ask a question first.")
+        folder = Path(tempfile.mkdtemp(prefix="duo-qserve-export-"))
+        if fmt == "JSON":
+            path = folder / "conversation.json"
+            path.write_text(render.export_json(turns))
+        else:
+            path = folder / "conversation.md"
+            path.write_text(render.export_markdown(turns))
+        return str(path)
+
+    # ---- library ---------------------------------------------------------------------------------------------
+    def books(self) -> Any:
+        """The saved books for the dropdown, newest first (unfinished pre-fill checkpoints are not offered)."""
+        books = [b for b in library.list_books() if not b.partial]
+        choices = [
+            (f"{b.title} · {b.tokens:,} tokens · {b.model}, {b.settings} · {b.created[:16]}", b.id)
+            for b in books
+        ]
+        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+    def save_book(self, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """Save the loaded document's cache so it can be loaded later without a pre-fill."""
+        engine = self.engine
+        if engine.document is None:
+            raise gr.Error("No document is loaded: load one before saving it.")
+        job = self._start(
+            request.session_hash,
+            lambda job: library.save(engine, on_progress=lambda d, t: job.put(d / t)),
+            engine,
+        )
+        for batch in job.stream():
+            if batch:
+                yield f"Saving… {batch[-1]:.0%}", gr.skip()
+        if job.error is not None:
+            yield f"**Not saved:** {job.error}", gr.skip()
+            return
+        book = job.result
+        yield f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`.", self.books()
+
+    def load_book(self, book_id: str | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """Load a saved book into the cache (checked against this engine's model and settings first)."""
+        if not book_id:
+            raise gr.Error("Pick a saved book first.")
+        engine = self.engine
+
+        def work(job: Job) -> Any:
+            return library.load(
+                engine, book_id, on_progress=lambda d, t: job.put(d / t), loaded_by=_who(request)
+            )
+
+        job = self._start(request.session_hash, work, engine)
+        for batch in job.stream():
+            if batch:
+                yield f"Loading… {batch[-1]:.0%}", gr.skip()
+        if job.error is not None:
+            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note()}", gr.skip()
+            return
+        info = job.result
+        yield (
+            f"Loaded **{info.title}** from the library in {info.prefill_seconds:.1f} s: {info.tokens:,} tokens, "
+            "no pre-fill. Ask away.",
+            info.sha256,
+        )
+
+    def remove_book(self, book_id: str | None) -> tuple[Any, ...]:
+        if not book_id:
+            raise gr.Error("Pick a saved book first.")
+        library.remove(book_id)
+        return f"Removed `{book_id}`.", self.books()
+
+    # ---- live readouts ---------------------------------------------------------------------------------------
+    def banner(self, request: gr.Request) -> str:
+        doc = self.engine.document
+        if doc is None:
+            return "No document loaded yet."
+        you = " (you)" if doc.loaded_by == _who(request) else ""
+        return f"Loaded: **{doc.title}**, {doc.tokens:,} tokens, by {doc.loaded_by}{you} · sha256 `{doc.sha256[:12]}`"
+
+    def tick(self, request: gr.Request) -> tuple[Any, ...]:
+        engine = self.engine
+        if engine is None:  # being replaced
+            return gr.skip(), gr.skip(), gr.skip()
+        return render.memory_html(engine), self.banner(request), render.head_map_html(engine)
+
+    # ---- settings --------------------------------------------------------------------------------------------
+    def _replace_engine(self, settings: EngineSettings) -> None:
+        """Build the engine for ``settings`` (the caller holds the old engine's lock); on any error keep, or
+        re-create, the old one and re-raise."""
+        _check_paths(settings)
+        if self.engine.device.type == "cuda" and settings.max_tokens is None:
+            # the new cache is planned from free GPU memory, so the old engine must go first
+            self.engine = None  # type: ignore[assignment]
+            gc.collect()
+            torch.cuda.empty_cache()
+            try:
+                self.engine = _create_engine(settings)
+            except Exception:
+                self.engine = _create_engine(self.settings)
+                raise
+        else:
+            self.engine = _create_engine(settings)
+        self.settings = settings
+        self.generation += 1
+
+    def apply(self, settings: EngineSettings, request: gr.Request) -> Iterator[str]:
+        """Re-create the engine, showing a message while it loads; errors leave the old engine in place."""
+        what = f"{settings.model}, pattern {settings.pattern}, {settings.sparsity:.0%} streaming heads, KV{settings.kv_bits}"
+        # no cancel hook: the job must not keep the old engine alive while it is replaced
+        job = self.job = Job(
+            request.session_hash, lambda job: self._replace_engine(settings), self.engine.lock
+        )
+        started = time.perf_counter()
+        for _ in job.stream(interval=0.5):
+            if not job.done.is_set():
+                yield f"Loading {what}… {time.perf_counter() - started:.0f} s"
+        if job.error is not None:
+            yield f"**Error:** {job.error}. The previous engine is kept."
+            return
+        yield f"Loaded {what} in {time.perf_counter() - started:.0f} s. Any loaded document was dropped: load it again."
+
+    def settings_from_ui(
+        self, model: str, pattern: str, sparsity: float, kv_bits: str, w8a8: bool
+    ) -> EngineSettings:
+        pattern = (pattern or "auto").strip()
+        return dataclasses.replace(
+            self.settings,
+            model=(model or "default").strip(),
+            pattern=None if pattern.lower() == "none" else pattern,
+            sparsity=float(sparsity),
+            kv_bits=int(kv_bits),
+            w8a8=bool(w8a8),
+        )
+
+    def ratio_settings(self, pending: Pending | None) -> EngineSettings:
+        """Settings with the smallest streaming ratio at which the read document fits in the same cache bytes."""
+        if pending is None:
+            raise gr.Error("Read a document first.")
+        engine = self.engine
+        ratio = engine.smallest_sparsity_for(len(self._ids(pending)))
+        if ratio is None:
+            raise gr.Error("No streaming-head ratio makes this document fit.")
+        max_tokens = self.settings.max_tokens
+        # a fixed token count would not grow with the ratio: keep the cache's bytes instead
+        if engine.device.type == "cpu" or max_tokens is not None:
+            max_tokens = engine.document_tokens_at(ratio) + ANSWER_RESERVE
+        return dataclasses.replace(self.settings, sparsity=ratio, max_tokens=max_tokens)
+
+
+def build_app(server: Server) -> gr.Blocks:
+    """The UI, wired to ``server``; every model-running event is in the one GPU concurrency group."""
+    engine = server.engine
+    with gr.Blocks(title="duo-qserve: ask a whole book") as demo:
+        pending = gr.State(None)
+        mine = gr.State(None)  # sha256 of the document this session loaded
+        turns = gr.State([])
+        gr.Markdown("# duo-qserve: ask questions about a whole book")
+        headline = gr.Markdown(render.capacity_headline(engine), elem_id="capacity")
+        banner = gr.Markdown("No document loaded yet.", elem_id="banner")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Accordion("1 · Document", open=True):
+                    files = gr.File(
+                        label="Upload a book (several files become one document)",
+                        file_count="multiple",
+                        file_types=list(SUPPORTED_SUFFIXES),
+                        height=120,
+                    )
+                    pasted = gr.Textbox(label="…or paste text", lines=3, max_lines=8)
+                    read_button = gr.Button("Read", variant="secondary")
+                    summary = gr.Markdown(elem_id="summary")
+                    ratio_button = gr.Button("Reload", visible=False, variant="secondary")
+                    with gr.Row():
+                        load_button = gr.Button("Load into model", variant="primary", interactive=False)
+                        cancel_button = gr.Button("Cancel", variant="stop")
+                    progress = gr.HTML(elem_id="progress")
+                    doc_status = gr.Markdown(elem_id="doc-status")
+                    with gr.Accordion("Chapters", open=False):
+                        chapters = gr.Dataframe(
+                            headers=["Chapter", "Token offset"], datatype=["str", "number"], interactive=False
+                        )
+                with gr.Accordion("2 · Ask", open=True):
+                    chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chat")
+                    question = gr.Textbox(label="Question", placeholder="What is the book about?", lines=1)
+                    with gr.Row():
+                        ask_button = gr.Button("Ask", variant="primary")
+                        stop_button = gr.Button("Stop", variant="stop")
+                        clear_button = gr.Button("Clear chat")
+                    answer_stats = gr.Markdown(elem_id="answer-stats")
+                    with gr.Accordion("Sampling", open=False):
+                        temperature = gr.Slider(
+                            0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                        )
+                        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                        max_new = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
+                    with gr.Accordion(
+                        "Export the conversation (with model, settings and document hash)", open=False
+                    ):
+                        with gr.Row():
+                            export_format = gr.Radio(["Markdown", "JSON"], value="Markdown", label="Format")
+                            export_button = gr.Button("Export")
+                        export_file = gr.File(label="Download", interactive=False, height=70)
+            with gr.Column(scale=2):
+                gr.Markdown("### Memory (live)")
+                memory = gr.HTML(render.memory_html(engine), elem_id="memory")
+                gr.Markdown("### Head map")
+                head_map = gr.HTML(render.head_map_html(engine), elem_id="head-map")
+                with gr.Accordion("Library (saved books)", open=False):
+                    book = gr.Dropdown(label="Saved books", choices=[], allow_custom_value=False)
+                    with gr.Row():
+                        load_book_button = gr.Button("Load book")
+                        remove_book_button = gr.Button("Remove")
+                        refresh_books_button = gr.Button("Refresh")
+                    save_book_button = gr.Button("Save the loaded document")
+                    library_status = gr.Markdown()
+                with gr.Accordion("Settings", open=False):
+                    model = gr.Textbox(
+                        value=engine.settings.model, label="Model ('default', a checkpoint dir or .gguf)"
+                    )
+                    pattern = gr.Textbox(
+                        value=str(engine.settings.pattern),
+                        label="Attention pattern (a path, 'auto' or 'none')",
+                    )
+                    sparsity = gr.Slider(
+                        0.0, 1.0, value=engine.settings.sparsity, step=0.05, label="Streaming-head ratio"
+                    )
+                    kv_bits = gr.Radio(
+                        ["4", "8", "16"], value=str(engine.cache_config.kv_bits), label="KV bits"
+                    )
+                    w8a8 = gr.Checkbox(value=engine.w8a8, label="W8A8 weights and activations")
+                    apply_button = gr.Button("Apply (reloads the model)")
+                    settings_status = gr.Markdown()
+
+        gpu = dict(concurrency_limit=1, concurrency_id=GPU)
+        read_button.click(
+            server.read,
+            [files, pasted],
+            [summary, chapters, pending, ratio_button, load_button],
+            api_name="read",
+        )
+        prefill_event = load_button.click(
+            server.prefill, pending, [progress, doc_status, mine], api_name="prefill", **gpu
+        )
+        cancel_button.click(
+            server.cancel, None, None, cancels=[prefill_event], api_name="cancel", concurrency_limit=None
+        )
+
+        ask_inputs = [question, chatbot, turns, mine, temperature, top_p, max_new]
+        ask_outputs = [chatbot, question, answer_stats]
+        ask_event = ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **gpu)
+        submit_event = question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **gpu)
+        stop_button.click(
+            server.cancel,
+            None,
+            None,
+            cancels=[ask_event, submit_event],
+            api_name="stop",
+            concurrency_limit=None,
+        )
+        clear_button.click(lambda: ([], [], ""), None, [chatbot, turns, answer_stats], api_name="clear")
+        export_button.click(server.export, [export_format, turns], export_file, api_name="export")
+
+        refresh_books_button.click(server.books, None, book, api_name="books")
+        demo.load(server.books, None, book, api_visibility="undocumented")
+        save_book_button.click(server.save_book, None, [library_status, book], api_name="save_book", **gpu)
+        load_book_button.click(server.load_book, book, [library_status, mine], api_name="load_book", **gpu)
+        remove_book_button.click(server.remove_book, book, [library_status, book], api_name="remove_book")
+
+        def apply_settings(
+            model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, request: gr.Request
+        ) -> Iterator[tuple[Any, ...]]:
+            for message in server.apply(
+                server.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request
+            ):
+                yield message, render.capacity_headline(server.engine)
+
+        apply_button.click(
+            apply_settings,
+            [model, pattern, sparsity, kv_bits, w8a8],
+            [settings_status, headline],
+            api_name="apply",
+            **gpu,
+        )
+
+        def apply_ratio(p: Pending | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+            settings = server.ratio_settings(p)
+            for message in server.apply(settings, request):
+                yield (
+                    message,
+                    render.capacity_headline(server.engine),
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                )
+            yield (
+                gr.skip(),
+                render.capacity_headline(server.engine),
+                *server._summary(p),
+                server.settings.sparsity,
+            )
+
+        ratio_button.click(
+            apply_ratio,
+            pending,
+            [doc_status, headline, summary, ratio_button, load_button, sparsity],
+            api_name="apply_ratio",
+            **gpu,
+        )
+
+        timer = gr.Timer(1.0)
+        timer.tick(
+            server.tick, None, [memory, banner, head_map], show_progress="hidden", concurrency_limit=None,
+            api_visibility="undocumented",
+        )  # fmt: skip
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app.main", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login; answers then name the user")
+    p.add_argument(
+        "--model", default="default", help="'default', a Hugging Face checkpoint dir or a .gguf file"
+    )
+    p.add_argument(
+        "--pattern", default="auto", help="attention pattern dir, 'auto' or 'none' (all retrieval heads)"
+    )
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream (0..1)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=4)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="cache capacity in tokens (default: what fits on the GPU; 32768 on CPU)",
+    )
+    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    a = p.parse_args(argv)
+    if a.auth and ":" not in a.auth:
+        p.error("--auth wants USER:PASS, e.g. --auth alice:s3cret")
+    if not 0.0 <= a.sparsity <= 1.0:
+        p.error(f"--sparsity must be between 0 and 1, got {a.sparsity}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    settings = EngineSettings(
+        model=a.model,
+        device="cpu" if a.cpu else None,
+        pattern=None if a.pattern.lower() == "none" else a.pattern,
+        sparsity=a.sparsity,
+        kv_bits=a.kv_bits,
+        max_tokens=a.max_tokens,
+        w8a8=a.w8a8,
+    )
+    print(f"loading {a.model}…", flush=True)
+    try:
+        server = Server(settings)
+    except (ModelLoadError, PatternError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    demo = build_app(server)
+    auth = tuple(a.auth.split(":", 1)) if a.auth else None
+    demo.queue().launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``python -m duo_qserve quantize SRC DST``: quantize a checkpoint to W8A8 once, so later loads skip the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from duo_qserve.loading import load_model
+from duo_qserve.quant.w8a8 import DEFAULT_ALPHA, quantize_model_w8a8, save_quantized
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def calibration_ids(tokenizer, path: Path, n_tokens: int) -> torch.Tensor:
+    """Token ids of calibration text: a file, or every .txt file of a directory, up to ``n_tokens``."""
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    if not ids:
+        raise ValueError(f"{path}: no calibration text found")
+    return torch.tensor(ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="duo_qserve quantize", description=__doc__)
+    p.add_argument("src", help="'default', a checkpoint directory or a .gguf file")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--calibration", type=Path, default=None, help="text file or directory for SmoothQuant")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    loaded = load_model(a.src, a.device)
+    model = loaded.model
+    if getattr(model, "w8a8", None) is not None:
+        raise ValueError(f"{a.src} is already quantized")
+    calib = None
+    if a.calibration is not None:
+        calib = calibration_ids(loaded.tokenizer, a.calibration, a.calibration_tokens).to(a.device)
+    quantize_model_w8a8(model, calib, a.alpha)
+    dst = Path(a.dst)
+    config = model.args.to_hf_config()
+    save_quantized(model, config, dst)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    src = Path(loaded.source)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    print(
+        f"wrote {dst} (W8A8, {'SmoothQuant alpha=' + str(a.alpha) if calib is not None else 'no smoothing'})"
+    )
+    return 0

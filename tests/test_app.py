@@ -1,0 +1,164 @@
+"""The Gradio app end to end through its API: upload, pre-fill, ask, stop, bad files, export.
+
+One app (the default model on the CPU, a small cache) serves the whole module; the document is ~360 tokens so
+pre-fill takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+from conftest import haystack_text
+from gradio_client import Client, handle_file
+
+from app.main import Server, build_app
+from duo_qserve.engine import EngineSettings
+from duo_qserve.patterns import save_pattern
+
+pytestmark = pytest.mark.slow
+
+SECRET = "48213"
+QUESTION = "According to the document, what is the secret number?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def needle_text() -> str:
+    text = haystack_text(1400)
+    return text[:700] + f" The secret number is {SECRET}. " + text[700:]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DUO_QSERVE_LIBRARY", str(tmp_path_factory.mktemp("library")))
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    demo = build_app(server)
+    port = free_port()
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def loaded(app_url, tmp_path_factory):
+    """A client session that has read and pre-filled the needle document."""
+    book = tmp_path_factory.mktemp("books") / "needle.txt"
+    book.write_text(needle_text())
+    client = Client(app_url, verbose=False)
+    summary, _chapters = client.predict([handle_file(str(book))], "", api_name="/read")
+    assert "Fits" in summary and "needle.txt" in summary
+    job = client.submit(api_name="/prefill")
+    progress, status = job.result(timeout=120)
+    assert "Loaded **needle**" in status, status
+    assert any("tokens/s" in out[0] for out in job.outputs()[:-1]), "no progress was streamed"
+    return client
+
+
+def answer_text(history: list[dict]) -> str:
+    content = history[-1]["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def ask(client: Client, question: str = QUESTION, max_new_tokens: int = 32):
+    job = client.submit(question, [], 0.0, 1.0, max_new_tokens, api_name="/ask")
+    history, _question, stats = job.result(timeout=120)
+    return job, answer_text(history), stats
+
+
+def test_answer_streams_and_finds_the_planted_number(loaded):
+    job, answer, stats = ask(loaded)
+    assert SECRET in answer
+    partial = [answer_text(out[0]) for out in job.outputs()[:-1]]
+    assert len(set(partial)) > 2, "the answer arrived in one piece instead of streaming"
+    assert "s to first token" in stats and "ms/token" in stats
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [("binary.txt", bytes(range(256)) * 8, "binary"), ("empty.txt", b"", "no text")],
+)
+def test_bad_file_is_refused_and_the_loaded_document_still_answers(loaded, tmp_path, name, data, expected):
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    summary, _chapters = loaded.predict([handle_file(str(bad))], "", api_name="/read")
+    assert summary.startswith("**Not read:**") and expected in summary and "still holds **needle**" in summary
+    _job, answer, _stats = ask(loaded)
+    assert SECRET in answer
+
+
+def test_stop_ends_a_running_answer(loaded):
+    job = loaded.submit("Retell the whole document in detail.", [], 0.0, 1.0, 400, api_name="/ask")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 3 and time.monotonic() < deadline:  # a few tokens have streamed
+        time.sleep(0.1)
+    stopped_at = time.monotonic()
+    loaded.predict(api_name="/stop")
+    while not job.done() and time.monotonic() < stopped_at + 10:
+        time.sleep(0.1)
+    assert job.done(), "the answer kept going after Stop"
+    # the engine is free again: the next question runs at once
+    _job, answer, _stats = ask(loaded)
+    assert SECRET in answer
+    turns = json.loads(open(loaded.predict("JSON", api_name="/export")).read())["turns"]
+    assert turns[-2]["stopped"] is True and turns[-2]["answer_tokens"] < 400
+
+
+def test_export_json_carries_provenance(loaded):
+    path = loaded.predict("JSON", api_name="/export")
+    data = json.loads(open(path).read())
+    turn = data["turns"][0]
+    assert turn["question"] == QUESTION and SECRET in turn["answer"]
+    meta = turn["provenance"]
+    assert meta["model"] == "SmolLM2-135M-Instruct" and meta["kv_bits"] == 4 and "w8a8" in meta
+    assert meta["document"]["title"] == "needle" and len(meta["document"]["token_sha256"]) == 64
+    markdown = open(loaded.predict("Markdown", api_name="/export")).read()
+    assert "# Questions about needle" in markdown and "token sha256" in markdown
+
+
+def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
+    status, _books = loaded.predict(api_name="/save_book")
+    book_id = re.search(r"as `([^`]+)`", status).group(1)
+    book = tmp_path / "needle.txt"
+    book.write_text(needle_text())
+    summary, _chapters = loaded.predict([handle_file(str(book))], "", api_name="/read")
+    assert "A saved copy is in the **Library**" in summary
+    status = loaded.predict(book_id, api_name="/load_book")
+    assert status.startswith("Loaded **needle** from the library"), status
+    _job, answer, _stats = ask(loaded)
+    assert SECRET in answer
+
+
+def test_bad_settings_keep_the_running_engine(loaded, tmp_path):
+    status, _headline = loaded.predict(
+        "default", str(tmp_path / "missing"), 0.5, "4", False, api_name="/apply"
+    )
+    assert status.startswith("**Error:**") and "no attention pattern" in status
+    _job, answer, _stats = ask(loaded)
+    assert SECRET in answer
+
+
+def test_too_large_document_offers_the_ratio_that_fits(app_url, tmp_path):
+    """Last: it reloads the model, which drops the loaded document."""
+    client = Client(app_url, verbose=False)
+    pattern = save_pattern(
+        tmp_path / "pattern", np.random.default_rng(0).random((30, 3)), {"sink_size": 32, "recent_size": 64}
+    )
+    status, headline = client.predict("default", str(pattern), 0.0, "4", False, api_name="/apply")
+    assert status.startswith("Loaded") and "0% streaming heads" in headline
+    summary, _chapters = client.predict([], haystack_text(6000), api_name="/read")
+    match = re.search(r"would fit at \*\*(\d+)% streaming heads", summary)
+    assert "Too large" in summary and match, summary
+    _status, headline, summary, ratio = client.predict(api_name="/apply_ratio")
+    assert "Fits" in summary and ratio == pytest.approx(int(match.group(1)) / 100)
+    assert f"{match.group(1)}% streaming heads" in headline
