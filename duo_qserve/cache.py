@@ -194,25 +194,30 @@ class DuoKVCache:
 
     def _streaming(self, layer: int, q, k, v) -> torch.Tensor:
         s, c = self.layers[layer], self.config
-        pos, t = self.seq_len, k.shape[1]
+        pos = self.seq_len
         n_sink = min(pos, c.sink_tokens)
         n_ring = min(max(pos - c.sink_tokens, 0), c.recent_tokens)
         k_all = torch.cat([s["sink_k"][:, :n_sink], s["ring_k"][:, :n_ring], k], dim=1)
         v_all = torch.cat([s["sink_v"][:, :n_sink], s["ring_v"][:, :n_ring], v], dim=1)
         out, _ = dense_attention(q, k_all, v_all, n_ctx=n_sink + n_ring, sm_scale=self.sm_scale)
-        # Store: positions below sink_tokens become sinks; of the rest only the last recent_tokens can survive.
-        positions = torch.arange(pos, pos + t)
-        is_sink = positions < c.sink_tokens
-        if is_sink.any():
-            idx = positions[is_sink]
-            s["sink_k"][:, idx] = k[:, is_sink.to(k.device)]
-            s["sink_v"][:, idx] = v[:, is_sink.to(v.device)]
-        keep = (~is_sink) & (positions >= pos + t - c.recent_tokens)
-        if keep.any():
-            slots = ((positions[keep] - c.sink_tokens) % c.recent_tokens).to(self.device)
-            s["ring_k"][:, slots] = k[:, keep.to(k.device)]
-            s["ring_v"][:, slots] = v[:, keep.to(v.device)]
+        self._store_streaming(s, k, v, pos)
         return out
+
+    def _store_streaming(self, s: dict, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        """Positions below sink_tokens become sinks; of the rest only the last recent_tokens survive, in ring slot
+        (p - sink) % recent. Both are contiguous position ranges, so plain slices do it (no device sync)."""
+        c, t = self.config, k.shape[1]
+        sink_end = min(pos + t, c.sink_tokens)
+        if pos < sink_end:
+            s["sink_k"][:, pos:sink_end] = k[:, : sink_end - pos]
+            s["sink_v"][:, pos:sink_end] = v[:, : sink_end - pos]
+        first = max(pos, c.sink_tokens, pos + t - c.recent_tokens)  # first position that stays in the ring
+        while first < pos + t:
+            slot = (first - c.sink_tokens) % c.recent_tokens
+            n = min(pos + t - first, c.recent_tokens - slot)  # up to the ring's end, then wrap
+            s["ring_k"][:, slot : slot + n] = k[:, first - pos : first - pos + n]
+            s["ring_v"][:, slot : slot + n] = v[:, first - pos : first - pos + n]
+            first += n
 
     # ---- checkpoint / restore --------------------------------------------------------------------------------
     _SMALL = ("k_tail", "v_tail", "sink_k", "sink_v", "ring_k", "ring_v")

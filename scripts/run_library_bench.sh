@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Book library benchmark on a CUDA machine: save and load a >= 1M-token Llama-3-8B cache next to the disk's speed.
+#   scripts/run_library_bench.sh [--out DIR] [other duo_qserve.bench.library flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -m duo_qserve.bench.library "$@"
