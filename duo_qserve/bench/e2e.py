@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -262,6 +263,9 @@ def run(args) -> dict:
 
 
 def _commit() -> str:
+    """The checkout's commit; the device copy has no .git, so the caller may pass DUO_QSERVE_COMMIT."""
+    if os.environ.get("DUO_QSERVE_COMMIT"):
+        return os.environ["DUO_QSERVE_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
