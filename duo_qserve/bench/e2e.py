@@ -258,8 +258,56 @@ def run(args) -> dict:
         "weights_read_bytes": {"fp16": w_fp16, "w8a8": w_q},
         "rows": rows,
         "capacity": capacity,
-        "prefill": {"rows": prefill_rows, "tokens": done, "seconds": total_s, "tok_per_s": done / total_s},
+        "prefill": {
+            "rows": prefill_rows,
+            "tokens": done,
+            "seconds": total_s,
+            "tok_per_s": done / total_s,
+            "estimate_1M_tokens_s": prefill_estimate_s(prefill_rows, 1 << 20),
+        },
     }
+
+
+def prefill_estimate_s(prefill_rows: list[dict], tokens: int) -> float:
+    """Seconds to pre-fill ``tokens`` from the measured per-chunk cost curve: chunk time grows linearly with the
+    prefix (attention over it), so fit ms = a + b * prefix (skipping the first, warm-up chunk) and sum the chunks."""
+    rows = prefill_rows[1:]
+    xs = torch.tensor([r["prefix"] for r in rows], dtype=torch.float64)
+    ys = torch.tensor([r["ms"] for r in rows], dtype=torch.float64)
+    b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+    a = float(ys.mean()) - b * float(xs.mean())
+    chunk = rows[0]["chunk"]
+    return sum(a + b * p for p in range(0, tokens, chunk)) / 1000
+
+
+def plot(result: dict, path: Path) -> None:
+    """Decode ms/token vs context for each method (with the floor), and pre-fill tokens/s vs prefix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in ("fp16-full", "reexpand-kv4", "duo-w8a8kv4", "duo-w8a8kv4-graph"):
+        pts = sorted(
+            (r["context"], r["ms_per_token"])
+            for r in result["rows"]
+            if r["method"] == method and r["ms_per_token"]
+        )
+        if pts:
+            ax1.plot(*zip(*pts, strict=True), marker="o", label=method)
+    floor = sorted({(r["context"], r["floor_ms"]) for r in result["rows"] if r["method"] == "duo-w8a8kv4"})
+    ax1.plot(*zip(*floor, strict=True), "k--", label="floor (W8A8KV4 bytes / copy bandwidth)")
+    ax1.set(xscale="log", xlabel="context tokens", ylabel="ms per token", title=f"decode, {result['device']}")
+    ax1.legend(fontsize=8)
+    pre = result["prefill"]["rows"][1:]
+    ax2.plot([r["prefix"] for r in pre], [r["tok_per_s"] for r in pre], marker=".")
+    ax2.set(
+        xlabel="prefix tokens", ylabel="pre-fill tokens/s", title=f"pre-fill, {pre[0]['chunk']}-token chunks"
+    )
+    fig.suptitle("Llama-3-8B shape, synthetic weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _commit() -> str:
@@ -284,7 +332,11 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--prefill-tokens", type=int, default=262144)
     p.add_argument("--prefill-seconds", type=float, default=120.0)
+    p.add_argument("--plot", type=Path, default=None, help="only re-draw the PNG of an existing decode JSON")
     a = p.parse_args(argv)
+    if a.plot:
+        plot(json.loads(a.plot.read_text()), a.plot.with_suffix(".png"))
+        return 0
     result = run(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,6 +348,10 @@ def main(argv=None) -> int:
         path = out / f"{kind}-{slug}-{result['date']}.json"
         path.write_text(json.dumps(payload, indent=2))
         print("wrote", path)
+    try:
+        plot(result, out / f"decode-{slug}-{result['date']}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (re-draw later with --plot)")
     print(f"{'method':<14}{'context':>10}{'ms/token':>10}{'floor ms':>10}")
     for r in result["rows"]:
         ms = "-" if r["ms_per_token"] is None else f"{r['ms_per_token']:.2f}"
