@@ -23,7 +23,6 @@ import datetime
 import itertools
 import json
 import re
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from duo_qserve.bench.common import bench, commit, copy_bandwidth_gbps
 
 from ..kernels import kv_attention as ka
 from ..kernels.kv_quantize import quantize_kv
@@ -45,17 +46,6 @@ ROTATE_BYTES = 512 << 20  # > 10x the H100's 50 MB L2
 # (block_n, warps, stages)
 DECODE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3)]
 SPLIT_WAVES = (2.0, 4.0, 8.0)
-
-
-def bench(fn) -> float:
-    """Median milliseconds."""
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench(lambda: dst.copy_(src)) / 1e6
 
 
 def random_cache(n: int, bits: int = 4, hkv: int = HKV, d: int = D, group: int = GROUP) -> tuple:
@@ -253,14 +243,6 @@ def prefill_rows(t: int = PREFILL_T, n: int = PREFILL_N) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-
-
 def _table(result: dict) -> str:
     lines = [f"{result['device']}  copy {result['copy_bandwidth_GBps']:.0f} GB/s"]
     for r in result["rows"]:
@@ -315,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     section("prefill", prefill_rows)
     command = " ".join(["python -m duo_qserve.bench.attention", *(sys.argv[1:] if argv is None else argv)])
     result = {
-        "device": device, "date": date, "commit": _commit(), "command": command,
+        "device": device, "date": date, "commit": commit(), "command": command,
         "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1),
         "decode_config": cfg, "rows": rows,
     }  # fmt: skip

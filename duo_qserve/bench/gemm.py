@@ -16,12 +16,13 @@ import datetime
 import itertools
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import triton
+
+from duo_qserve.bench.common import bench, commit, copy_bandwidth_gbps
 
 from ..kernels import int8_gemm
 from ..kernels.int8_gemm import w8a8_matmul
@@ -32,17 +33,6 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 PREFILL_M = (4096, 8192, 16384, 32768)
 DECODE_M = (1, 16)
 ROTATE_BYTES = 512 << 20  # > 10x the H100's 50 MB L2
-
-
-def bench(fn) -> float:
-    """Median milliseconds."""
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench(lambda: dst.copy_(src)) / 1e6
 
 
 def _act_quant(name: str, m: int, k: int):
@@ -206,14 +196,6 @@ def plot(result: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and PNG")
@@ -229,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = decode_rows(tuple(args.decode_m)) + decode_config_rows() + prefill_rows(tuple(args.prefill_m))
     command = " ".join(["python -m duo_qserve.bench.gemm", *(sys.argv[1:] if argv is None else argv)])
     result = {
-        "device": device, "date": date, "commit": _commit(), "command": command,
+        "device": device, "date": date, "commit": commit(), "command": command,
         "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1),
         "tuned_configs": tuned_configs(), "rows": rows,
     }  # fmt: skip

@@ -25,7 +25,6 @@ import mmap
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,21 +32,17 @@ from pathlib import Path
 import torch
 
 from duo_qserve import library
+from duo_qserve.bench.common import commit
 from duo_qserve.engine import ANSWER_RESERVE, DocumentInfo, Engine
+from duo_qserve.loading import REPO_ROOT
 
-PATTERN = "/work/shared/data/upstream_attn_patterns/Llama-3-8B-Instruct-Gradient-4194k"
+PATTERN = str(
+    REPO_ROOT.parent / "shared" / "data" / "upstream_attn_patterns" / "Llama-3-8B-Instruct-Gradient-4194k"
+)
 PREFILL_S_PER_M_TOKENS_H100 = (
     300.0  # kernel-notes.md: "Prefill at 1 M ... H100 ≈ 5 min" (estimate, attention)
 )
 IO_BLOCK = 64 << 20
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _mount_of(path: Path) -> dict:
@@ -221,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.workdir or library.library_dir()) / f".bench-{os.getpid()}"
     work.mkdir(parents=True)
     command = "python -m duo_qserve.bench.library " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"device": device, "date": date, "commit": a.commit or _commit(), "command": command,
+    result = {"device": device, "date": date, "commit": a.commit or commit(), "command": command,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "filesystem": _mount_of(work),
               "data": "synthetic quantized data: random KV4 codes and scales in the real Llama-3-8B DuoKVCache layout",
               "block_bytes": library.BLOCK_BYTES, "host_buffer_bytes": library.SLOTS * library.BLOCK_BYTES}  # fmt: skip
