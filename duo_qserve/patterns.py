@@ -79,8 +79,9 @@ def load_pattern(path: str | Path) -> AttentionPattern:
     config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     return AttentionPattern(
         gates=np.clip(gates, 0.0, 1.0),  # training leaves tiny negatives after the last step
-        sink_size=int(config.get("sink_size", 64)),
-        recent_size=int(config.get("recent_size", 256)),
+        # deploy_* (when set) are the windows to serve with; sink_size/recent_size are the ones trained with
+        sink_size=int(config.get("deploy_sink_size") or config.get("sink_size", 64)),
+        recent_size=int(config.get("deploy_recent_size") or config.get("recent_size", 256)),
         config=config,
         source=str(d),
     )

@@ -23,7 +23,7 @@ def planted_document(seed: int, n_chars: int = 6000) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine.from_pretrained("default", max_tokens=4096, kv_bits=16)
+    return Engine.from_pretrained("default", max_tokens=4096, kv_bits=16, pattern=None)  # full attention
 
 
 def test_default_model_finds_a_planted_fact(engine):
@@ -81,7 +81,7 @@ def test_stop_strings_cut_the_answer(engine):
 def test_checkpoint_restore_matches_fresh_ingests(tmp_path):
     """DuoAttention at 50% with KV4: two questions after one ingest answer exactly as after two fresh ingests
     (the streaming rings and fp tails are restored, not just the length)."""
-    probe = Engine.from_pretrained("default", max_tokens=4096, pattern=None)
+    probe = Engine.from_pretrained("default", max_tokens=512, pattern=None)
     save_pattern(
         tmp_path / "p", random_pattern(probe.args, seed=0).gates, {"sink_size": 16, "recent_size": 64}
     )

@@ -1,0 +1,369 @@
+"""Retrieval-head identification: learn one gate per KV head that says how much the head needs the full context.
+
+Every KV head of every layer gets a scalar gate α (init 1.0, clamped to [0, 1]). In the gated model each head's
+attention output is ``α·full + (1-α)·streaming``, where *full* is causal attention over every earlier token and
+*streaming* sees only the first ``sink`` tokens and the last ``recent`` ones (token-exact: key j is visible to query
+i iff ``j <= i and (j < sink or j > i - recent)``). The model weights are frozen; the loss is the MSE between the gated
+model's final hidden states and those of the plain full-attention model on the answer tokens of a multi-passkey
+retrieval sample, plus ``reg_weight · mean|α|`` pushing heads towards streaming. Heads whose gates stay high are the
+retrieval heads (see ``docs`` section A of the DuoAttention reference).
+
+The gated forward needs no model change: ``GatedAttention`` is a "cache" whose ``attend`` computes both attentions
+from the q/k/v it is handed and mixes them.
+
+Run: ``python -m duo_qserve.train_patterns --model default --out attn_patterns/SmolLM2-135M-Instruct --steps 120``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from duo_qserve.loading import REPO_ROOT, load_model
+from duo_qserve.model import Transformer
+from duo_qserve.patterns import save_pattern
+
+HAYSTACK_DIR = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
+NATO = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+@dataclass
+class TrainSettings:
+    """Every setting of a run; written verbatim into the pattern's ``config.json``."""
+
+    model_name: str = "default"
+    steps: int = 120
+    lr: float = 0.02
+    reg_weight: float = 0.05
+    initial_value: float = 1.0
+    sink_size: int = 32
+    recent_size: int = 128
+    context_length_min: int = 512
+    context_length_max: int = 1536
+    context_lengths_num_intervals: int = 8
+    num_passkeys: int = 3
+    passkey_length: int = 6
+    min_needle_depth_ratio: float = 0.05
+    max_needle_depth_ratio: float = 0.95
+    depth_ratio_num_intervals: int = 1000
+    dataset_name: str = "paul_graham_essays (multi-passkey retrieval)"
+    supervision: str = "distill"
+    streaming_attn_implementation: str = "sdpa (token-exact mask)"
+    full_attention_term: str = "recomputed on the gated model's q/k/v"
+    checkpoint_every: int = 10
+    seed: int = 42
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+# ---- the gated attention ---------------------------------------------------------------------------------------
+def streaming_mask(t: int, sink: int, recent: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [T, T]: key j visible to query i iff causal and (j < sink or j > i - recent)."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    return (j <= i) & ((j < sink) | (j > i - recent))
+
+
+class FullAttention:
+    """The teacher's "cache": plain causal attention over the whole sequence, nothing stored."""
+
+    def __init__(self, q_per_kv: int):
+        self.q_per_kv, self.seq_len = q_per_kv, 0
+
+    def _heads(self, q, k, v):
+        g = self.q_per_kv
+        return (
+            q.transpose(0, 1),
+            k.transpose(0, 1).repeat_interleave(g, 0),
+            v.transpose(0, 1).repeat_interleave(g, 0),
+        )
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qh, kh, vh = self._heads(q, k, v)
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(0, 1)
+
+    def advance(self, n_tokens: int) -> None:
+        self.seq_len += n_tokens
+
+
+class GatedAttention(FullAttention):
+    """Each head's output is ``α·full + (1-α)·streaming``, both computed from the same q/k/v of the gated model.
+
+    This differs from the reference, which mixes the student's streaming output with the *teacher branch's* full
+    attention output at that layer (computed from the teacher's own hidden states and detached). Here the full term
+    is recomputed on the gated model's q/k/v, the conceptual form of the paper's figure, because (a) it is what a
+    deployed retrieval head does: its q/k/v are perturbed by the streaming heads of earlier layers, and the loss
+    sees that; (b) it needs no second, layer-by-layer synchronized teacher pass, only the teacher's final hidden
+    states, computed once per sample without grad: on a CPU that halves the memory of the forward. The cost is a
+    second attention per layer, small next to the MLPs at these lengths.
+    """
+
+    def __init__(self, gates: torch.Tensor, q_per_kv: int, mask: torch.Tensor):
+        super().__init__(q_per_kv)
+        self.gates, self.mask = gates, mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qh, kh, vh = self._heads(q, k, v)
+        full = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        stream = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self.mask)
+        alpha = self.gates[layer].clamp(0, 1).repeat_interleave(self.q_per_kv)[:, None, None].to(q.dtype)
+        return (stream + alpha * (full - stream)).transpose(0, 1)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """MSE over the hidden dimension, averaged over the supervised tokens (computed in float32)."""
+    diff = (student[supervised].float() - teacher[supervised].float()).pow(2).mean(-1)
+    return diff.mean()
+
+
+def lr_multiplier(step: int, total: int) -> float:
+    """The reference schedule: linear warm-up over the first 20% of steps, plateau, linear decay over the last 20%
+    (both floored at 0.1)."""
+    fifth = max(total / 5, 1)
+    return min(1.0, max((step + 1) / fifth, 0.1), max((total - step) / fifth, 0.1))
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    ids: torch.Tensor  # [T] token ids
+    supervised: torch.Tensor  # [T] bool: the question/answer tokens the loss looks at
+
+
+SampleFn = Callable[[random.Random], Sample]
+
+
+class PasskeyRetrieval:
+    """Multi-passkey retrieval samples on real text: NATO-word passkeys at sorted random depths of a haystack slice,
+    then one question and answer per passkey (supervised)."""
+
+    def __init__(self, tokenizer, settings: TrainSettings, haystack_dir: Path = HAYSTACK_DIR):
+        files = sorted(Path(haystack_dir).glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"no haystack essays (*.txt) in {haystack_dir}")
+        text = "\n\n".join(f.read_text(errors="replace") for f in files)
+        self.tok, self.s = tokenizer, settings
+        self.haystack = self._encode(text)
+        self.lengths = np.linspace(
+            settings.context_length_min, settings.context_length_max, settings.context_lengths_num_intervals
+        ).astype(int)
+        self.depths = np.linspace(
+            settings.min_needle_depth_ratio,
+            settings.max_needle_depth_ratio,
+            settings.depth_ratio_num_intervals,
+        )
+        bos = tokenizer.bos_token or ""
+        self.prefix = self._encode(bos + "<|im_start|>user\nThis is a very long story book: <book> ")
+        self.book_end = self._encode(" </book>.\n\n")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, rng: random.Random) -> Sample:
+        s = self.s
+        n = int(rng.choice(list(self.lengths)))
+        start = rng.randrange(len(self.haystack) - n)
+        hay = self.haystack[start : start + n]
+        keys = [" ".join(rng.choice(NATO) for _ in range(s.passkey_length)) for _ in range(s.num_passkeys)]
+        depths = sorted(rng.sample(list(self.depths), s.num_passkeys))
+        context, prev = [], 0
+        for i, (key, depth) in enumerate(zip(keys, depths, strict=True)):
+            cut = int(n * depth)
+            needle = (
+                f"\n\nRemember this sequence of words, it's the {ORDINALS[i]} passkey to the vault: {key}\n\n"
+            )
+            context += hay[prev:cut] + self._encode(needle)
+            prev = cut
+        context += hay[prev:]
+        qa = []
+        for i, key in enumerate(keys):
+            question = f"Based on the content of the book, what is the {ORDINALS[i]} passkey to the vault?\nPasskey: "
+            qa += self._encode(question + key + "\n\n")
+        ids = self.prefix + context + self.book_end + qa
+        supervised = torch.zeros(len(ids), dtype=torch.bool)
+        supervised[len(ids) - len(qa) :] = True
+        return Sample(torch.tensor(ids), supervised)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def freeze(model: Transformer) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def train_gates(
+    model: Transformer,
+    make_sample: SampleFn,
+    settings: TrainSettings,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
+    """Train the gates and return them [layers, kv_heads] (clamped to [0, 1]).
+
+    ``stop_at`` ends the run after that step (a time-boxed run; continue later with ``resume``). With a
+    ``checkpoint_dir``, gates, optimizer, scheduler, step and RNG states are saved every ``checkpoint_every`` steps
+    and at the end, so a resumed run continues exactly where the saved one stopped.
+    """
+    freeze(model)
+    args = model.args
+    device = next(model.parameters()).device
+    gates = torch.full(
+        (args.n_layers, args.n_kv_heads), settings.initial_value, device=device, requires_grad=True
+    )
+    opt = torch.optim.AdamW([gates], lr=settings.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, settings.steps))
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+    step = 0
+    state_file = checkpoint_dir / "train_state.pt" if checkpoint_dir else None
+    if resume:
+        if state_file is None or not state_file.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {state_file}")
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        with torch.no_grad():
+            gates.copy_(state["gates"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.setstate(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        log(f"resumed from {state_file} at step {step}")
+
+    def save_state() -> None:
+        if state_file is None:
+            return
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "gates": gates.detach().cpu(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "data_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "settings": asdict(settings),
+        }
+        torch.save(state, state_file.with_suffix(".tmp"))
+        state_file.with_suffix(".tmp").replace(state_file)  # a kill mid-write keeps the previous checkpoint
+
+    last = min(settings.steps, stop_at if stop_at is not None else settings.steps)
+    while step < last:
+        t0 = time.perf_counter()
+        sample = make_sample(rng)
+        ids, supervised = sample.ids.to(device), sample.supervised.to(device)
+        with torch.no_grad():
+            teacher = model.hidden_states(ids, FullAttention(args.q_per_kv))
+        with torch.no_grad():
+            gates.clamp_(0, 1)
+        mask = streaming_mask(len(ids), settings.sink_size, settings.recent_size, device)
+        student = model.hidden_states(ids, GatedAttention(gates, args.q_per_kv, mask))
+        distill = distill_loss(student, teacher, supervised)
+        reg = gates.abs().mean()
+        loss = distill + settings.reg_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            gates.clamp_(0, 1)
+        step += 1
+        log(
+            f"step {step}/{settings.steps}  tokens {len(ids)}  loss {loss.item():.5f}  distill {distill.item():.5f}  "
+            f"reg {reg.item():.4f}  gate mean {gates.mean().item():.4f}  {time.perf_counter() - t0:.1f} s/step"
+        )
+        if step % settings.checkpoint_every == 0 or step == last:
+            save_state()
+    return gates.detach().cpu().numpy().astype(np.float64)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m duo_qserve.train_patterns", description=__doc__.split("\n\n")[0]
+    )
+    defaults = TrainSettings()
+    p.add_argument("--model", default="default", help="'default', a checkpoint dir or a .gguf file")
+    p.add_argument(
+        "--out", required=True, help="pattern directory to write (full_attention_heads.tsv + config.json)"
+    )
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--reg-weight", type=float, default=defaults.reg_weight)
+    p.add_argument("--sink", type=int, default=defaults.sink_size)
+    p.add_argument("--recent", type=int, default=defaults.recent_size)
+    p.add_argument("--deploy-sink", type=int, default=64, help="sink the engine serves with (config.json)")
+    p.add_argument("--deploy-recent", type=int, default=256, help="recent window the engine serves with")
+    p.add_argument("--context-min", type=int, default=defaults.context_length_min)
+    p.add_argument("--context-max", type=int, default=defaults.context_length_max)
+    p.add_argument("--passkeys", type=int, default=defaults.num_passkeys)
+    p.add_argument("--passkey-length", type=int, default=defaults.passkey_length)
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="default: test-output/train_patterns/<out dir name>"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.passkeys > len(ORDINALS):
+        p.error(f"--passkeys: at most {len(ORDINALS)}")
+
+    loaded = load_model(a.model, a.device, getattr(torch, a.dtype))
+    settings = TrainSettings(
+        model_name=loaded.name, steps=a.steps, lr=a.lr, reg_weight=a.reg_weight, sink_size=a.sink,
+        recent_size=a.recent, context_length_min=a.context_min, context_length_max=a.context_max,
+        num_passkeys=a.passkeys, passkey_length=a.passkey_length, checkpoint_every=a.checkpoint_every,
+        seed=a.seed, device=a.device, dtype=a.dtype,
+    )  # fmt: skip
+    out = Path(a.out)
+    ckpt = (
+        Path(a.checkpoint_dir)
+        if a.checkpoint_dir
+        else REPO_ROOT / "test-output" / "train_patterns" / out.name
+    )
+    print(json.dumps(asdict(settings)), flush=True)
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)
+    gates = train_gates(
+        loaded.model, PasskeyRetrieval(loaded.tokenizer, settings), settings, ckpt, a.resume, a.stop_at, log
+    )
+    finished = a.stop_at is None or a.stop_at >= settings.steps
+    if not finished:
+        print(f"stopped at step {a.stop_at}; continue with --resume (checkpoint in {ckpt})")
+        return 0
+    config = asdict(settings) | {
+        "wall_seconds_last_run": round(time.perf_counter() - t0, 1),
+        "deploy_sink_size": a.deploy_sink,
+        "deploy_recent_size": a.deploy_recent,
+    }
+    save_pattern(out, gates, config)
+    q = np.quantile(gates, [0.25, 0.5, 0.75])
+    print(
+        f"wrote {out}: gate mean {gates.mean():.3f}, quartiles {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}, "
+        f">=0.5: {(gates >= 0.5).sum()}/{gates.size}; {math.ceil(time.perf_counter() - t0)} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Gate training on a tiny model with one planted long-range (retrieval) head."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from duo_qserve.model import ModelArgs, Transformer
+from duo_qserve.train_patterns import (
+    FullAttention,
+    GatedAttention,
+    Sample,
+    TrainSettings,
+    lr_multiplier,
+    streaming_mask,
+    train_gates,
+)
+
+BOS, SPECIAL, FILLER = 0, range(1, 9), range(9, 40)
+SINK, RECENT, LENGTH, ANSWER = 4, 16, 96, 8
+SLOW = 7  # the RoPE pair with the lowest frequency: at rope_theta 1e6 it barely turns, so scores there are content-only
+
+
+def planted_model() -> Transformer:
+    """Layer 0 head 0 attends to the one "special" token wherever it is and copies its identity (a retrieval head);
+    every other head attends to BOS, which streaming heads keep as a sink (so streaming changes nothing for them).
+
+    Residual layout: 0 constant 1, 1 special flag, 2 BOS flag, 3..18 token identity, 19..34 / 35..50 the outputs
+    of layer 0's heads, 51..63 part of layer 1 head 0's output. MLPs are zero.
+    """
+    args = ModelArgs(vocab_size=40, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16,
+                     intermediate_size=8, rope_theta=1e6)  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in [model.norm] + [
+            n for b in model.layers for n in (b.input_layernorm, b.post_attention_layernorm)
+        ]:
+            norm.weight.fill_(1.0)
+        emb = model.embed_tokens.weight
+        emb[:, 0] = 1.0
+        emb[list(SPECIAL), 1] = 1.0
+        emb[BOS, 2] = 1.0
+        emb[:, 3:19] = torch.randn(args.vocab_size, 16)
+        outputs = {(0, 0): range(19, 35), (0, 1): range(35, 51), (1, 0): range(51, 64)}
+        for layer, block in enumerate(model.layers):
+            attn = block.self_attn
+            for head in range(2):
+                key_flag = 1 if (layer, head) == (0, 0) else 2  # special token or BOS
+                attn.q_proj.weight[head * 16 + SLOW, 0] = 15.0
+                attn.k_proj.weight[head * 16 + SLOW, key_flag] = 1.0
+                attn.v_proj.weight[head * 16 : head * 16 + 16, 3:19] = torch.eye(16)
+                for i, dim in enumerate(outputs.get((layer, head), ())):
+                    attn.o_proj.weight[dim, head * 16 + i] = 1.0
+    return model
+
+
+def copy_task(rng: random.Random) -> Sample:
+    """BOS, filler with one special token far outside the recent window, then supervised filler at the end."""
+    ids = [BOS] + [rng.choice(FILLER) for _ in range(LENGTH - 1)]
+    ids[rng.randrange(SINK + 2, LENGTH - RECENT - ANSWER)] = rng.choice(SPECIAL)
+    supervised = torch.zeros(LENGTH, dtype=torch.bool)
+    supervised[-ANSWER:] = True
+    return Sample(torch.tensor(ids), supervised)
+
+
+def settings(**kw) -> TrainSettings:
+    base = dict(steps=30, sink_size=SINK, recent_size=RECENT, checkpoint_every=5, seed=0)
+    return TrainSettings(**(base | kw))
+
+
+def test_streaming_mask_is_token_exact():
+    m = streaming_mask(8, sink=2, recent=3)
+    assert m[7].tolist() == [True, True, False, False, False, True, True, True]
+    assert m[3].tolist() == [True, True, True, True, False, False, False, False]
+    assert not m.triu(1).any()
+
+
+def test_gates_at_one_reproduce_full_attention_and_at_zero_differ():
+    model, sample = planted_model(), copy_task(random.Random(0))
+    full = model.hidden_states(sample.ids, FullAttention(1))
+    mask = streaming_mask(LENGTH, SINK, RECENT)
+    ones = model.hidden_states(sample.ids, GatedAttention(torch.ones(2, 2), 1, mask))
+    zeros = model.hidden_states(sample.ids, GatedAttention(torch.zeros(2, 2), 1, mask))
+    torch.testing.assert_close(ones, full)
+    assert (zeros[-ANSWER:] - full[-ANSWER:]).abs().max() > 0.1
+
+
+def test_lr_schedule_warms_up_plateaus_and_decays():
+    assert [round(lr_multiplier(s, 10), 2) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 0.5]
+    assert lr_multiplier(0, 2000) == 0.1
+
+
+def test_training_keeps_the_planted_retrieval_head_and_streams_the_others():
+    gates = train_gates(planted_model(), copy_task, settings(), log=lambda _: None)
+    others = np.delete(gates.ravel(), 0)
+    assert gates[0, 0] > 0.9, gates
+    assert others.max() < gates[0, 0] - 0.3, gates
+    assert (gates >= 0).all() and (gates <= 1).all()
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    s = settings(steps=8, checkpoint_every=4)
+    straight = train_gates(planted_model(), copy_task, s, tmp_path / "a", log=lambda _: None)
+    train_gates(planted_model(), copy_task, s, tmp_path / "b", stop_at=4, log=lambda _: None)
+    resumed = train_gates(planted_model(), copy_task, s, tmp_path / "b", resume=True, log=lambda _: None)
+    np.testing.assert_allclose(resumed, straight, atol=1e-7)
+    assert not np.allclose(straight, 1.0)
