@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import hashlib
 import queue
 import tempfile
 import threading
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import torch
 
 from app import ui_render as render
@@ -36,7 +34,14 @@ from app.documents import (
     read_documents,
 )
 from duo_qserve import library
-from duo_qserve.engine import ANSWER_RESERVE, Cancelled, DocumentTooLarge, Engine, EngineSettings
+from duo_qserve.engine import (
+    ANSWER_RESERVE,
+    Cancelled,
+    DocumentTooLarge,
+    Engine,
+    EngineSettings,
+    token_sha256,
+)
 from duo_qserve.loading import ModelLoadError
 from duo_qserve.patterns import PatternError, load_pattern
 
@@ -162,7 +167,7 @@ class Server:
         fits = engine.max_document_tokens
         ratio = engine.smallest_sparsity_for(n) if n > fits else None
         text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio)
-        sha = hashlib.sha256(np.asarray(pending.ids, dtype=np.int64).tobytes()).hexdigest()  # as the engine's
+        sha = token_sha256(pending.ids)
         saved = library.find_by_hash(sha, engine=engine)
         if saved:
             text += (

@@ -9,15 +9,18 @@ the question).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
+from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.loading import REPO_ROOT, LoadedModel, load_model
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
@@ -101,6 +104,9 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.chunk_size = settings.chunk_size or (32768 if cuda else 512)
         self.cache = DuoKVCache(self._cache_spec(settings.max_tokens), self.device)
+        # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step
+        self.decode_graph = cuda and os.environ.get("DUO_QSERVE_DECODE_GRAPH", "1") != "0"
+        self._decoder: GraphedDecoder | None = None
         self.document: DocumentInfo | None = None
         self.last = GenerationStats()
         self.prefilled_tokens = 0  # every token that went through a forward pass, for accounting and tests
@@ -247,7 +253,7 @@ class Engine:
                     torch.cuda.synchronize(self.device)
                 on_progress(start + chunk.numel(), len(ids))
         self.cache.checkpoint()
-        digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        digest = token_sha256(ids)
         seconds = time.perf_counter() - t0
         self.document = DocumentInfo(title, len(ids), digest, seconds, loaded_by, prefilled=len(ids) - first)
         return self.document
@@ -302,11 +308,24 @@ class Engine:
                     text_so_far = text[:piece_end]
             if cut is not None or len(out_ids) == max_new_tokens:
                 break
-            logits = self.model(torch.tensor([token], device=self.device), self.cache, last_only=True)
+            logits = self._decode_step(token)
             stats.answer_tokens = len(out_ids)
         stats.answer_tokens = len(out_ids)
         if t_first is not None and len(out_ids) > 1:
             stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
+
+    def _decode_step(self, token: int) -> torch.Tensor:
+        """Logits [1, vocab] after one more token: a CUDA-graph replay where it can (the logits are then a
+        buffer the next step overwrites), else the eager model step."""
+        if not self.decode_graph:
+            return self.model(torch.tensor([token], device=self.device), self.cache, last_only=True)
+        if (
+            self._decoder is None
+            or self._decoder.cache is not self.cache
+            or self._decoder.model is not self.model
+        ):
+            self._decoder = GraphedDecoder(self.model, self.cache)  # a new cache or model: capture again
+        return self._decoder.step(token)
 
     def answer(self, question: str, **kwargs) -> str:
         return "".join(self.ask(question, **kwargs))
@@ -359,6 +378,11 @@ class Engine:
             if self.document and self.document.prefill_seconds
             else 0.0,
         }
+
+
+def token_sha256(ids: Sequence[int]) -> str:
+    """Identity of a tokenized document (sha256 of its int64 token ids): the library and the app match on it."""
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from duo_qserve.cache import CacheConfig, DuoKVCache
-from duo_qserve.engine import DocumentInfo, Engine
+from duo_qserve.engine import DocumentInfo, Engine, token_sha256
 from duo_qserve.loading import REPO_ROOT
 
 FORMAT = "duo-qserve-book"
@@ -200,7 +200,7 @@ def ingest_resumable(
         chunks += 1
         if done < total and chunks % every_chunks == 0:
             meta = {"title": title, "files": [], "partial": True, "tokens": done, "total_tokens": total,
-                    "token_sha256": _ids_sha256(ids[:done]), "prefill_seconds": None}  # fmt: skip
+                    "token_sha256": token_sha256(ids[:done]), "prefill_seconds": None}  # fmt: skip
             _write_book(engine, ckpt, ckpt.name, identity, meta, None)
         if on_progress:
             on_progress(done, total)
@@ -501,11 +501,6 @@ def _load_data(
 
 
 # ---- book files ----------------------------------------------------------------------------------------------
-def _ids_sha256(ids: Sequence[int]) -> str:
-    """As ``Engine.ingest`` computes ``DocumentInfo.sha256``."""
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
 def _book_id(title: str, token_sha256: str, identity: dict) -> str:
     """Title slug + a short hash of the document and the settings: the same document saved with other settings is
     another book."""
@@ -623,7 +618,7 @@ def _resume_from(engine: Engine, ids: list[int], ckpt: Path) -> tuple[int, bool]
     try:
         manifest = _read_manifest(ckpt)
         done = manifest["tokens"]
-        if done > len(ids) or _ids_sha256(ids[:done]) != manifest["token_sha256"]:
+        if done > len(ids) or token_sha256(ids[:done]) != manifest["token_sha256"]:
             log.warning("%s is a checkpoint of another document; starting the pre-fill over", ckpt)
             return 0, False
         _check_compatible(engine, manifest, ckpt)
@@ -694,7 +689,7 @@ def _cmd_save(a: argparse.Namespace) -> int:
     ids = engine.document_ids(doc.text)
     title = a.title or doc.title
     if a.checkpoint_every:
-        ckpt = library_dir(a.dir) / f".prefill-{_ids_sha256(ids)[:16]}"
+        ckpt = library_dir(a.dir) / f".prefill-{token_sha256(ids)[:16]}"
         info = ingest_resumable(engine, ids, ckpt, a.checkpoint_every, _print_progress("pre-fill"), title)
     else:
         info = engine.ingest(ids, on_progress=_print_progress("pre-fill"), title=title)

@@ -4,7 +4,8 @@ Three decoders in one run, each timed per token at a fixed context (the cache is
 - ``fp16-full``: fp16 weights, every head a retrieval head in an fp16 cache, flash attention (SDPA);
 - ``reexpand-kv4``: our W8A8KV4 + DuoAttention model, but the 4-bit prefix is de-quantized to fp16 in full at
   every step before attention: the reference demo's scheme;
-- ``duo-w8a8kv4``: the same model reading the 4-bit cache directly.
+- ``duo-w8a8kv4``: the same model reading the 4-bit cache directly;
+- ``duo-w8a8kv4-graph``: the same step replayed as a CUDA graph (``duo_qserve.decode_graph``).
 Long contexts are filled with synthetic quantized data (random codes and scales): a real multi-million-token
 pre-fill of an 8B model takes longer than one device call. The real pre-fill is measured separately.
 The floor of a decode step is (bytes of weights read + bytes of KV read) / measured copy bandwidth.
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache, FullKVCache
+from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.kernels import kv_attention
 from duo_qserve.kernels.attention import dense_attention
 from duo_qserve.loading import load_model
@@ -99,6 +101,25 @@ def time_decode(model, cache, context: int, steps: int = 8, warmup: int = 3) -> 
     return sorted(times)[len(times) // 2]
 
 
+def time_decode_graph(model, cache, context: int, steps: int = 8, warmup: int = 3) -> float:
+    """``time_decode`` for the CUDA-graph step: the first step captures the graph, the rest replay it. Timed from
+    writing the token to the logits, host work included (as ``Engine.ask`` runs it)."""
+    decoder = GraphedDecoder(model, cache)
+    times = []
+    for i in range(warmup + steps):
+        cache.seq_len = context
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        decoder.step(1)
+        e1.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(e0.elapsed_time(e1))
+    assert decoder.replays >= steps, "the graph did not replay"
+    cache.seq_len = context
+    return sorted(times)[len(times) // 2]
+
+
 def weight_bytes_read(model) -> int:
     """Bytes of every weight a decode step reads (all linears + lm_head; the embedding row is negligible)."""
     seen, total = set(), 0
@@ -118,6 +139,44 @@ def kv_bytes_read(spec: CacheSpec, context: int) -> int:
     return full
 
 
+def measure_capacity(args, model, margs, heads, config, w_q: int, bw: float, rows: list) -> dict:
+    """The largest cache beside the W8A8 weights and a pre-fill workspace, filled and decoded (a row added)."""
+    torch.cuda.reset_peak_memory_stats()
+    free = torch.cuda.mem_get_info()[0]
+    budget = free - workspace_bytes(margs, args.chunk_size, 2)
+    lo, hi = 0, 1 << 24
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        lo, hi = (
+            (mid, hi) if CacheSpec(margs, heads, config, mid, torch.float16).nbytes <= budget else (lo, mid)
+        )
+    cap_spec = CacheSpec(margs, heads, config, lo, torch.float16)
+    cache = DuoKVCache(cap_spec, "cuda")
+    fill_synthetic(cache, lo - 1024)
+    cap_ms = time_decode(model, cache, lo - 1024, steps=3, warmup=1)
+    graph_ms = time_decode_graph(model, cache, lo - 1024, steps=3, warmup=1)
+    capacity = {
+        "max_tokens": lo,
+        "decoded_at": lo - 1024,
+        "ms_per_token": cap_ms,
+        "graph_ms_per_token": graph_ms,
+        "floor_ms": (w_q + kv_bytes_read(cap_spec, lo)) / bw * 1000,
+        "cache_bytes": cap_spec.nbytes,
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+        "gpu_total": torch.cuda.mem_get_info()[1],
+        "note": "cache filled with synthetic quantized data; workspace kept free for a "
+        f"{args.chunk_size}-token pre-fill chunk",
+    }
+    for method, ms in (("duo-w8a8kv4", cap_ms), ("duo-w8a8kv4-graph", graph_ms)):
+        rows.append(
+            {"method": method, "context": lo - 1024, "ms_per_token": ms, "floor_ms": capacity["floor_ms"]}
+        )
+    print(capacity, flush=True)
+    del cache
+    torch.cuda.empty_cache()
+    return capacity
+
+
 def run(args) -> dict:
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -126,6 +185,7 @@ def run(args) -> dict:
     mask, sparsity = pattern.retrieval_mask(args.sparsity)
     config = CacheConfig(kv_bits=4, sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size)
     contexts = [int(c) for c in args.contexts.split(",")]
+    methods = set(args.methods.split(","))
 
     loaded = load_model("synthetic:llama-3-8b", "cuda", torch.float16)
     model = loaded.model
@@ -133,7 +193,7 @@ def run(args) -> dict:
 
     # fp16 full attention, as long as its cache fits next to the fp16 weights
     w_fp16 = weight_bytes_read(model)
-    for ctx in contexts:
+    for ctx in contexts if "fp16-full" in methods else []:
         free = torch.cuda.mem_get_info()[0] - workspace_bytes(margs, 1, 2)
         if ctx * 131072 > free:
             rows.append(
@@ -166,12 +226,18 @@ def run(args) -> dict:
         cache = DuoKVCache(spec, "cuda")
         fill_synthetic(cache, ctx)
         floor = (w_q + kv_bytes_read(spec, ctx)) / bw * 1000
-        for method, fn in (("duo-w8a8kv4", fast), ("reexpand-kv4", reexpand_prefix_attention)):
-            if method == "reexpand-kv4" and ctx > args.reexpand_max:
+        decoders = (
+            ("duo-w8a8kv4", fast),
+            ("duo-w8a8kv4-graph", fast),
+            ("reexpand-kv4", reexpand_prefix_attention),
+        )
+        for method, fn in decoders:
+            if method not in methods or (method == "reexpand-kv4" and ctx > args.reexpand_max):
                 continue
             kv_attention.quantized_prefix_attention = fn
+            timer = time_decode_graph if method.endswith("-graph") else time_decode
             try:
-                ms = time_decode(model, cache, ctx)
+                ms = timer(model, cache, ctx)
             except torch.OutOfMemoryError:
                 ms = None
                 torch.cuda.empty_cache()
@@ -183,41 +249,9 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
 
     # capacity: the largest cache that fits beside the W8A8 weights and a pre-fill workspace, filled and decoded
-    torch.cuda.reset_peak_memory_stats()
-    free = torch.cuda.mem_get_info()[0]
-    budget = free - workspace_bytes(margs, args.chunk_size, 2)
-    lo, hi = 0, 1 << 24
-    while hi - lo > 4096:
-        mid = (lo + hi) // 2
-        lo, hi = (
-            (mid, hi) if CacheSpec(margs, heads, config, mid, torch.float16).nbytes <= budget else (lo, mid)
-        )
-    cap_spec = CacheSpec(margs, heads, config, lo, torch.float16)
-    cache = DuoKVCache(cap_spec, "cuda")
-    fill_synthetic(cache, lo - 1024)
-    cap_ms = time_decode(model, cache, lo - 1024, steps=3, warmup=1)
-    capacity = {
-        "max_tokens": lo,
-        "decoded_at": lo - 1024,
-        "ms_per_token": cap_ms,
-        "floor_ms": (w_q + kv_bytes_read(cap_spec, lo)) / bw * 1000,
-        "cache_bytes": cap_spec.nbytes,
-        "peak_allocated": torch.cuda.max_memory_allocated(),
-        "gpu_total": torch.cuda.mem_get_info()[1],
-        "note": "cache filled with synthetic quantized data; workspace kept free for a "
-        f"{args.chunk_size}-token pre-fill chunk",
-    }
-    rows.append(
-        {
-            "method": "duo-w8a8kv4",
-            "context": lo - 1024,
-            "ms_per_token": cap_ms,
-            "floor_ms": capacity["floor_ms"],
-        }
+    capacity = (
+        None if args.no_capacity else measure_capacity(args, model, margs, heads, config, w_q, bw, rows)
     )
-    print(capacity, flush=True)
-    del cache
-    torch.cuda.empty_cache()
 
     # real pre-fill: random token ids through the whole model, chunk by chunk, timing each chunk
     spec = CacheSpec(margs, heads, config, args.prefill_tokens + 256, torch.float16)
@@ -332,6 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--prefill-tokens", type=int, default=262144)
     p.add_argument("--prefill-seconds", type=float, default=120.0)
+    p.add_argument("--methods", default="fp16-full,duo-w8a8kv4,duo-w8a8kv4-graph,reexpand-kv4")
+    p.add_argument("--no-capacity", action="store_true", help="skip the capacity measurement")
     p.add_argument("--plot", type=Path, default=None, help="only re-draw the PNG of an existing decode JSON")
     a = p.parse_args(argv)
     if a.plot:
@@ -341,10 +377,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = result["device"].lower().replace(" ", "-")
-    for kind, payload in (
-        ("decode", result),
-        ("capacity", {**result, "max_tokens": result["capacity"]["max_tokens"]}),
-    ):
+    outputs = [("decode", result)]
+    if result["capacity"] is not None:
+        outputs.append(("capacity", {**result, "max_tokens": result["capacity"]["max_tokens"]}))
+    for kind, payload in outputs:
         path = out / f"{kind}-{slug}-{result['date']}.json"
         path.write_text(json.dumps(payload, indent=2))
         print("wrote", path)
@@ -352,13 +388,13 @@ def main(argv=None) -> int:
         plot(result, out / f"decode-{slug}-{result['date']}.png")
     except ImportError:
         print("matplotlib is not installed: no plot (re-draw later with --plot)")
-    print(f"{'method':<14}{'context':>10}{'ms/token':>10}{'floor ms':>10}")
+    print(f"{'method':<19}{'context':>10}{'ms/token':>10}{'floor ms':>10}")
     for r in result["rows"]:
         ms = "-" if r["ms_per_token"] is None else f"{r['ms_per_token']:.2f}"
-        print(f"{r['method']:<14}{r['context']:>10}{ms:>10}{r.get('floor_ms', 0):>10.2f}")
-    print(
-        f"capacity {result['capacity']['max_tokens']:,} tokens; pre-fill {result['prefill']['tok_per_s']:.0f} tok/s"
-    )
+        print(f"{r['method']:<19}{r['context']:>10}{ms:>10}{r.get('floor_ms', 0):>10.2f}")
+    if result["capacity"] is not None:
+        print(f"capacity {result['capacity']['max_tokens']:,} tokens")
+    print(f"pre-fill {result['prefill']['tok_per_s']:.0f} tok/s")
     return 0
 
 

@@ -78,16 +78,22 @@ def _channels(j, SUB: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _attn_codes_kernel(
-    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, o_ptr, lse_ptr,
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr,
     n_rows, blocks_per_split, n_blocks, qk_scale,
     s_qt, s_qh, s_kwh, s_ksh, s_vwh, s_vsh,
     s_oh, s_os, s_ot, s_og, s_lh, s_ls, s_lt, s_lg,
     G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head, split, row tile): online softmax over the split's tokens for rows ``t * G + g``.
-    The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W."""
+    The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W.
+
+    ``LEN_FROM_PTR``: the token count is read from ``len_ptr`` (int32, on the device: CUDA-graph replays) and
+    split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf."""
     h, split, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if LEN_FROM_PTR:
+        n_blocks = tl.load(len_ptr) // BLOCK_N
+        blocks_per_split = tl.cdiv(n_blocks, tl.num_programs(1))
     W: tl.constexpr = D // 4
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -148,7 +154,7 @@ def _attn_codes_kernel(
         a2 = tl.dot(ps, _codes(vw, 2, BITS).to(DOT), a2 * alpha[:, None])
         a3 = tl.dot(ps, _codes(vw, 3, BITS).to(DOT), a3 * alpha[:, None])
 
-    inv_l = 1.0 / l_i
+    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
     zs = (az * inv_l)[:, None]
     o_rows = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[:, None]
     ty = o_ptr.dtype.element_ty
@@ -174,11 +180,12 @@ def _merge_splits_kernel(
     part = (h * n_splits + s) * n_rows + r
     lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (device lengths): zeros, lse = -inf
     w = tl.exp(lse - m)
     tot = tl.sum(w, 0)
     d = tl.arange(0, D)
     o = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tot
+    out = tl.sum(o * w[:, None], 0) / tl.maximum(tot, 1e-30)
     hq = h * G + g
     tl.store(o_ptr + t * s_ot + hq * s_oh + d, out.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + t * s_lt + hq * s_lh, m + tl.log(tot))
@@ -215,6 +222,10 @@ def decode_attention(
 
     Splits: enough (kv head, split, row tile) programs for ``waves`` programs per SM, so one long sequence at
     batch 1 fills the GPU; with one split the kernel writes the result directly, without the merge kernel.
+
+    ``n_quant`` may be an int32 device tensor of one element (a multiple of ``group``, possibly 0): the grid is
+    then sized for the whole cache (``k_data.shape[1]`` tokens) and every program reads the length on the device,
+    so one launch serves every length (CUDA graphs). The result has lse = -inf where nothing was attended.
     """
     t, hq, d = q.shape
     hkv = k_data.shape[0]
@@ -222,7 +233,9 @@ def decode_attention(
     n_rows = t * g
     block_m = block_m or max(16, triton.next_power_of_2(min(n_rows, 64)))
     block_n = min(block_n, group)
-    n_blocks = n_quant // block_n
+    on_device = isinstance(n_quant, torch.Tensor)
+    len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
+    n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
     m_tiles = triton.cdiv(n_rows, block_m)
     if num_splits is None:
         num_splits = triton.cdiv(int(waves * _sm_count(q.device)), hkv * m_tiles)
@@ -245,11 +258,11 @@ def decode_attention(
         sl = (num_splits * n_rows, n_rows, g, 1)
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16
     _attn_codes_kernel[(hkv, num_splits, m_tiles)](
-        q, kw, k_scale, k_zero, vw, v_scale, v_zero, po, plse,
+        q, kw, k_scale, k_zero, vw, v_scale, v_zero, po, plse, len_arg,
         n_rows, per_split, n_blocks, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
         *so, *sl,
-        G=g, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot,
+        G=g, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
