@@ -304,8 +304,9 @@ def run(args) -> dict:
 
 def prefill_estimate_s(prefill_rows: list[dict], tokens: int) -> float:
     """Seconds to pre-fill ``tokens`` from the measured per-chunk cost curve: chunk time grows linearly with the
-    prefix (attention over it), so fit ms = a + b * prefix (skipping the first, warm-up chunk) and sum the chunks."""
-    rows = prefill_rows[1:]
+    prefix (attention over it), so fit ms = a + b * prefix and sum the chunks. The first two chunks are skipped: the
+    first compiles and autotunes the dense kernels, the second the quantized-prefix path."""
+    rows = prefill_rows[2:]
     xs = torch.tensor([r["prefix"] for r in rows], dtype=torch.float64)
     ys = torch.tensor([r["ms"] for r in rows], dtype=torch.float64)
     b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
