@@ -105,6 +105,19 @@ class CacheSpec:
         return sum(self.bytes_by_component().values())
 
 
+def split_heads(n_retrieval: int, layer: int, q, k, v, retrieval, streaming) -> torch.Tensor:
+    """Send KV heads ``[0, n_retrieval)`` (and their query heads) to ``retrieval``, the rest to ``streaming``:
+    head reordering made both contiguous ranges. k/v arrive [T, Hkv, D] and leave [Hkv, T, D]."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    parts = []
+    if n_retrieval:
+        parts.append(retrieval(layer, q[:, : n_retrieval * g], k[:n_retrieval], v[:n_retrieval]))
+    if n_retrieval < k.shape[0]:
+        parts.append(streaming(layer, q[:, n_retrieval * g :], k[n_retrieval:], v[n_retrieval:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class DuoKVCache:
     """The DuoAttention cache for one sequence. See the module docstring for the layout."""
 
@@ -142,15 +155,7 @@ class DuoKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of q [T, Hq, D] over the held tokens + the new ones (causal), then store the new k, v."""
         self.check_room(q.shape[0])
-        g = self.args.q_per_kv
-        n_r = self.n_retrieval[layer]
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, D]
-        parts = []
-        if n_r:
-            parts.append(self._retrieval(layer, q[:, : n_r * g], k[:n_r], v[:n_r]))
-        if n_r < self.args.n_kv_heads:
-            parts.append(self._streaming(layer, q[:, n_r * g :], k[n_r:], v[n_r:]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return split_heads(self.n_retrieval[layer], layer, q, k, v, self._retrieval, self._streaming)
 
     def _retrieval(self, layer: int, q, k, v) -> torch.Tensor:
         s, bits = self.layers[layer], self.config.kv_bits

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from duo_qserve.cache import DuoKVCache
+from duo_qserve.cache import DuoKVCache, split_heads
 from duo_qserve.kernels import kv_attention, use_triton
 from duo_qserve.kernels.attention import dense_attention, merge
 from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
@@ -67,7 +67,7 @@ class _GraphStepCache:
     seq_len = 0
 
     def __init__(self, cache: DuoKVCache, pos: torch.Tensor):
-        self.cache, self.config, self.args = cache, cache.config, cache.args
+        self.cache, self.config = cache, cache.config
         c = self.config
         group = c.key_group
         self.tail_idx = pos % group  # slot of the new token in the fp tail, int64 [1]
@@ -79,15 +79,7 @@ class _GraphStepCache:
         pass
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache, g = self.cache, self.args.q_per_kv
-        n_r = cache.n_retrieval[layer]
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, 1, D]
-        parts = []
-        if n_r:
-            parts.append(self._retrieval(layer, q[:, : n_r * g], k[:n_r], v[:n_r]))
-        if n_r < self.args.n_kv_heads:
-            parts.append(self._streaming(layer, q[:, n_r * g :], k[n_r:], v[n_r:]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return split_heads(self.cache.n_retrieval[layer], layer, q, k, v, self._retrieval, self._streaming)
 
     def _retrieval(self, layer: int, q, k, v) -> torch.Tensor:
         s, c, cache = self.cache.layers[layer], self.config, self.cache

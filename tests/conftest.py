@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,14 @@ def haystack_text(n_chars: int, start_file: int = 0) -> str:
         if len(text) >= n_chars:
             break
     return text[:n_chars]
+
+
+def run_in_interpreter_child(test_file: str) -> None:
+    """Run a test module again in a fresh pytest process with Triton's interpreter on: Triton reads
+    TRITON_INTERPRET when first imported, and an earlier module of this session may have imported it already."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DUO_QSERVE_TRITON": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]

@@ -9,9 +9,7 @@ import, so when another module imported triton first these tests run in a child 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 IN_PROCESS = "triton" not in sys.modules
 if IN_PROCESS:
@@ -20,7 +18,11 @@ if IN_PROCESS:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import tiny_args, tiny_model  # noqa: E402
+from conftest import (  # noqa: E402
+    run_in_interpreter_child,  # noqa: E402
+    tiny_args,
+    tiny_model,
+)
 
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache  # noqa: E402
 from duo_qserve.decode_graph import GraphedDecoder, masked_attention  # noqa: E402
@@ -31,13 +33,7 @@ from duo_qserve.kernels.attention import reference as dense_reference  # noqa: E
 def test_in_child_process_when_triton_was_imported_first():
     if IN_PROCESS:
         pytest.skip("this process runs the tests itself")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DUO_QSERVE_TRITON": "1"}
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=root, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+    run_in_interpreter_child(__file__)
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ quantize-on-write codes and fp16 scales/zeros are bit-identical.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 IN_PROCESS = "triton" not in sys.modules
 if IN_PROCESS:
@@ -23,6 +21,7 @@ if IN_PROCESS:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import run_in_interpreter_child  # noqa: E402
 
 from duo_qserve.kernels import kv_attention, kv_quantize  # noqa: E402
 
@@ -39,13 +38,7 @@ def _kv(h: int, n: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, tor
 def test_in_child_process_when_triton_was_imported_first():
     if IN_PROCESS:
         pytest.skip("this process runs the tests itself")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DUO_QSERVE_TRITON": "1"}
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=root, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+    run_in_interpreter_child(__file__)
 
 
 @pytest.fixture

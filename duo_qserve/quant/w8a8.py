@@ -30,11 +30,10 @@ from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mu
 
 FORMAT = "duo-qserve-w8a8"
 VERSION = 1
-# alpha = 0.5 (the SmoothQuant paper's choice for Llama-class models) also won our only measurement so far: on a
-# tiny random model with 4 injected x30 outlier channels, the W8A8 logits' relative error was 8.5% unsmoothed and
-# 7.0 / 4.3 / 5.0 / 7.4% at alpha 0.35 / 0.5 / 0.65 / 0.8 (tests/test_w8a8.py::test_smoothquant_reduces_error).
-# A perplexity sweep on a real checkpoint has not been run yet.
-DEFAULT_ALPHA = 0.5
+# alpha from perplexity of SmolLM2-135M-Instruct on held-out essays (benchmarks/results/perplexity-w8a8-*.json,
+# `python -m duo_qserve.eval.perplexity`): fp32 25.19; W8A8 unsmoothed +2.5%; SmoothQuant alpha 0.3 / 0.5 / 0.7 /
+# 0.85: +2.1 / +1.5 / +1.1 / +1.2%. 0.7 is the best measured.
+DEFAULT_ALPHA = 0.7
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
