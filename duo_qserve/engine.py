@@ -246,7 +246,15 @@ class Engine:
                     f"pre-fill stopped after {start:,} of {len(ids):,} tokens; no document is loaded"
                 )
             chunk = tensor[start : start + self.chunk_size]
-            self.model(chunk, self.cache, last_only=True)
+            try:
+                self.model(chunk, self.cache, last_only=True)
+            except torch.OutOfMemoryError:
+                self.reset()
+                torch.cuda.empty_cache()
+                raise RuntimeError(
+                    f"the GPU ran out of memory pre-filling tokens {start:,}+ of {len(ids):,}: lower chunk_size "
+                    f"(now {self.chunk_size:,}) or max_tokens and load the document again; no document is loaded"
+                ) from None
             self.prefilled_tokens += chunk.numel()
             if on_progress:
                 if self.device.type == "cuda":
