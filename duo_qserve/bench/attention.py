@@ -19,7 +19,6 @@ whole-model figures are 32 x the layer.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import re
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from duo_qserve.bench.common import bench, commit, copy_bandwidth_gbps
+from duo_qserve.bench.common import bench, commit, gpu_header
 
 from ..kernels import kv_attention as ka
 from ..kernels.kv_quantize import quantize_kv
@@ -264,12 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-context", type=int, default=1 << 20, help="context of the decode config sweep")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "sweep", "decode", "prefill"])
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
-    date = datetime.date.today().isoformat()
-    copy = copy_bandwidth_gbps()
-    print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
+    device, date, copy = gpu_header()
     rows: list[dict] = []
     cfg: dict = {}
 

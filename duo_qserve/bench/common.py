@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
+import sys
 
 import torch
 
@@ -31,3 +33,12 @@ def commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def gpu_header() -> tuple[str, str, float]:
+    """(device name, date, copy bandwidth GB/s) for a result file; exits with a message when there is no GPU."""
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    device, copy = torch.cuda.get_device_name(), copy_bandwidth_gbps()
+    print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
+    return device, datetime.date.today().isoformat(), copy

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from duo_qserve.bench.common import commit, copy_bandwidth_gbps
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache, FullKVCache
 from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.kernels import kv_attention
@@ -35,24 +34,6 @@ from duo_qserve.patterns import load_pattern, reorder_heads
 from duo_qserve.planner import workspace_bytes
 
 DEFAULT_PATTERN = "../shared/data/upstream_attn_patterns/Llama-3-8B-Instruct-Gradient-4194k"
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second of a large device-to-device copy."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    times = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) / 1000)
-    del a, b
-    return 2 * (1 << 30) / sorted(times)[len(times) // 2]
 
 
 def fill_synthetic(cache: DuoKVCache, n_tokens: int) -> None:
@@ -179,7 +160,7 @@ def measure_capacity(args, model, margs, heads, config, w_q: int, bw: float, row
 
 def run(args) -> dict:
     dev = torch.cuda.get_device_name()
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_gbps() * 1e9  # bytes/s
     rows, prefill_rows = [], []
     pattern = load_pattern(args.pattern)
     mask, sparsity = pattern.retrieval_mask(args.sparsity)
@@ -282,7 +263,7 @@ def run(args) -> dict:
     return {
         "device": dev,
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": commit(),
         "command": " ".join(["python -m duo_qserve.bench.e2e", *sys.argv[1:]]),
         "model_shape": "llama-3-8b (synthetic weights)",
         "pattern": pattern.name,
@@ -343,18 +324,6 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle("Llama-3-8B shape, synthetic weights")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _commit() -> str:
-    """The checkout's commit; the device copy has no .git, so the caller may pass DUO_QSERVE_COMMIT."""
-    if os.environ.get("DUO_QSERVE_COMMIT"):
-        return os.environ["DUO_QSERVE_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,6 @@ device copy bandwidth measured in the same run. Weights rotate over enough copie
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from duo_qserve.bench.common import bench, commit, copy_bandwidth_gbps
+from duo_qserve.bench.common import bench, commit, gpu_header
 
 from ..kernels import int8_gemm
 from ..kernels.int8_gemm import w8a8_matmul
@@ -202,12 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-m", type=int, nargs="+", default=list(PREFILL_M))
     p.add_argument("--decode-m", type=int, nargs="+", default=list(DECODE_M))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
-    date = datetime.date.today().isoformat()
-    copy = copy_bandwidth_gbps()
-    print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
+    device, date, copy = gpu_header()
     rows = decode_rows(tuple(args.decode_m)) + decode_config_rows() + prefill_rows(tuple(args.prefill_m))
     command = " ".join(["python -m duo_qserve.bench.gemm", *(sys.argv[1:] if argv is None else argv)])
     result = {
