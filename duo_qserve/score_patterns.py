@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duo_qserve.loading import REPO_ROOT, load_model
+from duo_qserve.loading import load_model
 from duo_qserve.model import Transformer
 from duo_qserve.patterns import save_pattern
-from duo_qserve.train_patterns import streaming_mask
-
-HAYSTACK_DIR = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
+from duo_qserve.train_patterns import HAYSTACK_DIR, streaming_mask
 
 
 class DroppedMassProbe:
@@ -106,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per sample")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--haystack-dir", default=str(HAYSTACK_DIR), help="directory of *.txt essays")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     loaded = load_model(a.model, a.device)
-    samples = [s.to(a.device) for s in haystack_samples(loaded.tokenizer, a.tokens, a.samples)]
+    samples = [
+        s.to(a.device) for s in haystack_samples(loaded.tokenizer, a.tokens, a.samples, Path(a.haystack_dir))
+    ]
     gates = score_heads(loaded.model, samples, a.sink, a.recent)
     config = dict(
         model_name=loaded.name, method="dropped attention mass (score_patterns)", sink_size=a.sink,

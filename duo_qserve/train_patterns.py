@@ -34,6 +34,7 @@ from duo_qserve.loading import REPO_ROOT, load_model
 from duo_qserve.model import Transformer
 from duo_qserve.patterns import save_pattern
 
+# The essays used as haystack by training, scoring and NIAH; a machine without the shared data dir passes its own.
 HAYSTACK_DIR = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
 NATO = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--haystack-dir", default=str(HAYSTACK_DIR), help="directory of *.txt essays")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -345,7 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log = lambda msg: print(msg, flush=True)
     gates = train_gates(
-        loaded.model, PasskeyRetrieval(loaded.tokenizer, settings), settings, ckpt, a.resume, a.stop_at, log
+        loaded.model,
+        PasskeyRetrieval(loaded.tokenizer, settings, Path(a.haystack_dir)),
+        settings,
+        ckpt,
+        a.resume,
+        a.stop_at,
+        log,
     )
     finished = a.stop_at is None or a.stop_at >= settings.steps
     if not finished:

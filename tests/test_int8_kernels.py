@@ -21,8 +21,17 @@ from duo_qserve.kernels import int8_gemm, quantize_act
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (M, N, K): decode (M <= 16) and pre-fill tiles, odd sizes that leave partial tiles on every axis.
-GEMM_SHAPES = [(1, 96, 160), (3, 96, 160), (16, 96, 160), (17, 64, 128), (33, 96, 160), (130, 300, 288)]
+# (M, N, K): the M=1 GEMV (K a multiple of 4; partial row and K tiles), M=1 with odd K (the 16-row tile path),
+# decode (M <= 16) and pre-fill tiles, odd sizes that leave partial tiles on every axis.
+GEMM_SHAPES = [
+    (1, 97, 160),
+    (1, 64, 162),
+    (3, 96, 160),
+    (16, 96, 160),
+    (17, 64, 128),
+    (33, 96, 160),
+    (130, 300, 288),
+]
 # Row shapes for the quantization kernels; the last one has leading dims [2, 5].
 ROW_SHAPES = [(1, 160), (3, 96), (33, 4096), (2, 5, 100)]
 ACT_OPS = ("quantize_per_token", "rmsnorm_quantize", "silu_mul_quantize")
@@ -45,7 +54,7 @@ def make_cases() -> dict[str, tuple]:
             _nonzero_int8(n, k, gen=gen), torch.rand(n, generator=gen) + 0.01,
         )  # fmt: skip
         cases[f"gemm-{m}x{n}x{k}-fp32"] = ("w8a8_matmul", args, {"out_dtype": torch.float32})
-    m, n, k = GEMM_SHAPES[4]
+    m, n, k = GEMM_SHAPES[5]
     cases[f"gemm-{m}x{n}x{k}-fp16"] = (
         "w8a8_matmul",
         cases[f"gemm-{m}x{n}x{k}-fp32"][1],

@@ -17,17 +17,18 @@ import json
 import platform
 import random
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from duo_qserve.bench.common import commit
 from duo_qserve.loading import REPO_ROOT
+from duo_qserve.train_patterns import HAYSTACK_DIR
 
-HAYSTACK_DIR = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 NEEDLE = "The secret number is {key}."
 QUESTION = "According to the document, what is the secret number?"
@@ -152,13 +153,10 @@ def heat_map(table: np.ndarray, grid: Grid, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 def write_results(out: Path, meta: dict, results: list[dict], append: bool = False) -> Path:
@@ -181,7 +179,10 @@ def standard_configs(args: argparse.Namespace) -> dict[str, Config]:
     all-streaming. Every streaming configuration uses the same sink/recent/chunk so only the pattern differs."""
     from duo_qserve.patterns import random_pattern, save_pattern
 
-    common = dict(device="cpu", chunk_size=args.chunk_size, sink=args.sink, recent=args.recent)
+    common = dict(
+        device=args.device, chunk_size=args.chunk_size, sink=args.sink, recent=args.recent,
+        max_tokens=max(args.lengths_list) + 2048,  # the engine keeps 1024 tokens for questions and answers
+    )  # fmt: skip
     random_dir = REPO_ROOT / "test-output" / "niah" / "random-pattern"
     if "duo-random" in args.configs:
         from duo_qserve.model import ModelArgs
@@ -192,21 +193,25 @@ def standard_configs(args: argparse.Namespace) -> dict[str, Config]:
         save_pattern(
             random_dir, random_pattern(shape, seed=0).gates, {"source": "patterns.random_pattern(seed=0)"}
         )
-    duo = dict(sparsity=args.sparsity, kv_bits=4, **common)
+    w8 = args.w8a8
+    quant = "W8A8KV4" if w8 else "KV4"
+    duo = dict(sparsity=args.sparsity, kv_bits=4, w8a8=w8, dtype=args.dtype, **common)
     return {
         "full": Config(
-            "full", dict(pattern=None, kv_bits=16, w8a8=False, **common), "full attention, fp32 KV"
+            "full",
+            dict(pattern=None, kv_bits=16, w8a8=False, dtype=torch.float32, **common),
+            "full attention, fp32 weights and KV",
         ),
-        "duo-trained": Config("duo-trained", dict(pattern=args.trained, w8a8=False, **duo), "trained, KV4"),
-        "duo-trained-w8a8": Config(
-            "duo-trained-w8a8", dict(pattern=args.trained, w8a8=True, **duo), "W8A8KV4"
+        "duo-trained": Config("duo-trained", dict(pattern=args.trained, **duo), f"trained, {quant}"),
+        "duo-trained-kv4": Config(
+            "duo-trained-kv4",
+            dict(duo, pattern=args.trained, w8a8=False),
+            "trained, KV4, unquantized weights",
         ),
-        "duo-random": Config("duo-random", dict(pattern=str(random_dir), w8a8=False, **duo), "random, KV4"),
-        "duo-scored": Config("duo-scored", dict(pattern=args.scored, w8a8=False, **duo), "fast-scored, KV4"),
+        "duo-random": Config("duo-random", dict(pattern=str(random_dir), **duo), f"random, {quant}"),
+        "duo-scored": Config("duo-scored", dict(pattern=args.scored, **duo), f"fast-scored, {quant}"),
         "streaming": Config(
-            "streaming",
-            dict(pattern=args.trained, sparsity=1.0, kv_bits=4, w8a8=False, **common),
-            "all streaming",
+            "streaming", dict(duo, pattern=args.trained, sparsity=1.0), f"all streaming, {quant}"
         ),
     }
 
@@ -231,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question", default=None)
     p.add_argument("--haystack-dir", default=str(HAYSTACK_DIR))
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+        help="DuoAttention configurations' dtype (default: float32 on CPU, float16 on CUDA); full is float32",
+    )  # fmt: skip
+    p.add_argument(
+        "--w8a8", action=argparse.BooleanOptionalAction, default=None,
+        help="DuoAttention configurations with W8A8 weights (default: on for CUDA, off for CPU)",
+    )  # fmt: skip
     p.add_argument(
         "--append",
         action="store_true",
@@ -238,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     a.configs = a.configs.split(",")
+    a.lengths_list = [int(x) for x in a.lengths.split(",")]
+    a.dtype = getattr(torch, a.dtype or ("float16" if a.device == "cuda" else "float32"))
+    a.w8a8 = a.device == "cuda" if a.w8a8 is None else a.w8a8
 
     from duo_qserve.engine import Engine
 
-    grid = Grid(
-        [int(x) for x in a.lengths.split(",")], [float(x) for x in a.depths.split(",")], a.trials, a.seed
-    )
+    grid = Grid(a.lengths_list, [float(x) for x in a.depths.split(",")], a.trials, a.seed)
     if a.mode == "passkey":
         needle, question = a.needle or PASSKEY_NEEDLE, a.question or PASSKEY_QUESTION
         hay = PASSKEY_FILLER * (max(grid.lengths) // 10)
@@ -253,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     configs = standard_configs(a)
     date = datetime.date.today().isoformat()
     out = Path(a.out_dir) / f"niah-{a.name}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
-        device=f"cpu ({platform.processor() or platform.machine()})", date=date, commit=git_commit(),
+        device=device_name(a.device), date=date, commit=commit(),
         command="python -m duo_qserve.eval.niah " + " ".join(argv if argv is not None else sys.argv[1:]),
         model=a.model, mode=a.mode, needle=needle, question=question, lengths=grid.lengths, depths=grid.depths,
         trials=grid.trials, scoring="1 if the needle's 7-digit key appears in the answer, else 0",
-        sink=a.sink, recent=a.recent, chunk_size=a.chunk_size, sparsity=a.sparsity,
+        sink=a.sink, recent=a.recent, chunk_size=a.chunk_size, sparsity=a.sparsity, dtype=str(a.dtype), w8a8=a.w8a8,
     )  # fmt: skip
     results = []
     for name in a.configs:

@@ -18,6 +18,8 @@ The weight stays in nn.Linear layout ``[N, K]`` (K contiguous), the layout QServ
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -70,6 +72,41 @@ def _w8a8_gemm_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dot4(a, b, acc, ASM: tl.constexpr):
+    """``acc`` plus the dot product of the four int8 lanes of each int32 word pair: one ``dp4a`` instruction on
+    the GPU; shifts and multiplies where inline PTX cannot run (the interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc], dtype=tl.int32, is_pure=True, pack=1
+        )
+    for i in tl.static_range(4):
+        acc += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+    return acc
+
+
+@triton.jit
+def _w8a8_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, N, K4, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """M = 1: ``BLOCK_N`` weight rows per program, read as int32 words (4 codes each) and reduced with dp4a into
+    an elementwise int32 accumulator that is summed once at the end. No tensor cores (a 1-row product would pad
+    to 16), tiny register use, so many programs per SM keep enough loads in flight to stream the weight."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + tl.minimum(rows, N - 1)[:, None] * stride_wn  # clamped: duplicates dropped at the store
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    for k in range(0, K4, BLOCK_K):
+        k_ok = k + ks < K4
+        x = tl.load(x_ptr + k + ks, mask=k_ok, other=0)
+        w = tl.load(w_rows + k + ks[None, :], mask=k_ok[None, :], other=0)
+        acc = _dot4(w, tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), acc, ASM)
+    dot = tl.sum(acc, 1).to(tl.float32)
+    out = dot * tl.load(xs_ptr) * tl.load(ws_ptr + tl.minimum(rows, N - 1))
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
 def _cfg(bm: int, bn: int, bk: int, group: int, stages: int, warps: int) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_stages=stages, num_warps=warps
@@ -92,8 +129,21 @@ _DECODE_CONFIGS = [
     _cfg(16, 64, 128, 1, 4, 4),
     _cfg(16, 128, 256, 1, 3, 8),
 ]
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in [
+        (1, 512, 4),
+        (2, 256, 2),
+        (2, 512, 4),
+        (4, 256, 4),
+        (4, 128, 2),
+        (8, 128, 4),
+        (8, 256, 8),
+    ]
+]
 _prefill_gemm = triton.autotune(_PREFILL_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
 _decode_gemm = triton.autotune(_DECODE_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
+_gemv = triton.autotune(_GEMV_CONFIGS, key=["N", "K4"])(_w8a8_gemv_kernel)
 
 
 def _check(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
@@ -129,6 +179,10 @@ def _triton(
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
+    if m == 1 and k % 4 == 0:  # decode: the dp4a GEMV over int32 words
+        args = (x_q.view(torch.int32), x_scale, w_q.view(torch.int32), w_scale, out, n, k // 4, k // 4)
+        _launch(_gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), args, ASM=not _INTERPRETED)
+        return out
     tuned = _decode_gemm if m <= DECODE_MAX_M else _prefill_gemm
     args = (
         x_q,
@@ -144,18 +198,20 @@ def _triton(
         w_q.stride(0),
         n,
     )
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    if _INTERPRETED:  # the interpreter cannot time configs: run the smallest tile (most tiles, most edges)
-        cfg = min(
-            tuned.configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]
-        )
-        _w8a8_gemm_kernel[grid](*args, **cfg.kwargs)
-    else:
-        tuned[grid](*args)
+    _launch(tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),), args)
     return out
+
+
+def _launch(tuned, grid, args: tuple, **constexprs) -> None:
+    """Autotuned on the GPU; under the interpreter (which cannot time configs) the config with the smallest tile,
+    which has the most tiles and edges."""
+    if _INTERPRETED:
+        cfg = min(
+            tuned.configs, key=lambda c: math.prod(c.kwargs[x] for x in c.kwargs if x.startswith("BLOCK"))
+        )
+        tuned.fn[grid](*args, **cfg.kwargs, **constexprs)
+    else:
+        tuned[grid](*args, **constexprs)
 
 
 def w8a8_matmul(
