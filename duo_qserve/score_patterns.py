@@ -45,19 +45,19 @@ class DroppedMassProbe:
         kh = k.float().transpose(0, 1).repeat_interleave(g, 0)
         vh = v.float().transpose(0, 1).repeat_interleave(g, 0)
         first = self.sink + self.recent  # earlier queries drop nothing
-        outs, dropped = [], torch.zeros(hq, dtype=torch.float64)
+        outs, dropped = [], torch.zeros(hq, dtype=torch.float64, device=q.device)
         for s in range(0, t, self.block):
             e = min(s + self.block, t)
             scores = (qh[:, s:e] @ kh[:, :e].transpose(1, 2)) / math.sqrt(d)
-            rows = torch.arange(s, e)[:, None]
-            cols = torch.arange(e)[None, :]
+            rows = torch.arange(s, e, device=q.device)[:, None]
+            cols = torch.arange(e, device=q.device)[None, :]
             probs = torch.softmax(scores.masked_fill(cols > rows, float("-inf")), dim=-1)
             outs.append(probs @ vh[:, :e])
-            keep = streaming_mask(e, self.sink, self.recent)[s:e] | (cols > rows)
+            keep = streaming_mask(e, self.sink, self.recent, q.device)[s:e] | (cols > rows)
             far = (probs * ~keep).sum(-1)[:, rows[:, 0] >= first]  # [Hq, queries past the window]
             dropped += far.sum(-1).double()
         n_queries = max(t - first, 1)
-        self.scores[layer] += (dropped / n_queries).view(-1, g).mean(-1)
+        self.scores[layer] += (dropped / n_queries).view(-1, g).mean(-1).cpu()
         return torch.cat(outs, dim=1).transpose(0, 1).to(q.dtype)
 
     def advance(self, n_tokens: int) -> None:

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from duo_qserve.bench.common import bench, commit, gpu_header
 
+from ..kernels import attention
 from ..kernels import kv_attention as ka
 from ..kernels.kv_quantize import quantize_kv
 from ..kernels.kv_quantize import reference as quantize_reference
@@ -43,8 +44,8 @@ CONTEXTS = (32 << 10, 256 << 10, 1 << 20, 2 << 20)
 PREFILL_T, PREFILL_N = 8192, 256 << 10
 ROTATE_BYTES = 512 << 20  # > 10x the H100's 50 MB L2
 # (block_n, warps, stages)
-DECODE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3)]
-SPLIT_WAVES = (2.0, 4.0, 8.0)
+DECODE_CONFIGS = [(64, 2, 3), (64, 4, 3), (128, 2, 3), (128, 4, 3)]
+SPLIT_WAVES = (4.0, 8.0)
 
 
 def random_cache(n: int, bits: int = 4, hkv: int = HKV, d: int = D, group: int = GROUP) -> tuple:
@@ -88,6 +89,23 @@ def check_rows() -> list[dict]:
     """Triton vs the fp32 reference on quantized random data (codes from quantize_kv, checked bit-exact)."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
+    for t, n_ctx, kernel in ((1000, 300, "cudnn"), (1000, 300, "flash"), (1, 300, "auto"), (300, 0, "auto")):
+        q = torch.randn(t, HKV * G, D, device="cuda", generator=gen).half()
+        k = torch.randn(HKV, n_ctx + t, D, device="cuda", generator=gen).half()
+        v = torch.randn(HKV, n_ctx + t, D, device="cuda", generator=gen).half()
+        attention.CUDNN_MIN_QUERIES = 1 if kernel == "cudnn" else (1 << 30 if kernel == "flash" else 256)
+        out, lse = attention.dense_attention(q, k, v, n_ctx, D**-0.5)
+        attention.CUDNN_MIN_QUERIES = 256
+        ref_out, ref_lse = attention.reference(q.float(), k.float(), v.float(), n_ctx, D**-0.5)
+        rows.append(
+            {
+                "kind": "check",
+                "op": f"dense-{kernel}",
+                "t": t,
+                "n_ctx": n_ctx,
+                **_err(out, lse, ref_out, ref_lse),
+            }
+        )
     cases = [(4, 4, 128, 128), (8, 4, 128, 128), (4, 3, 64, 64), (4, 4, 128, 32)]
     for bits, g, d, group in cases:
         n = group * 70

@@ -17,6 +17,30 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def bench_graph(calls: list, reps: int = 20) -> float:
+    """Median milliseconds per call of ``calls`` replayed back to back in one CUDA graph: no launch or Python
+    overhead, as in the graph-captured decode step. Give calls different buffers so that L2 holds none of them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, autotunes) outside the capture
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in calls:
+            f()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
 def copy_bandwidth_gbps() -> float:
     """The memory ceiling: bytes read + written per second by a 1 GiB device-to-device copy, in GB/s."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()

@@ -16,12 +16,13 @@ import itertools
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import triton
 
-from duo_qserve.bench.common import bench, commit, gpu_header
+from duo_qserve.bench.common import bench, bench_graph, commit, gpu_header
 
 from ..kernels import int8_gemm
 from ..kernels.int8_gemm import w8a8_matmul
@@ -83,24 +84,25 @@ def prefill_rows(ms: tuple[int, ...]) -> list[dict]:
 
 
 def _decode_timings(m: int, n: int, k: int) -> dict[str, tuple[float, int]]:
-    """method -> (ms, weight bytes read)."""
+    """method -> (ms, weight bytes read), each timed as a CUDA graph of one call per weight copy (as the decode
+    step runs: no launch overhead; the copies exceed L2)."""
     copies = max(2, ROTATE_BYTES // (n * k))
-    ws = itertools.cycle(
-        [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(copies)]
-    )
+    ws = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(copies)]
     w_s = torch.rand(n, device="cuda") / 127
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
     x_s = torch.rand(m, 1, device="cuda")
     x_pad = torch.zeros(32, k, dtype=torch.int8, device="cuda")  # _int_mm needs M > 16
     timings = {
-        "w8a8_triton": (bench(lambda: w8a8_matmul(x_q, x_s, next(ws), w_s, torch.float16)), n * k),
-        "int_mm_pad32": (bench(lambda: torch._int_mm(x_pad, next(ws).t())), n * k),
+        "w8a8_triton": (
+            bench_graph([partial(w8a8_matmul, x_q, x_s, w, w_s, torch.float16) for w in ws]),
+            n * k,
+        ),
+        "int_mm_pad32": (bench_graph([partial(torch._int_mm, x_pad, w.t()) for w in ws]), n * k),
     }
-    wb = itertools.cycle(
-        [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(max(2, copies // 2))]
-    )
+    del ws
+    wb = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(max(2, copies // 2))]
     a = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-    timings["bf16_mm"] = (bench(lambda: torch.mm(a, next(wb).t())), 2 * n * k)
+    timings["bf16_mm"] = (bench_graph([partial(torch.mm, a, w.t()) for w in wb]), 2 * n * k)
     return timings
 
 
@@ -113,41 +115,44 @@ def decode_rows(ms: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def _time_config(cfg: triton.Config, m: int, n: int, k: int) -> float:
-    """One decode tile config launched directly (no autotuner), weights rotating."""
-    copies = max(2, ROTATE_BYTES // (n * k))
-    ws = itertools.cycle(
-        [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(copies)]
-    )
-    w_s, x_s = torch.rand(n, device="cuda"), torch.rand(m, 1, device="cuda")
-    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
-    out = torch.empty(m, n, dtype=torch.float16, device="cuda")
-    c = cfg.kwargs
-    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)
-    kernel = int8_gemm._w8a8_gemm_kernel[grid]
-    return bench(
-        lambda: kernel(
-            x_q, x_s, next(ws), w_s, out, m, n, k, 1, k, k, n, **c,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    )  # fmt: skip
-
-
-def decode_config_rows(m: int = 1) -> list[dict]:
-    """Every decode tile config timed alone: shows how much the autotuner's pick matters."""
+def decode_config_rows() -> list[dict]:
+    """Every M=1 GEMV config launched alone (no autotuner) as a graph over rotating weights, plus its exactness
+    against the float64 reference: shows how much the autotuner's pick matters."""
     rows = []
-    for (name, (n, k)), cfg in itertools.product(SHAPES.items(), int8_gemm._DECODE_CONFIGS):
+    for (name, (n, k)), cfg in itertools.product(SHAPES.items(), int8_gemm._GEMV_CONFIGS):
+        ws = [
+            torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+            for _ in range(max(2, ROTATE_BYTES // (n * k)))
+        ]
+        w_s, x_s = torch.rand(n, device="cuda") / 127, torch.rand(1, 1, device="cuda") / 127
+        x_q = torch.randint(-127, 128, (1, k), dtype=torch.int8, device="cuda")
+        out = torch.empty(1, n, dtype=torch.float32, device="cuda")
         c = cfg.kwargs
-        method = f"triton_cfg_{c['BLOCK_N']}x{c['BLOCK_K']}_s{cfg.num_stages}_w{cfg.num_warps}"
-        t = _time_config(cfg, m, n, k)
-        rows.append(_row(name, m, n, k, method, t, GBps=round(n * k / t / 1e6, 1)))
+
+        def call(w, c=c, nw=cfg.num_warps, n=n, k=k, w_s=w_s, x_s=x_s, x_q=x_q, out=out):
+            int8_gemm._w8a8_gemv_kernel[(triton.cdiv(n, c["BLOCK_N"]),)](
+                x_q.view(torch.int32), x_s.reshape(-1), w.view(torch.int32), w_s, out, n, k // 4, k // 4, **c,
+                ASM=True, num_warps=nw,
+            )  # fmt: skip
+
+        call(ws[0])
+        err = (out - int8_gemm.reference(x_q, x_s, ws[0], w_s, torch.float32)).abs().max().item()
+        t = bench_graph([partial(call, w) for w in ws])
+        method = f"gemv_cfg_{c['BLOCK_N']}x{c['BLOCK_K']}_w{cfg.num_warps}"
+        rows.append(_row(name, 1, n, k, method, t, GBps=round(n * k / t / 1e6, 1)) | {"max_abs_err": err})
+        del ws
     return rows
 
 
 def tuned_configs() -> dict[str, str]:
     """The autotuner's choice per (M bucket, N, K): which tiles won, for the record."""
     out = {}
-    for regime, kernel in (("prefill", int8_gemm._prefill_gemm), ("decode", int8_gemm._decode_gemm)):
+    kernels = (
+        ("prefill", int8_gemm._prefill_gemm),
+        ("decode", int8_gemm._decode_gemm),
+        ("gemv", int8_gemm._gemv),
+    )
+    for regime, kernel in kernels:
         for key, cfg in kernel.cache.items():
             out[f"{regime}:{key[:3]}"] = str(cfg)
     return out

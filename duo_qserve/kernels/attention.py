@@ -19,7 +19,7 @@ def dense_attention(
     (so ``k`` holds either just the context, or the context followed by the T new tokens).
 
     Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] float32). On CUDA (fp16/bf16) it runs the flash kernel
-    behind SDPA, which never materializes the [T, S] scores; elsewhere the float32 reference below.
+    behind SDPA (cuDNN or flash, ``fused_attention``), which never materializes the [T, S] scores; elsewhere the float32 reference below.
     """
     t, hq, d = q.shape
     hkv, s, _ = k.shape
@@ -42,23 +42,38 @@ def _flash_attention(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor
     parts = []
     if n_ctx:
         qf = q.view(t, hkv, group, d).permute(1, 0, 2, 3).reshape(1, hkv, t * group, d)
-        out, lse = _flash(qf, k[None, :, :n_ctx], v[None, :, :n_ctx], False, sm_scale)
+        out, lse = fused_attention(qf, k[None, :, :n_ctx], v[None, :, :n_ctx], False, sm_scale)
         out = out.view(hkv, t, group, d).permute(1, 0, 2, 3).reshape(t, hq, d)
         parts.append((out, lse.view(hkv, t, group).permute(1, 0, 2).reshape(t, hq)))
     if k.shape[1] > n_ctx:
         kh = k[:, n_ctx:].repeat_interleave(group, 0)[None]
         vh = v[:, n_ctx:].repeat_interleave(group, 0)[None]
-        out, lse = _flash(q.transpose(0, 1)[None], kh, vh, True, sm_scale)
+        out, lse = fused_attention(q.transpose(0, 1)[None], kh, vh, True, sm_scale)
         parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
     return parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
 
 
-def _flash(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[1, H, T, D] inputs -> (out [1, H, T, D], lse [1, H, T] float32, natural log)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, causal, False, scale=sm_scale
-    )[:2]
-    return out, lse.float()
+CUDNN_MIN_QUERIES = 256  # below this (decode steps, short questions) the flash kernel
+
+
+def fused_attention(
+    q, k, v, causal: bool, sm_scale: float, kernel: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, H, T, D] inputs -> (out [1, H, T, D], lse [1, H, T] float32, natural log), through PyTorch's fused
+    kernels: cuDNN for pre-fill-sized query counts (about 1.7x the flash kernel's FLOP rate on H100 pre-fill
+    shapes, benchmarks/results/attention-*.json), flash for a few queries. ``kernel``: "auto", "cudnn", "flash"."""
+    if kernel == "auto":
+        big = q.shape[2] >= CUDNN_MIN_QUERIES and q.shape[-1] <= 128
+        kernel = "cudnn" if big and torch.backends.cudnn.is_available() else "flash"
+    if kernel == "cudnn":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=sm_scale
+        )[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=sm_scale
+        )[:2]
+    return out, lse.reshape(out.shape[:3]).float()
 
 
 def reference(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from duo_qserve.kernels import use_triton
-from duo_qserve.kernels.attention import dense_attention, merge
+from duo_qserve.kernels.attention import dense_attention, fused_attention, merge
 from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, qmax
 
@@ -77,24 +77,6 @@ def _channels(j, SUB: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _load_block(b, kw_h, vw_h, ks_h, kz_h, vs_h, vz_h, offs_n, j, c0, c1, c2, c3, W: tl.constexpr, D: tl.constexpr,
-                GROUP: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Block ``b`` of one kv head: key and value words, value scales/zeros (per token) and the key scales/zeros
-    of its group for the four channel sub-tiles, as fp32."""
-    tok = b * BLOCK_N + offs_n
-    words = tok[:, None] * W + j[None, :]
-    sz = (b * BLOCK_N // GROUP) * D
-    return (
-        tl.load(kw_h + words), tl.load(vw_h + words),
-        tl.load(vs_h + tok).to(tl.float32), tl.load(vz_h + tok).to(tl.float32),
-        tl.load(ks_h + sz + c0).to(tl.float32), tl.load(ks_h + sz + c1).to(tl.float32),
-        tl.load(ks_h + sz + c2).to(tl.float32), tl.load(ks_h + sz + c3).to(tl.float32),
-        tl.load(kz_h + sz + c0).to(tl.float32), tl.load(kz_h + sz + c1).to(tl.float32),
-        tl.load(kz_h + sz + c2).to(tl.float32), tl.load(kz_h + sz + c3).to(tl.float32),
-    )  # fmt: skip
-
-
-@triton.jit
 def _attn_codes_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr,
     n_rows, blocks_per_split, n_blocks, qk_scale,
@@ -139,20 +121,17 @@ def _attn_codes_kernel(
     vs_h, vz_h = vs_ptr + h * s_vsh, vz_ptr + h * s_vsh
     b_start = split * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    # Software prefetch: block b + 1 is loaded while block b is computed, so every program keeps one block of
-    # codes in flight (the compiler does not pipeline these loads itself: they reach the dots through bit ops).
-    # An empty split reads block 0 and never uses it.
-    b_last = tl.maximum(b_end - 1, 0)
-    kw, vw, vs, vz, s0, s1, s2, s3, z0, z1, z2, z3 = _load_block(
-        tl.minimum(b_start, b_last), kw_h, vw_h, ks_h, kz_h, vs_h, vz_h, offs_n, j, c0, c1, c2, c3, W, D, GROUP, BLOCK_N
-    )  # fmt: skip
     for b in range(b_start, b_end):
-        nxt = _load_block(
-            tl.minimum(b + 1, b_last), kw_h, vw_h, ks_h, kz_h, vs_h, vz_h, offs_n, j, c0, c1, c2, c3, W, D, GROUP,
-            BLOCK_N,
-        )  # fmt: skip
+        tok = b * BLOCK_N + offs_n
+        words = tok[:, None] * W + j[None, :]
         # Keys: fold the block's group scale into q and its zero into a per-row bias (BLOCK_N divides GROUP).
+        sz = (b * BLOCK_N // GROUP) * D
+        s0, z0 = tl.load(ks_h + sz + c0).to(tl.float32), tl.load(kz_h + sz + c0).to(tl.float32)
+        s1, z1 = tl.load(ks_h + sz + c1).to(tl.float32), tl.load(kz_h + sz + c1).to(tl.float32)
+        s2, z2 = tl.load(ks_h + sz + c2).to(tl.float32), tl.load(kz_h + sz + c2).to(tl.float32)
+        s3, z3 = tl.load(ks_h + sz + c3).to(tl.float32), tl.load(kz_h + sz + c3).to(tl.float32)
         bias = tl.sum(q0 * z0[None, :] + q1 * z1[None, :] + q2 * z2[None, :] + q3 * z3[None, :], 1)
+        kw = tl.load(kw_h + words)
         qk = tl.dot((q0 * s0[None, :]).to(DOT), tl.trans(_codes(kw, 0, BITS).to(DOT)))
         qk = tl.dot((q1 * s1[None, :]).to(DOT), tl.trans(_codes(kw, 1, BITS).to(DOT)), qk)
         qk = tl.dot((q2 * s2[None, :]).to(DOT), tl.trans(_codes(kw, 2, BITS).to(DOT)), qk)
@@ -166,13 +145,14 @@ def _attn_codes_kernel(
         m_i = m_new
 
         # Values: fold the per-token scale into p and the per-token zero into az.
+        vs, vz = tl.load(vs_h + tok).to(tl.float32), tl.load(vz_h + tok).to(tl.float32)
         az = az * alpha + tl.sum(p * vz[None, :], 1)
         ps = (p * vs[None, :]).to(DOT)
+        vw = tl.load(vw_h + words)
         a0 = tl.dot(ps, _codes(vw, 0, BITS).to(DOT), a0 * alpha[:, None])
         a1 = tl.dot(ps, _codes(vw, 1, BITS).to(DOT), a1 * alpha[:, None])
         a2 = tl.dot(ps, _codes(vw, 2, BITS).to(DOT), a2 * alpha[:, None])
         a3 = tl.dot(ps, _codes(vw, 3, BITS).to(DOT), a3 * alpha[:, None])
-        kw, vw, vs, vz, s0, s1, s2, s3, z0, z1, z2, z3 = nxt
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
     zs = (az * inv_l)[:, None]
@@ -235,7 +215,7 @@ def _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, b
 
 def decode_attention(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
-    block_n: int = 128, num_warps: int = 4, num_stages: int = 3, waves: float = 8.0, num_splits: int | None = None,
+    block_n: int = 128, num_warps: int = 2, num_stages: int = 3, waves: float = 4.0, num_splits: int | None = None,
     block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The split-K code kernel (same arguments and result as ``reference``; ``n_quant > 0``).
@@ -350,18 +330,12 @@ def dequantize_kv(
 def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, kernel: str = "auto"):
     """Non-causal attention with log-sum-exp: q [H, M, D], k/v [H, S, D] -> (out [H, M, D], lse [H, M] fp32).
 
-    On CUDA the fused library kernels (cuDNN where it runs, else flash); on CPU the fp32 reference math."""
+    On CUDA the fused library kernels (``fused_attention``); on CPU the fp32 reference math."""
     if not q.is_cuda:
         out, lse = dense_attention(q.transpose(0, 1), k, v, n_ctx=k.shape[1], sm_scale=sm_scale)
         return out.transpose(0, 1), lse.transpose(0, 1)
-    q4, k4, v4 = q[None], k[None], v[None]
-    if kernel == "auto":
-        kernel = "cudnn" if torch.backends.cudnn.is_available() and q.shape[-1] <= 128 else "flash"
-    if kernel == "cudnn":
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, scale=sm_scale)
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, scale=sm_scale)
-    return res[0][0], res[1].reshape(q.shape[:2]).float()
+    out, lse = fused_attention(q[None], k[None], v[None], False, sm_scale, kernel)
+    return out[0], lse[0]
 
 
 def prefill_attention(
