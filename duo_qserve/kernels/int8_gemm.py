@@ -1,17 +1,18 @@
 """W8A8 GEMM: ``out[m, n] = (x_q[m] . w_q[n]) * x_scale[m] * w_scale[n]``, int8 inputs, int32 accumulation.
 
-One Triton kernel serves both regimes, tuned separately:
+Three regimes, each tuned separately:
 
 - pre-fill (M > 16): 128/256-row tiles on the int8 tensor cores, grouped tile order so row tiles reuse each
   weight tile from L2, both scales applied in the epilogue so the int32 accumulator never reaches memory.
   H100, Llama-3-8B shapes (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23-explore.json),
   M = 4096..32768: 1020-1175 TOPS, vs 790-910 for cuBLAS ``torch._int_mm`` alone (int32 out, no scales),
   690-860 for ``_int_mm`` + a Triton scale epilogue (so that path was dropped) and 600-720 for bf16 ``torch.mm``;
-- decode (M <= 16, which ``torch._int_mm`` refuses): 16-row tiles with narrow N tiles, so the weight is split
-  over many programs and streamed once with wide K loads. Memory-bound, so the 16x redundant MMA work is free.
-  H100 at M=1 (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23.json; copy 3.0 TB/s read+write):
-  1.1-2.0 TB/s of weight (o smallest, gate_up largest), 1.5-1.7x faster than the bf16 cuBLAS GEMV and
-  1.0-1.2x faster than padding to 32 rows for ``_int_mm``. The tile choice moves it by up to 25%, hence autotune.
+- decode, M = 1 (batch-1 decode steps): ``_w8a8_gemv_kernel``, no tensor cores: weight rows read as int32 words and
+  reduced with ``dp4a``; under CUDA graphs on an H100 it reads 72-95% of copy bandwidth per Llama-3-8B shape, 89%
+  over a layer (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23.json), where 16-row tensor-core tiles
+  reached 37-68%;
+- 2 <= M <= 16 (which ``torch._int_mm`` refuses): the tile kernel with 16-row tiles and narrow N tiles,
+  memory-bound, so the redundant MMA rows are free.
 
 The weight stays in nn.Linear layout ``[N, K]`` (K contiguous), the layout QServe checkpoints use.
 """
