@@ -18,21 +18,21 @@ def dense_attention(
     """Keys ``[0, n_ctx)`` are visible to every query; key ``n_ctx + j`` is visible to query ``i`` iff ``j <= i``
     (so ``k`` holds either just the context, or the context followed by the T new tokens).
 
-    Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] float32). On CUDA (fp16/bf16) it runs the flash kernel
-    behind SDPA (cuDNN or flash, ``fused_attention``), which never materializes the [T, S] scores; elsewhere the float32 reference below.
+    Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] float32). On CUDA (fp16/bf16) it runs the fused kernels
+    behind SDPA (``fused_attention``), which never materialize the [T, S] scores; elsewhere the float32 reference.
     """
     t, hq, d = q.shape
     hkv, s, _ = k.shape
     if s not in (n_ctx, n_ctx + t):
         raise ValueError(f"expected {n_ctx} context keys (+ {t} new keys), got {s}")
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and s:
-        return _flash_attention(q, k, v, n_ctx, sm_scale)
+        return _fused_parts(q, k, v, n_ctx, sm_scale)
     return reference(q, k, v, n_ctx, sm_scale)
 
 
-def _flash_attention(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context part (non-causal) and new part (causal, square) through the flash kernel, merged by lse: the
-    kernel's own causal mask is top-left aligned, so a context before the new tokens needs the split.
+def _fused_parts(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context part (non-causal) and new part (causal, square) through ``fused_attention``, merged by lse: the
+    kernels' own causal mask is top-left aligned, so a context before the new tokens needs the split.
 
     The context part folds each KV head's query group into the query axis, so a long context is read once and
     never copied per query head; the new part (at most one chunk) repeats its K/V per query head instead."""
