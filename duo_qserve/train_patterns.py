@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from duo_qserve.loading import REPO_ROOT, load_model
 from duo_qserve.model import Transformer
-from duo_qserve.patterns import save_pattern
+from duo_qserve.patterns import load_pattern, random_pattern, save_pattern, sparsify
 
 # The essays used as haystack by training, scoring and NIAH; a machine without the shared data dir passes its own.
 HAYSTACK_DIR = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
@@ -144,6 +144,9 @@ def lr_multiplier(step: int, total: int) -> float:
 class Sample:
     ids: torch.Tensor  # [T] token ids
     supervised: torch.Tensor  # [T] bool: the question/answer tokens the loss looks at
+    needle: (
+        torch.Tensor
+    )  # [T] bool: the tokens the answers must be retrieved from (the passkeys in the context)
 
 
 SampleFn = Callable[[random.Random], Sample]
@@ -182,23 +185,28 @@ class PasskeyRetrieval:
         hay = self.haystack[start : start + n]
         keys = [" ".join(rng.choice(NATO) for _ in range(s.passkey_length)) for _ in range(s.num_passkeys)]
         depths = sorted(rng.sample(list(self.depths), s.num_passkeys))
-        context, prev = [], 0
+        ids, needle, prev = list(self.prefix), [], 0
         for i, (key, depth) in enumerate(zip(keys, depths, strict=True)):
             cut = int(n * depth)
-            needle = (
-                f"\n\nRemember this sequence of words, it's the {ORDINALS[i]} passkey to the vault: {key}\n\n"
+            ids += hay[prev:cut]
+            ids += self._encode(
+                f"\n\nRemember this sequence of words, it's the {ORDINALS[i]} passkey to the vault:"
             )
-            context += hay[prev:cut] + self._encode(needle)
+            key_ids = self._encode(f" {key}")
+            needle.append((len(ids), len(ids) + len(key_ids)))
+            ids += key_ids + self._encode("\n\n")
             prev = cut
-        context += hay[prev:]
-        qa = []
+        ids += hay[prev:] + self.book_end
+        n_context = len(ids)
         for i, key in enumerate(keys):
             question = f"Based on the content of the book, what is the {ORDINALS[i]} passkey to the vault?\nPasskey: "
-            qa += self._encode(question + key + "\n\n")
-        ids = self.prefix + context + self.book_end + qa
+            ids += self._encode(question + key + "\n\n")
         supervised = torch.zeros(len(ids), dtype=torch.bool)
-        supervised[len(ids) - len(qa) :] = True
-        return Sample(torch.tensor(ids), supervised)
+        supervised[n_context:] = True
+        needle_mask = torch.zeros(len(ids), dtype=torch.bool)
+        for start, end in needle:
+            needle_mask[start:end] = True
+        return Sample(torch.tensor(ids), supervised, needle_mask)
 
 
 # ---- training --------------------------------------------------------------------------------------------------
@@ -293,6 +301,75 @@ def train_gates(
     return gates.detach().cpu().numpy().astype(np.float64)
 
 
+@torch.no_grad()
+def deployed_loss(
+    model: Transformer,
+    gates: np.ndarray,
+    sparsity: float,
+    make_sample: SampleFn,
+    settings: TrainSettings,
+    n_samples: int,
+    seed: int,
+) -> float:
+    """Distillation loss of a pattern as it is served: the ``sparsity`` fraction of heads with the lowest gates
+    purely streaming (gate 0), every other head full (gate 1), averaged over ``n_samples`` samples drawn with
+    ``seed`` (not the training seed, so they are held out).
+
+    The soft gates do not say what the binarized pattern costs; this does, on the training task, so runs with
+    different settings (e.g. regularization weights) can be compared without looking at any evaluation."""
+    device = next(model.parameters()).device
+    full = torch.as_tensor(sparsify(gates, sparsity)[0], dtype=torch.float32, device=device)
+    rng, q_per_kv, total = random.Random(seed), model.args.q_per_kv, 0.0
+    for _ in range(n_samples):
+        sample = make_sample(rng)
+        ids, supervised = sample.ids.to(device), sample.supervised.to(device)
+        teacher = model.hidden_states(ids, FullAttention(q_per_kv))
+        mask = streaming_mask(len(ids), settings.sink_size, settings.recent_size, device)
+        student = model.hidden_states(ids, GatedAttention(full, q_per_kv, mask))
+        total += distill_loss(student, teacher, supervised).item()
+    return total / n_samples
+
+
+def validate(
+    model: Transformer,
+    gates: np.ndarray,
+    make_sample: SampleFn,
+    settings: TrainSettings,
+    sparsity: float,
+    n_samples: int,
+) -> dict:
+    """The held-out deployed loss of the trained pattern beside a random pattern's (``patterns.random_pattern``,
+    seed 0, the random control of the NIAH evaluation), for ``config.json``."""
+    seed = settings.seed + 1
+
+    def loss(g: np.ndarray) -> float:
+        return deployed_loss(model, g, sparsity, make_sample, settings, n_samples, seed)
+
+    return dict(
+        sparsity=sparsity, samples=n_samples, seed=seed, distill_trained=loss(gates),
+        distill_random=loss(random_pattern(model.args, seed=0).gates),
+    )  # fmt: skip
+
+
+def select_best(candidates: list[Path], out: Path) -> Path:
+    """Copy the candidate pattern with the lowest held-out deployed loss (``config.json`` "validation") to ``out``,
+    recording every candidate's loss there, so a sweep (e.g. over ``--reg-weight``) is picked on the training task,
+    not on an evaluation."""
+    losses = {}
+    for d in candidates:
+        val = load_pattern(d).config.get("validation")
+        if not val:
+            raise ValueError(
+                f"{d} has no held-out validation in its config.json (trained with --validate-samples 0?)"
+            )
+        losses[str(d)] = val["distill_trained"]
+    best = min(losses, key=losses.get)
+    pattern = load_pattern(best)
+    config = pattern.config | {"selected_from": losses}
+    save_pattern(out, np.loadtxt(Path(pattern.source) / "full_attention_heads.tsv", ndmin=2), config)
+    return Path(best)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m duo_qserve.train_patterns", description=__doc__.split("\n\n")[0]
@@ -324,7 +401,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--haystack-dir", default=str(HAYSTACK_DIR), help="directory of *.txt essays")
+    p.add_argument(
+        "--validate-samples", type=int, default=16,
+        help="held-out samples for the deployed loss written to config.json (0: skip)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="streaming ratio the deployed loss is measured at"
+    )
+    p.add_argument(
+        "--select-from", nargs="+", default=None, metavar="DIR",
+        help="no training: copy the trained pattern with the lowest held-out deployed loss among DIRs to --out",
+    )  # fmt: skip
     a = p.parse_args(argv)
+    if a.select_from:
+        best = select_best([Path(d) for d in a.select_from], Path(a.out))
+        print(f"wrote {a.out} from {best}")
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.passkeys > len(ORDINALS):
@@ -346,9 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(asdict(settings)), flush=True)
     t0 = time.perf_counter()
     log = lambda msg: print(msg, flush=True)
+    make_sample = PasskeyRetrieval(loaded.tokenizer, settings, Path(a.haystack_dir))
     gates = train_gates(
         loaded.model,
-        PasskeyRetrieval(loaded.tokenizer, settings, Path(a.haystack_dir)),
+        make_sample,
         settings,
         ckpt,
         a.resume,
@@ -364,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         "deploy_sink_size": a.deploy_sink,
         "deploy_recent_size": a.deploy_recent,
     }
+    if a.validate_samples:
+        config["validation"] = validate(
+            loaded.model, gates, make_sample, settings, a.sparsity, a.validate_samples
+        )
+        print(f"held-out deployed loss: {json.dumps(config['validation'])}", flush=True)
     save_pattern(out, gates, config)
     q = np.quantile(gates, [0.25, 0.5, 0.75])
     print(

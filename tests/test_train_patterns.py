@@ -1,4 +1,4 @@
-"""Gate training on a tiny model with one planted long-range (retrieval) head."""
+"""Gate training and fast scoring on a tiny model with one planted long-range (retrieval) head."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import numpy as np
 import torch
 
 from duo_qserve.model import ModelArgs, Transformer
+from duo_qserve.patterns import load_pattern, save_pattern
+from duo_qserve.score_patterns import score_heads
 from duo_qserve.train_patterns import (
     FullAttention,
     GatedAttention,
     Sample,
     TrainSettings,
+    deployed_loss,
     lr_multiplier,
+    select_best,
     streaming_mask,
     train_gates,
 )
@@ -62,10 +66,13 @@ def planted_model() -> Transformer:
 def copy_task(rng: random.Random) -> Sample:
     """BOS, filler with one special token far outside the recent window, then supervised filler at the end."""
     ids = [BOS] + [rng.choice(FILLER) for _ in range(LENGTH - 1)]
-    ids[rng.randrange(SINK + 2, LENGTH - RECENT - ANSWER)] = rng.choice(SPECIAL)
+    at = rng.randrange(SINK + 2, LENGTH - RECENT - ANSWER)
+    ids[at] = rng.choice(SPECIAL)
     supervised = torch.zeros(LENGTH, dtype=torch.bool)
     supervised[-ANSWER:] = True
-    return Sample(torch.tensor(ids), supervised)
+    needle = torch.zeros(LENGTH, dtype=torch.bool)
+    needle[at] = True
+    return Sample(torch.tensor(ids), supervised, needle)
 
 
 def settings(**kw) -> TrainSettings:
@@ -110,3 +117,30 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
     resumed = train_gates(planted_model(), copy_task, s, tmp_path / "b", resume=True, log=lambda _: None)
     np.testing.assert_allclose(resumed, straight, atol=1e-7)
     assert not np.allclose(straight, 1.0)
+
+
+def test_deployed_loss_is_small_when_the_retrieval_head_stays_full_and_large_when_it_streams():
+    model, s = planted_model(), settings()
+    keep = np.array([[1.0, 0.2], [0.1, 0.3]])  # at 50%: (0, 0) and (1, 1) stay full
+    drop = np.array([[0.0, 1.0], [0.1, 0.3]])  # at 50%: (0, 1) and (1, 1) stay full, (0, 0) streams
+    good = deployed_loss(model, keep, 0.5, copy_task, s, n_samples=4, seed=1)
+    bad = deployed_loss(model, drop, 0.5, copy_task, s, n_samples=4, seed=1)
+    # the BOS-reading heads spread a little mass beyond BOS, so streaming them is cheap but not free
+    assert bad > 50 * good > 0, (good, bad)
+
+
+def test_fast_scoring_ranks_the_planted_retrieval_head_first():
+    scores = score_heads(planted_model(), copy_task, n_samples=4, sink=SINK, recent=RECENT)
+    others = np.delete(scores.ravel(), 0)
+    assert scores[0, 0] > 0.5 and others.max() < 0.1, scores
+
+
+def test_select_best_takes_the_lowest_held_out_loss_and_records_all(tmp_path):
+    for name, loss, gate in (("a", 0.3, 0.1), ("b", 0.1, 0.7), ("c", 0.2, 0.4)):
+        save_pattern(tmp_path / name, np.full((2, 2), gate), {"validation": {"distill_trained": loss}})
+    best = select_best([tmp_path / n for n in "abc"], tmp_path / "out")
+    chosen = load_pattern(tmp_path / "out")
+    assert best == tmp_path / "b" and np.allclose(chosen.gates, 0.7)
+    assert chosen.config["selected_from"] == {
+        str(tmp_path / n): v for n, v in zip("abc", (0.3, 0.1, 0.2), strict=True)
+    }

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
+import os
 import platform
 import random
 import re
@@ -163,14 +165,19 @@ def write_results(out: Path, meta: dict, results: list[dict], append: bool = Fal
     """Write the results file; with ``append``, merge into the file as it is now (its other configurations and
     command kept), so runs of different configurations, even concurrent ones, end up in one file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if append and out.is_file():
-        old = json.loads(out.read_text())
-        mine = meta["command"]
-        command = old["command"] if mine in old["command"] else old["command"] + " && " + mine
-        meta = meta | {"command": command}
-        mine = {r["name"] for r in results}
-        results = [r for r in old["configurations"] if r["name"] not in mine] + results
-    out.write_text(json.dumps(meta | {"configurations": results}, indent=2) + "\n")
+    lock = os.open(out.parent, os.O_RDONLY)  # concurrent runs appending to one file take turns (dir lock)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if append and out.is_file():
+            old = json.loads(out.read_text())
+            mine = meta["command"]
+            command = old["command"] if mine in old["command"] else old["command"] + " && " + mine
+            meta = meta | {"command": command}
+            mine = {r["name"] for r in results}
+            results = [r for r in old["configurations"] if r["name"] not in mine] + results
+        out.write_text(json.dumps(meta | {"configurations": results}, indent=2) + "\n")
+    finally:
+        os.close(lock)  # closing releases the lock
     return out
 
 
@@ -201,6 +208,11 @@ def standard_configs(args: argparse.Namespace) -> dict[str, Config]:
             "full",
             dict(pattern=None, kv_bits=16, w8a8=False, dtype=torch.float32, **common),
             "full attention, fp32 weights and KV",
+        ),
+        "full-quantized": Config(
+            "full-quantized",
+            dict(duo, pattern=args.trained, sparsity=0.0),
+            f"every head a retrieval head, {quant}: what quantization alone costs",
         ),
         "duo-trained": Config("duo-trained", dict(pattern=args.trained, **duo), f"trained, {quant}"),
         "duo-trained-kv4": Config(
