@@ -2,101 +2,58 @@
 
 At batch 1 a decode step of an 8B model is launch-bound: per layer a dozen Triton launches plus dozens of small
 torch ops. ``GraphedDecoder`` captures the whole step once and replays it per token. A graph replays fixed
-launches over fixed addresses, so everything that varies per token lives in device buffers:
+launches over fixed addresses, so everything that varies per token lives in device buffers: the token id and its
+position (``[1]`` int64, written with ``fill_`` before each replay, no host sync), and from the position the new
+token's fp-tail slot ``pos % key_group``, the quantized prefix length ``n_quant`` (int32) and the streaming ring
+slot ``(pos - sink) % recent``.
 
-- the token id and its position (``[1]`` int64), written with ``fill_`` before each replay (no host sync);
-- retrieval heads: the quantized prefix length ``n_quant`` (int32) feeds the split-K code kernel, whose grid is
-  sized for the whole cache (``kv_attention.decode_attention`` with a device length); the fp tail is attended as
-  a fixed ``key_group``-slot buffer masked to the ``tail_len + 1`` valid slots, after the new token is written at
-  slot ``tail_len`` (``index_copy_``). When the host-tracked length fills the tail, the group is quantized into
-  the arena eagerly, between replays (once per ``key_group`` tokens: ``DuoKVCache._append_quantized``);
-- streaming heads: once ``sink + recent`` tokens are held the ring is full, so attention is over all the sink
-  and ring slots + the new token, and the new token then goes to ring slot ``(pos - sink) % recent``.
+Each layer's attention is ``kernels.decode_step`` (the model hands it q and k before RoPE: ``rotates_qk``), three
+launches for all heads: a fused kernel that applies RoPE, attends the retrieval heads' fp tail (masked to
+``tail_len + 1`` slots of the fixed ``key_group``-slot buffer) and the streaming heads' sinks + full ring + new
+token, and writes the new k/v into the tail or ring slot; the split-K code kernel over the quantized prefix, its
+grid sized for the whole cache; and one merge of all partials into the layer's output. When the host-tracked
+length fills the tail, the group is quantized into the arena eagerly, between replays (once per ``key_group``
+tokens: ``DuoKVCache._append_quantized``). Streaming heads need a full ring (``sink + recent`` tokens held):
+attention is then over every sink and ring slot + the new token, which then replaces the oldest ring slot.
 
 The graph reads only the cache's preallocated tensors, the weights and the buffers above, so it stays valid
 across ``reset``/``checkpoint``/``restore``; a new cache or model needs a new ``GraphedDecoder``. Steps the graph
-does not cover (CPU, ``kv_bits=16``, a ring not yet full) run the eager ``model(...)``.
+does not cover (CPU, ``kv_bits=16``, a ring not yet full) run the eager ``model(...)``; ``use_graph=False`` runs the
+graph-safe step without a graph (its torch reference on CPU), which tests hold to the eager step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from duo_qserve.cache import DuoKVCache, split_heads
-from duo_qserve.kernels import kv_attention, use_triton
-from duo_qserve.kernels.attention import dense_attention, merge
-from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
-from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
-
-
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor, sm_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query q [1, Hq, D] over the first ``n_valid`` (a device scalar) of the slots k/v [Hkv, S, D].
-    Returns (out [1, Hq, D] in q's dtype, lse [1, Hq] float32) like ``dense_attention``; with no valid slot,
-    zeros and lse = -inf (no mass in ``merge``)."""
-    hq, d = q.shape[1:]
-    hkv, s, _ = k.shape
-    g = hq // hkv
-    qf = q.reshape(hkv, g, d).float()
-    scores = torch.matmul(qf, k.float().transpose(1, 2)) * sm_scale  # [Hkv, G, S]
-    keep = torch.arange(s, device=q.device) < n_valid
-    scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = torch.matmul(torch.exp(scores - shift[..., None]), v.float())  # [Hkv, G, D]
-    return out.reshape(1, hq, d).to(q.dtype), lse.reshape(1, hq)
-
-
-def quantized_prefix_attention(q, s: dict, n_quant: torch.Tensor, bits: int, group: int, sm_scale: float):
-    """Attention of q [1, Hq, D] over the first ``n_quant`` (int32 device scalar) tokens of a layer's arena ``s``:
-    the split-K code kernel with a device length where Triton runs, else the whole arena de-quantized and
-    masked (the reference, for CPU tests)."""
-    arena = (s["k_data"], s["k_scale"], s["k_zero"], s["v_data"], s["v_scale"], s["v_zero"])
-    if use_triton(backend(), q, _INTERPRETED):
-        return kv_attention.decode_attention(q.contiguous(), *arena, n_quant, bits, group, sm_scale)
-    k = dequantize_keys(s["k_data"], s["k_scale"], s["k_zero"], bits, group)
-    v = dequantize_values(s["v_data"], s["v_scale"], s["v_zero"], bits)
-    return masked_attention(q, k, v, n_quant, sm_scale)
+from duo_qserve.cache import DuoKVCache
+from duo_qserve.kernels import decode_step, kv_attention
 
 
 class _GraphStepCache:
-    """What the model sees during the graph-safe step: ``attend`` over the cache's tensors with device lengths.
-    ``seq_len``/``advance`` are inert; the decoder does the host bookkeeping after each step."""
+    """What the model sees during the graph-safe step: ``attend`` over the cache's tensors with device lengths
+    (``decode_step``, which also applies RoPE). ``seq_len``/``advance`` are inert; the decoder does the host
+    bookkeeping after each step."""
 
     seq_len = 0
+    rotates_qk = True
 
     def __init__(self, cache: DuoKVCache, pos: torch.Tensor):
         self.cache, self.config = cache, cache.config
         c = self.config
-        group = c.key_group
-        self.tail_idx = pos % group  # slot of the new token in the fp tail, int64 [1]
-        self.tail_valid = self.tail_idx + 1
+        self.tail_idx = pos % c.key_group  # slot of the new token in the fp tail, int64 [1]
         self.n_quant = (pos - self.tail_idx).to(torch.int32)
         self.ring_idx = (pos - c.sink_tokens) % c.recent_tokens
 
     def advance(self, n_tokens: int) -> None:
         pass
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return split_heads(self.cache.n_retrieval[layer], layer, q, k, v, self._retrieval, self._streaming)
-
-    def _retrieval(self, layer: int, q, k, v) -> torch.Tensor:
-        s, c, cache = self.cache.layers[layer], self.config, self.cache
-        s["k_tail"].index_copy_(1, self.tail_idx, k)
-        s["v_tail"].index_copy_(1, self.tail_idx, v)
-        out, lse = masked_attention(q, s["k_tail"], s["v_tail"], self.tail_valid, cache.sm_scale)
-        out_q, lse_q = quantized_prefix_attention(q, s, self.n_quant, c.kv_bits, c.key_group, cache.sm_scale)
-        return merge(out_q, lse_q, out, lse)[0]
-
-    def _streaming(self, layer: int, q, k, v) -> torch.Tensor:
-        s = self.cache.layers[layer]
-        k_all = torch.cat([s["sink_k"], s["ring_k"], k], dim=1)
-        v_all = torch.cat([s["sink_v"], s["ring_v"], v], dim=1)
-        out, _ = dense_attention(q, k_all, v_all, n_ctx=k_all.shape[1], sm_scale=self.cache.sm_scale)
-        s["ring_k"].index_copy_(1, self.ring_idx, k)
-        s["ring_v"].index_copy_(1, self.ring_idx, v)
-        return out
+    def attend(self, layer: int, q, k, v, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cache = self.cache
+        return decode_step.attend(
+            q, k, v, rope, cache.layers[layer], cache.n_retrieval[layer], self.tail_idx, self.ring_idx,
+            self.n_quant, self.config.kv_bits, cache.sm_scale,
+        )  # fmt: skip
 
 
 class GraphedDecoder:

@@ -5,7 +5,8 @@ batch axis keeps every shape obvious. Module names follow Hugging Face checkpoin
 state dicts load without a mapping table.
 
 The model never sees the KV-cache layout: each attention layer hands its post-RoPE ``q, k, v`` to
-``cache.attend(layer, q, k, v)``, which stores ``k, v`` however it likes and returns the attention output. Linear
+``cache.attend(layer, q, k, v)``, which stores ``k, v`` however it likes and returns the attention output (or,
+for a cache that rotates them itself, the pre-RoPE ones and the RoPE tables: ``KVCache``). Linear
 layers and norms are plain modules that quantization swaps in place (``duo_qserve.quant.w8a8``).
 """
 
@@ -124,7 +125,11 @@ PRESETS: dict[str, dict] = {
 
 
 class KVCache(Protocol):
-    """What the model needs from a cache. Implementations live in ``duo_qserve.cache``."""
+    """What the model needs from a cache. Implementations live in ``duo_qserve.cache``.
+
+    A cache may set ``rotates_qk = True``: it then gets q, k before RoPE and the cos/sin tables,
+    ``attend(layer, q, k, v, rope)``, and rotates them itself (the graph-safe decode step fuses RoPE into its
+    attention kernel, ``duo_qserve.kernels.decode_step``)."""
 
     seq_len: int  # tokens already stored (the position of the next token)
 
@@ -205,8 +210,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = cache.attend(self.layer, q, k, v)
+        if getattr(cache, "rotates_qk", False):
+            out = cache.attend(self.layer, q, k, v, rope)
+        else:
+            out = cache.attend(self.layer, apply_rope(q, *rope), apply_rope(k, *rope), v)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
 

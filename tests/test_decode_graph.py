@@ -1,9 +1,11 @@
 """The graph-safe decode step (``duo_qserve.decode_graph``) against the eager step, on CPU.
 
-The CUDA graph itself needs a GPU; what it replays is the graph-safe step, run here eagerly: device-length
-split-K decode kernel (Triton interpreter), masked fp-tail attention, ring-slot writes from the device position,
-host-side quantization of a filled tail. Like ``test_kv_kernels``, the interpreter must be on before triton's first
-import, so when another module imported triton first these tests run in a child pytest process.
+The CUDA graph itself needs a GPU; what it replays is the graph-safe step, run here eagerly: the fused step kernels
+(``duo_qserve.kernels.decode_step``: RoPE, fp tail / sink + ring attention and cache writes, device-length split-K
+code kernel, merge; Triton interpreter) or their torch reference, and host-side quantization of a filled tail.
+Like ``test_kv_kernels``, the interpreter must be on before triton's first import, so when another module imported
+triton first these tests run in a child pytest process. Inputs are fp32: the fused step agrees with its reference
+to 2e-5 * max|ref| (accumulated fp32 rounding), and writes the same cache slots bit for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from conftest import (  # noqa: E402
 )
 
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache  # noqa: E402
-from duo_qserve.decode_graph import GraphedDecoder, masked_attention  # noqa: E402
-from duo_qserve.kernels import kv_attention, kv_quantize  # noqa: E402
+from duo_qserve.decode_graph import GraphedDecoder  # noqa: E402
+from duo_qserve.kernels import decode_step, kv_attention, kv_quantize  # noqa: E402
 from duo_qserve.kernels.attention import reference as dense_reference  # noqa: E402
+from duo_qserve.kernels.decode_step import masked_attention  # noqa: E402
+from duo_qserve.model import ModelArgs, rope_cos_sin, rope_inv_freq  # noqa: E402
+
+OUT_TOL = 2e-5
 
 
 def test_in_child_process_when_triton_was_imported_first():
@@ -73,6 +79,81 @@ def test_decode_kernel_with_device_length(groups, num_splits, interpreted):
     ref_out, ref_lse = kv_attention.reference(q, *arena, groups * group, bits, group, d**-0.5)
     assert (out - ref_out).abs().max() <= 2e-5 * ref_out.abs().max()
     assert (lse - ref_lse).abs().max() <= 1e-5 * ref_lse.abs().max()
+
+
+def _random_layer(spec: CacheSpec, gen: torch.Generator) -> dict:
+    """Layer 0 of a cache filled with random codes, positive scales and fp values (no zeros anywhere)."""
+    layer = DuoKVCache(spec, "cpu").layers[0]
+    for name, t in layer.items():
+        if t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+        elif "scale" in name:
+            t.copy_(torch.rand(t.shape, generator=gen) * 0.1 + 0.01)
+        else:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    return layer
+
+
+STEP_CASES = [  # (hkv, g, n_retrieval, d, group, sink, recent, pos)
+    (2, 3, 1, 64, 32, 4, 40, 95),  # tail slot 31 (the group's last), ring slot 11
+    (2, 3, 1, 64, 32, 4, 40, 72),  # ring slot 28: sink + ring = 32, the first slot of the second chunk
+    (2, 3, 1, 64, 32, 4, 40, 83),  # ring slot 39 (the ring's last)
+    (2, 3, 1, 64, 32, 4, 40, 64),  # tail slot 0: only the new token in the tail
+    (2, 3, 1, 64, 32, 4, 40, 20),  # n_quant = 0: nothing quantized yet
+    (3, 3, 0, 16, 16, 4, 40, 50),  # streaming heads only
+    (3, 3, 3, 16, 16, 4, 40, 50),  # retrieval heads only
+    (2, 4, 1, 128, 32, 0, 40, 75),  # no sinks, G = 4, D = 128
+]
+
+
+@pytest.mark.parametrize("hkv,g,n_retrieval,d,group,sink,recent,pos", STEP_CASES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_step_equals_reference(hkv, g, n_retrieval, d, group, sink, recent, pos, bits, interpreted):
+    """Output within OUT_TOL of the torch reference; every cache tensor afterwards equal (the new k/v in the
+    tail or ring slot, nothing else touched)."""
+    gen = torch.Generator().manual_seed(hash((hkv, g, n_retrieval, d, pos, bits)) % 2**31)
+    args = ModelArgs(vocab_size=8, dim=hkv * g * d, n_layers=1, n_heads=hkv * g, n_kv_heads=hkv, head_dim=d,
+                     intermediate_size=8, rope_theta=500.0)  # fmt: skip
+    config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
+    spec = CacheSpec(args, [n_retrieval], config, 4 * group, torch.float32)
+    want_layer = _random_layer(spec, gen)
+    got_layer = {name: t.clone() for name, t in want_layer.items()}
+    before = {name: t.clone() for name, t in want_layer.items()}
+    q = torch.randn(1, hkv * g, d, generator=gen)
+    k, v = torch.randn(1, hkv, d, generator=gen), torch.randn(1, hkv, d, generator=gen)
+    rope = rope_cos_sin(rope_inv_freq(args), torch.tensor([pos]))
+    p = torch.tensor([pos])
+    tail, ring = p % group, (p - sink) % recent
+    step = (n_retrieval, tail, ring, (p - tail).to(torch.int32), bits, d**-0.5)
+    want = decode_step.reference(q, k, v, rope, want_layer, *step)
+    got = decode_step.fused(q, k, v, rope, got_layer, *step)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert (got - want).abs().max() <= OUT_TOL * want.abs().max()
+    for name, t in want_layer.items():
+        assert torch.equal(got_layer[name], t), name
+        changed = (t != before[name]).flatten(2).any(-1) if t.dim() == 3 else (t != before[name])
+        if name in ("k_tail", "v_tail", "ring_k", "ring_v"):  # exactly the new token's slot, per head
+            slot = int(tail if name.endswith("tail") else ring)
+            assert changed[:, slot].all() and changed.sum() == changed.shape[0], name
+        else:
+            assert not changed.any(), name
+
+
+def test_merge_skips_code_splits_of_heads_without_them(interpreted):
+    """Splits below ``code_splits`` count for kv heads below ``code_heads`` only: garbage there is ignored."""
+    gen = torch.Generator().manual_seed(0)
+    hkv, n_splits, g, d, code_splits, code_heads = 3, 5, 3, 16, 2, 1
+    po = torch.randn(hkv, n_splits, g, d, generator=gen)
+    plse = torch.randn(hkv, n_splits, g, generator=gen)
+    out = torch.empty(1, hkv * g, d)
+    lse = torch.empty(1, hkv * g)
+    kv_attention.merge_partials(po, plse, out, lse, code_splits, code_heads)
+    for h in range(hkv):
+        first = 0 if h < code_heads else code_splits
+        w = torch.softmax(plse[h, first:], dim=0)  # [S', G]
+        want = (w[..., None] * po[h, first:]).sum(0)
+        assert (out[0, h * g : (h + 1) * g] - want).abs().max() <= OUT_TOL * want.abs().max()
+        assert torch.allclose(lse[0, h * g : (h + 1) * g], torch.logsumexp(plse[h, first:], 0), atol=1e-5)
 
 
 def _pair(bits: int, n_retrieval: list[int], group: int, sink: int, recent: int, max_tokens: int):

@@ -29,6 +29,7 @@ from duo_qserve.kernels.attention import dense_attention, fused_attention, merge
 from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, qmax
 
+MAX_SPLITS = 256  # of the split-K code kernel (the merge holds them all in one tile)
 DECODE_MAX_T = 16  # queries per call that go through the split-K code kernel; more go through the slab path
 SLAB_BYTES = 256 << 20  # bound on the pre-fill path's fp K+V buffer
 LOG2E = 1.4426950408889634
@@ -168,15 +169,18 @@ def _attn_codes_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    po_ptr, plse_ptr, o_ptr, lse_ptr, n_splits, n_rows, s_ot, s_oh, s_lt, s_lh,
+    po_ptr, plse_ptr, o_ptr, lse_ptr, n_splits, n_rows, code_splits, code_heads, s_ot, s_oh, s_lt, s_lh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """One program per (kv head, row): weights exp(lse_s - lse) over the splits' partial outputs."""
+    """One program per (kv head, row): weights exp(lse_s - lse) over the splits' partial outputs
+    [kv head, split, row]. Splits below ``code_splits`` exist only for kv heads below ``code_heads``: the graph
+    step's buffer holds the code kernel's splits of the retrieval heads, then the step kernel's chunks of every
+    head (``duo_qserve.kernels.decode_step``); ``decode_attention`` passes 0."""
     pid = tl.program_id(0)
     h, r = pid // n_rows, pid % n_rows
     t, g = r // G, r % G
     s = tl.arange(0, BLOCK_S)
-    s_ok = s < n_splits
+    s_ok = (s >= tl.where(h < code_heads, 0, code_splits)) & (s < n_splits)
     part = (h * n_splits + s) * n_rows + r
     lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
@@ -189,6 +193,10 @@ def _merge_splits_kernel(
     hq = h * G + g
     tl.store(o_ptr + t * s_ot + hq * s_oh + d, out.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + t * s_lt + hq * s_lh, m + tl.log(tot))
+
+
+def _block_m(n_rows: int, block_m: int | None) -> int:
+    return block_m or max(16, triton.next_power_of_2(min(n_rows, 64)))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -213,6 +221,81 @@ def _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, b
         raise ValueError("the quantized cache tensors must be contiguous")
 
 
+def decode_splits(
+    q: torch.Tensor, k_data: torch.Tensor, n_quant: int | torch.Tensor, group: int, block_n: int = 128,
+    waves: float = 4.0, num_splits: int | None = None, block_m: int | None = None, max_splits: int = MAX_SPLITS,
+) -> int:  # fmt: skip
+    """How many splits ``decode_attention`` cuts the tokens into: enough (kv head, split, row tile) programs for
+    ``waves`` programs per SM, so one long sequence at batch 1 fills the GPU (``num_splits``: asked for, clamped)."""
+    t, hq, _ = q.shape
+    hkv = k_data.shape[0]
+    n_rows = t * hq // hkv
+    block_m = _block_m(n_rows, block_m)
+    n_blocks = (k_data.shape[1] if isinstance(n_quant, torch.Tensor) else n_quant) // min(block_n, group)
+    if num_splits is None:
+        num_splits = triton.cdiv(int(waves * _sm_count(q.device)), hkv * triton.cdiv(n_rows, block_m))
+    num_splits = max(1, min(num_splits, n_blocks, max_splits))
+    return triton.cdiv(n_blocks, triton.cdiv(n_blocks, num_splits))  # no empty split for a host length
+
+
+def code_partials(
+    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
+    po: torch.Tensor, plse: torch.Tensor, num_splits: int,
+    block_n: int = 128, num_warps: int = 2, num_stages: int = 3, block_m: int | None = None,
+) -> None:  # fmt: skip
+    """The split-K code kernel writing row r of split s of kv head h to ``po[h, s, r]`` and ``plse[h, s, r]``
+    (``po`` [>= Hkv, >= num_splits, T * G, D] float32, contiguous): the partials for ``merge_partials``."""
+    g = q.shape[1] // k_data.shape[0]
+    so = (po.stride(0), po.stride(1), g * po.stride(2), po.stride(2))
+    sl = (plse.stride(0), plse.stride(1), g * plse.stride(2), plse.stride(2))
+    _launch_codes(
+        q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse,
+        so, sl, num_splits, block_n, num_warps, num_stages, block_m,
+    )  # fmt: skip
+
+
+def merge_partials(
+    po: torch.Tensor, plse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, code_splits: int = 0,
+    code_heads: int = 0,
+) -> None:  # fmt: skip
+    """Combine the partials po [Hkv, S, T * G, D] / plse [Hkv, S, T * G] into out [T, Hkv * G, D] and lse
+    [T, Hkv * G]; splits below ``code_splits`` count only for kv heads below ``code_heads`` (see the kernel)."""
+    hkv, n_splits, n_rows, d = po.shape
+    block_s = triton.next_power_of_2(n_splits)
+    _merge_splits_kernel[(hkv * n_rows,)](
+        po, plse, out, lse, n_splits, n_rows, code_splits, code_heads,
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        G=out.shape[1] // hkv, D=d, BLOCK_S=block_s,
+        num_warps=max(4, min(16, block_s * d // 4096)),  # the [BLOCK_S, D] fp32 tile fits (sm_90: no spills)
+    )  # fmt: skip
+
+
+def _launch_codes(
+    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse, so, sl,
+    num_splits, block_n, num_warps, num_stages, block_m,
+) -> None:  # fmt: skip
+    """One launch of the code kernel: split s of kv head h at ``po + h * so[0] + s * so[1]`` (``sl`` for lse)."""
+    t, hq, d = q.shape
+    hkv = k_data.shape[0]
+    n_rows = t * hq // hkv
+    block_m = _block_m(n_rows, block_m)
+    block_n = min(block_n, group)
+    on_device = isinstance(n_quant, torch.Tensor)
+    len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
+    n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
+    word = torch.int16 if bits == 4 else torch.int32  # 4 codes per word
+    kw, vw = k_data.view(word), v_data.view(word)
+    dot = tl.float32 if q.dtype == torch.float32 else tl.float16
+    _attn_codes_kernel[(hkv, num_splits, triton.cdiv(n_rows, block_m))](
+        q, kw, k_scale, k_zero, vw, v_scale, v_zero, po, plse, len_arg,
+        n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
+        *so, *sl,
+        G=hq // hkv, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
 def decode_attention(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
     block_n: int = 128, num_warps: int = 2, num_stages: int = 3, waves: float = 4.0, num_splits: int | None = None,
@@ -220,8 +303,7 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The split-K code kernel (same arguments and result as ``reference``; ``n_quant > 0``).
 
-    Splits: enough (kv head, split, row tile) programs for ``waves`` programs per SM, so one long sequence at
-    batch 1 fills the GPU; with one split the kernel writes the result directly, without the merge kernel.
+    Splits: ``decode_splits``; with one split the kernel writes the result directly, without the merge kernel.
 
     ``n_quant`` may be an int32 device tensor of one element (a multiple of ``group``, possibly 0): the grid is
     then sized for the whole cache (``k_data.shape[1]`` tokens) and every program reads the length on the device,
@@ -230,46 +312,20 @@ def decode_attention(
     t, hq, d = q.shape
     hkv = k_data.shape[0]
     g = hq // hkv
-    n_rows = t * g
-    block_m = block_m or max(16, triton.next_power_of_2(min(n_rows, 64)))
-    block_n = min(block_n, group)
-    on_device = isinstance(n_quant, torch.Tensor)
-    len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
-    n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
-    m_tiles = triton.cdiv(n_rows, block_m)
-    if num_splits is None:
-        num_splits = triton.cdiv(int(waves * _sm_count(q.device)), hkv * m_tiles)
-    num_splits = max(1, min(num_splits, n_blocks, 256))
-    per_split = triton.cdiv(n_blocks, num_splits)
-    num_splits = triton.cdiv(n_blocks, per_split)
-
-    word = torch.int16 if bits == 4 else torch.int32  # 4 codes per word
-    kw, vw = k_data.view(word), v_data.view(word)
+    arena = (k_data, k_scale, k_zero, v_data, v_scale, v_zero)
+    num_splits = decode_splits(q, k_data, n_quant, group, block_n, waves, num_splits, block_m)
+    config = (block_n, num_warps, num_stages, block_m)
     out = torch.empty_like(q)
     lse = torch.empty((t, hq), dtype=torch.float32, device=q.device)
     if num_splits == 1:  # write [T, Hq, ...] directly: row (t, g) of kv head h is query head h * G + g
-        po, plse = out, lse
         so = (g * out.stride(1), 0, out.stride(0), out.stride(1))
         sl = (g * lse.stride(1), 0, lse.stride(0), lse.stride(1))
-    else:
-        po = torch.empty((hkv, num_splits, n_rows, d), dtype=torch.float32, device=q.device)
-        plse = torch.empty((hkv, num_splits, n_rows), dtype=torch.float32, device=q.device)
-        so = (num_splits * n_rows * d, n_rows * d, g * d, d)
-        sl = (num_splits * n_rows, n_rows, g, 1)
-    dot = tl.float32 if q.dtype == torch.float32 else tl.float16
-    _attn_codes_kernel[(hkv, num_splits, m_tiles)](
-        q, kw, k_scale, k_zero, vw, v_scale, v_zero, po, plse, len_arg,
-        n_rows, per_split, n_blocks, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
-        *so, *sl,
-        G=g, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    if num_splits > 1:
-        _merge_splits_kernel[(hkv * n_rows,)](
-            po, plse, out, lse, num_splits, n_rows, out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            G=g, D=d, BLOCK_S=triton.next_power_of_2(num_splits),
-        )  # fmt: skip
+        _launch_codes(q, *arena, n_quant, bits, group, sm_scale, out, lse, so, sl, 1, *config)
+        return out, lse
+    po = torch.empty((hkv, num_splits, t * g, d), dtype=torch.float32, device=q.device)
+    plse = torch.empty((hkv, num_splits, t * g), dtype=torch.float32, device=q.device)
+    code_partials(q, *arena, n_quant, bits, group, sm_scale, po, plse, num_splits, *config)
+    merge_partials(po, plse, out, lse)
     return out, lse
 
 

@@ -1,0 +1,213 @@
+"""Attention of one decode token over one layer of the DuoAttention cache, with device lengths (CUDA graphs).
+
+Inputs are the layer's un-rotated ``q`` [1, Hq, D] and ``k``/``v`` [1, Hkv, D], the RoPE tables of the token's
+position, and device scalars: ``tail_idx`` (the new token's slot in the fp tail), ``ring_idx`` (the ring slot it
+overwrites) and ``n_quant`` (quantized prefix length). The step rotates q and k, writes the new k/v into the cache,
+and returns the attention output [1, Hq, D]:
+
+- retrieval kv heads ``[0, n_retrieval)``: the quantized prefix ``[0, n_quant)`` + the fp tail slots
+  ``[0, tail_idx]`` (the new token at ``tail_idx``);
+- streaming kv heads: every sink and ring slot + the new token, which then replaces ring slot ``ring_idx`` (the
+  ring is full: the token leaving the window is still attended this step, as in ``DuoKVCache._streaming``).
+
+``reference`` does it with torch ops (CPU); on CUDA three launches replace the ~40 small kernels per layer that a
+launch-bound batch-1 step would otherwise pay for:
+
+1. ``_step_kernel``, one program per (kv head, chunk of ``BLOCK_N`` slots): RoPE of q and k, the chunk's slots of
+   the tail or of sink + ring + new token for all G query heads of the kv head (fp32 scores, plain products and
+   sums), one normalized partial (out, lse) per query head; it stores the rotated q for step 2 and the new k/v
+   (the program whose chunk read the overwritten ring slot writes it, after a barrier, so nothing reads it late);
+2. the split-K code kernel over the quantized prefix (``kv_attention.code_partials``), into the same buffer;
+3. the split merge (``kv_attention.merge_partials``) straight into the [1, Hq, D] output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from duo_qserve.cache import split_heads
+from duo_qserve.kernels import kv_attention, use_triton
+from duo_qserve.kernels.attention import dense_attention, merge
+from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
+from duo_qserve.model import apply_rope
+from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
+
+BLOCK_N = 32  # cache slots per step-kernel program
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], s: dict,
+    n_retrieval: int, tail_idx: torch.Tensor, ring_idx: torch.Tensor, n_quant: torch.Tensor, bits: int,
+    sm_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The step for layer tensors ``s`` (``DuoKVCache.layers[i]``): the fused kernels where Triton runs, else
+    ``reference``. ``tail_idx``/``ring_idx`` are int64 [1], ``n_quant`` int32 [1], all on q's device."""
+    path = fused if use_triton(backend(), q, _INTERPRETED) else reference
+    return path(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query q [1, Hq, D] over the first ``n_valid`` (a device scalar) of the slots k/v [Hkv, S, D].
+    Returns (out [1, Hq, D] in q's dtype, lse [1, Hq] float32) like ``dense_attention``; with no valid slot,
+    zeros and lse = -inf (no mass in ``merge``)."""
+    hq, d = q.shape[1:]
+    hkv, n, _ = k.shape
+    qf = q.reshape(hkv, hq // hkv, d).float()
+    scores = torch.matmul(qf, k.float().transpose(1, 2)) * sm_scale  # [Hkv, G, S]
+    keep = torch.arange(n, device=q.device) < n_valid
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul(torch.exp(scores - shift[..., None]), v.float())  # [Hkv, G, D]
+    return out.reshape(1, hq, d).to(q.dtype), lse.reshape(1, hq)
+
+
+def reference(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale) -> torch.Tensor:
+    """``attend`` in torch ops: the whole arena de-quantized and masked, the tail masked, the ring concatenated."""
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+    def retrieval(_, q, k, v):
+        s["k_tail"].index_copy_(1, tail_idx, k)
+        s["v_tail"].index_copy_(1, tail_idx, v)
+        out, lse = masked_attention(q, s["k_tail"], s["v_tail"], tail_idx + 1, sm_scale)
+        k_q = dequantize_keys(s["k_data"], s["k_scale"], s["k_zero"], bits, s["k_tail"].shape[1])
+        v_q = dequantize_values(s["v_data"], s["v_scale"], s["v_zero"], bits)
+        out_q, lse_q = masked_attention(q, k_q, v_q, n_quant, sm_scale)
+        return merge(out_q, lse_q, out, lse)[0]
+
+    def streaming(_, q, k, v):
+        k_all = torch.cat([s["sink_k"], s["ring_k"], k], dim=1)
+        v_all = torch.cat([s["sink_v"], s["ring_v"], v], dim=1)
+        out, _ = dense_attention(q, k_all, v_all, n_ctx=k_all.shape[1], sm_scale=sm_scale)
+        s["ring_k"].index_copy_(1, ring_idx, k)
+        s["ring_v"].index_copy_(1, ring_idx, v)
+        return out
+
+    return split_heads(n_retrieval, 0, q, k, v, retrieval, streaming)
+
+
+@triton.jit
+def _rope(ptr, d, cos, sin, HALF: tl.constexpr):
+    """Rotate-half RoPE (``model.apply_rope``) of the vector at ``ptr``, fp32: channel d pairs with d +- D/2."""
+    x = tl.load(ptr + d).to(tl.float32)
+    partner = tl.load(ptr + (d + HALF) % (2 * HALF)).to(tl.float32)
+    return x * cos + tl.where(d < HALF, -partner, partner) * sin
+
+
+@triton.jit
+def _step_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qr_ptr,
+    kt_ptr, vt_ptr, tail_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, ring_ptr, po_ptr, plse_ptr,
+    n_retrieval, part0, n_parts, qk_scale, s_qh, s_kh, s_vh,
+    G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Program (kv head h, chunk c): slots ``c * BLOCK_N + [0, BLOCK_N)`` of head h's fp context, numbered
+    tail ``[0, tail_idx)`` then the new token at ``tail_idx`` (retrieval head), or sinks, ring, then the new token
+    at ``SINK + RECENT`` (streaming head). Partial of query head h * G + g goes to part ``part0 + c``."""
+    h, c = tl.program_id(0), tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    cos = tl.load(cos_ptr + d % HALF)
+    sin = tl.load(sin_ptr + d % HALF)
+    dtype = k_ptr.dtype.element_ty  # q and k are rounded to it after RoPE, as in the eager path
+    k_new = _rope(k_ptr + h * s_kh, d, cos, sin, HALF).to(dtype)
+    v_new = tl.load(v_ptr + h * s_vh + d)
+
+    is_r = h < n_retrieval
+    hs = h - n_retrieval  # index among the streaming heads
+    tail = tl.load(tail_ptr).to(tl.int32)
+    ring = tl.load(ring_ptr).to(tl.int32)
+    new = tl.where(is_r, tail, SINK + RECENT)  # the new token's slot; the slots before it come from memory
+    n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_tail = (n < tl.where(is_r, tail, 0))[:, None]
+    in_sink = (n < tl.where(is_r, 0, SINK))[:, None]
+    in_ring = ((n >= SINK) & (n < tl.where(is_r, 0, SINK + RECENT)))[:, None]
+    tail_off = (h * GROUP + n)[:, None] * D + d[None, :]
+    sink_off = (hs * SINK + n)[:, None] * D + d[None, :]
+    ring_off = (hs * RECENT + n - SINK)[:, None] * D + d[None, :]
+    is_new = (n == new)[:, None]
+    kk = tl.load(kt_ptr + tail_off, mask=in_tail, other=0.0)
+    kk = tl.where(in_sink, tl.load(sk_ptr + sink_off, mask=in_sink, other=0.0), kk)
+    kk = tl.where(in_ring, tl.load(rk_ptr + ring_off, mask=in_ring, other=0.0), kk)
+    kk = tl.where(is_new, k_new[None, :], kk).to(tl.float32)
+    vv = tl.load(vt_ptr + tail_off, mask=in_tail, other=0.0)
+    vv = tl.where(in_sink, tl.load(sv_ptr + sink_off, mask=in_sink, other=0.0), vv)
+    vv = tl.where(in_ring, tl.load(rv_ptr + ring_off, mask=in_ring, other=0.0), vv)
+    vv = tl.where(is_new, v_new[None, :], vv).to(tl.float32)
+    valid = n <= new
+
+    for g in tl.static_range(G):
+        hq = h * G + g
+        qg = _rope(q_ptr + hq * s_qh, d, cos, sin, HALF).to(dtype)
+        if c == 0:
+            tl.store(qr_ptr + hq * D + d, qg)
+        scores = tl.sum(kk * qg.to(tl.float32)[None, :], 1) * qk_scale
+        scores = tl.where(valid, scores, float("-inf"))
+        m = tl.max(scores, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a chunk past the context: zeros, lse = -inf
+        p = tl.exp2(scores - m)
+        l_sum = tl.sum(p, 0)
+        out = tl.sum(p[:, None] * vv, 0) * tl.where(l_sum > 0, 1.0 / l_sum, 0.0)
+        part = (h * n_parts + part0 + c) * G + g
+        tl.store(po_ptr + part * D + d, out)
+        tl.store(plse_ptr + part, (m + tl.log2(l_sum)) * 0.6931471805599453)
+
+    # The new k/v: the program whose chunk holds the destination slot writes it once all its threads have read
+    # the chunk (the ring slot's old token was attended above); no other program reads that slot.
+    tl.debug_barrier()
+    if is_r:
+        if c == tail // BLOCK_N:
+            tl.store(kt_ptr + (h * GROUP + tail) * D + d, k_new)
+            tl.store(vt_ptr + (h * GROUP + tail) * D + d, v_new)
+    elif c == (SINK + ring) // BLOCK_N:
+        tl.store(rk_ptr + (hs * RECENT + ring) * D + d, k_new)
+        tl.store(rv_ptr + (hs * RECENT + ring) * D + d, v_new)
+
+
+def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale) -> torch.Tensor:
+    """``attend`` in three launches (module docstring). Chunk and split counts depend only on the cache's
+    shapes, so the launches are the same for every position."""
+    _, hq, d = q.shape
+    hkv = k.shape[1]
+    g, n_r, n_s = hq // hkv, n_retrieval, hkv - n_retrieval
+    if any(x.stride(-1) != 1 for x in (q, k, v)):
+        raise ValueError("q, k, v need contiguous head vectors")
+    unused = q  # the pointer passed for absent tensors (no retrieval heads, no streaming heads, no sinks)
+    tails = (s["k_tail"], s["v_tail"]) if n_r else (unused, unused)
+    sink = s["sink_k"].shape[1] if n_s else 0
+    recent = s["ring_k"].shape[1] if n_s else 1
+    sinks = (s["sink_k"], s["sink_v"]) if sink else (unused, unused)
+    rings = (s["ring_k"], s["ring_v"]) if n_s else (unused, unused)
+    group = tails[0].shape[1] if n_r else 1
+    n_chunks = triton.cdiv(max(group, sink + recent + 1 if n_s else 0), BLOCK_N)
+    arena = [s[x] for x in ("k_data", "k_scale", "k_zero", "v_data", "v_scale", "v_zero")] if n_r else []
+    code_splits = 0
+    if n_r:  # code splits + chunks in one merge tile, as for the prefix alone
+        max_splits = kv_attention.MAX_SPLITS - n_chunks
+        code_splits = kv_attention.decode_splits(
+            q[:, : n_r * g], arena[0], n_quant, group, max_splits=max_splits
+        )
+    n_parts = code_splits + n_chunks
+    po = torch.empty((hkv, n_parts, g, d), dtype=torch.float32, device=q.device)
+    plse = torch.empty((hkv, n_parts, g), dtype=torch.float32, device=q.device)
+    q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cos, sin = rope
+    _step_kernel[(hkv, n_chunks)](
+        q, k, v, cos, sin, q_rot, *tails, tail_idx, *sinks, *rings, ring_idx, po, plse,
+        n_r, code_splits, n_parts, sm_scale * kv_attention.LOG2E, q.stride(1), k.stride(1), v.stride(1),
+        G=g, D=d, GROUP=group, SINK=sink, RECENT=recent, BLOCK_N=BLOCK_N,
+        num_warps=max(4, BLOCK_N * d // 512),  # 16 elements of a [BLOCK_N, D] tile per thread (sm_90: no spills)
+    )  # fmt: skip
+    if n_r:
+        kv_attention.code_partials(
+            q_rot[:, : n_r * g], *arena, n_quant, bits, group, sm_scale, po, plse, code_splits
+        )
+    out = torch.empty_like(q)
+    lse = torch.empty((1, hq), dtype=torch.float32, device=q.device)
+    kv_attention.merge_partials(po, plse, out, lse, code_splits, n_r)
+    return out
