@@ -196,7 +196,7 @@ def measure_capacity(args, model, margs, heads, config, w_q: int, bw: float, row
 def run(args) -> dict:
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth_gbps() * 1e9  # bytes/s
-    rows, prefill_rows = [], []
+    rows = []
     pattern = load_pattern(args.pattern)
     mask, sparsity = pattern.retrieval_mask(args.sparsity)
     config = CacheConfig(kv_bits=4, sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size)
@@ -268,30 +268,31 @@ def run(args) -> dict:
         del cache
         torch.cuda.empty_cache()
 
+    # pre-fill throughput vs chunk size: each size pre-fills the same tokens twice, the second pass timed
+    by_chunk = []
+    sizes = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else []
+    for chunk in sizes:
+        cache = DuoKVCache(
+            CacheSpec(margs, heads, config, args.chunk_sweep_tokens + 256, torch.float16), "cuda"
+        )
+        prefill(model, cache, args.chunk_sweep_tokens, chunk)  # compiles/autotunes this chunk's shapes
+        cache.reset()
+        torch.cuda.reset_peak_memory_stats()
+        rows_c = prefill(model, cache, args.chunk_sweep_tokens, chunk)
+        seconds = sum(r["ms"] for r in rows_c) / 1000
+        by_chunk.append(
+            {"chunk": chunk, "tokens": args.chunk_sweep_tokens, "seconds": seconds,
+             "tok_per_s": args.chunk_sweep_tokens / seconds, "peak_allocated": torch.cuda.max_memory_allocated(),
+             "cache_bytes": cache.spec.nbytes}
+        )  # fmt: skip
+        print(by_chunk[-1], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
     # real pre-fill: random token ids through the whole model, chunk by chunk, timing each chunk
     spec = CacheSpec(margs, heads, config, args.prefill_tokens + 256, torch.float16)
     cache = DuoKVCache(spec, "cuda")
-    ids = torch.randint(0, margs.vocab_size, (args.prefill_tokens,), device="cuda")
-    t_start = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, args.prefill_tokens, args.chunk_size):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            model(ids[start : start + args.chunk_size], cache, last_only=True)
-            e1.record()
-            torch.cuda.synchronize()
-            n = min(args.chunk_size, args.prefill_tokens - start)
-            prefill_rows.append(
-                {
-                    "prefix": start,
-                    "chunk": n,
-                    "ms": e0.elapsed_time(e1),
-                    "tok_per_s": n / e0.elapsed_time(e1) * 1000,
-                }
-            )
-            print(prefill_rows[-1], flush=True)
-            if time.perf_counter() - t_start > args.prefill_seconds:
-                break
+    prefill_rows = prefill(model, cache, args.prefill_tokens, args.chunk_size, args.prefill_seconds, log=True)
     done = prefill_rows[-1]["prefix"] + prefill_rows[-1]["chunk"]
     total_s = sum(r["ms"] for r in prefill_rows) / 1000
     return {
@@ -313,15 +314,43 @@ def run(args) -> dict:
             "seconds": total_s,
             "tok_per_s": done / total_s,
             "estimate_1M_tokens_s": prefill_estimate_s(prefill_rows, 1 << 20),
+            "by_chunk_size": by_chunk,
         },
     }
 
 
-def prefill_estimate_s(prefill_rows: list[dict], tokens: int) -> float:
+def prefill(
+    model, cache: DuoKVCache, tokens: int, chunk: int, max_seconds: float = float("inf"), log: bool = False
+) -> list[dict]:
+    """Random token ids through the whole model into ``cache``, chunk by chunk; one timed row per chunk (stops
+    after the chunk that passes ``max_seconds``)."""
+    ids = torch.randint(0, model.args.vocab_size, (tokens,), device="cuda")
+    rows, t_start = [], time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, tokens, chunk):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            model(ids[start : start + chunk], cache, last_only=True)
+            e1.record()
+            torch.cuda.synchronize()
+            n = min(chunk, tokens - start)
+            ms = e0.elapsed_time(e1)
+            rows.append({"prefix": start, "chunk": n, "ms": ms, "tok_per_s": n / ms * 1000})
+            if log:
+                print(rows[-1], flush=True)
+            if time.perf_counter() - t_start > max_seconds:
+                break
+    return rows
+
+
+def prefill_estimate_s(prefill_rows: list[dict], tokens: int) -> float | None:
     """Seconds to pre-fill ``tokens`` from the measured per-chunk cost curve: chunk time grows linearly with the
     prefix (attention over it), so fit ms = a + b * prefix and sum the chunks. The first two chunks are skipped: the
-    first compiles and autotunes the dense kernels, the second the quantized-prefix path."""
+    first compiles and autotunes the dense kernels, the second the quantized-prefix path. None when fewer than two
+    chunks remain to fit a line through."""
     rows = prefill_rows[2:]
+    if len(rows) < 2:
+        return None
     xs = torch.tensor([r["prefix"] for r in rows], dtype=torch.float64)
     ys = torch.tensor([r["ms"] for r in rows], dtype=torch.float64)
     b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
@@ -331,13 +360,14 @@ def prefill_estimate_s(prefill_rows: list[dict], tokens: int) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Decode ms/token vs context for each method (with the floor), and pre-fill tokens/s vs prefix."""
+    """Decode ms/token vs context for each method (with the floor), pre-fill tokens/s vs prefix and vs chunk
+    size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
     for method in ("fp16-full", "reexpand-kv4", "duo-w8a8kv4", "duo-w8a8kv4-graph"):
         pts = sorted(
             (r["context"], r["ms_per_token"])
@@ -355,6 +385,14 @@ def plot(result: dict, path: Path) -> None:
     ax2.set(
         xlabel="prefix tokens", ylabel="pre-fill tokens/s", title=f"pre-fill, {pre[0]['chunk']}-token chunks"
     )
+    sweep = result["prefill"].get("by_chunk_size") or []
+    if sweep:
+        ax3.plot([r["chunk"] for r in sweep], [r["tok_per_s"] for r in sweep], marker="o")
+        for r in sweep:
+            ax3.annotate(f"{r['peak_allocated'] / 2**30:.1f} GiB", (r["chunk"], r["tok_per_s"]), fontsize=7)
+        tokens = sweep[0]["tokens"]
+        ax3.set(xscale="log", xlabel="chunk tokens", ylabel="pre-fill tokens/s",
+                title=f"pre-fill of {tokens} tokens vs chunk size (peak memory)")  # fmt: skip
     fig.suptitle("Llama-3-8B shape, synthetic weights")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -370,6 +408,11 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--prefill-tokens", type=int, default=262144)
     p.add_argument("--prefill-seconds", type=float, default=120.0)
+    p.add_argument(
+        "--chunk-sizes", default="2048,4096,8192,16384,32768",
+        help="pre-fill throughput vs chunk size ('' to skip)",
+    )  # fmt: skip
+    p.add_argument("--chunk-sweep-tokens", type=int, default=65536, help="tokens pre-filled per chunk size")
     p.add_argument("--methods", default="fp16-full,duo-w8a8kv4,duo-w8a8kv4-graph,reexpand-kv4")
     p.add_argument("--no-capacity", action="store_true", help="skip the capacity measurement")
     p.add_argument("--plot", type=Path, default=None, help="only re-draw the PNG of an existing decode JSON")
