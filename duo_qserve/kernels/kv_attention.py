@@ -69,6 +69,34 @@ def _codes(w, SUB: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _unpack(w, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The 4 codes of every word as 4 exact fp16 tiles (``_codes`` 0..3). On the GPU the 4-bit case is inline PTX
+    on word pairs: per 32-bit register a shift, one ``lop3`` (and + or) and one ``sub.f16x2`` yield 2 codes at
+    once, half the instructions Triton emits for the 16-bit lanes one at a time; the interpreter runs ``_codes``."""
+    if ASM and BITS == 4:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, lo, hi;
+            mov.b32 lo, 0x000F000F;
+            mov.b32 hi, 0x64006400;
+            lop3.b32 $0, $4, lo, hi, 0xea;
+            shr.b32 t, $4, 4;
+            lop3.b32 $1, t, lo, hi, 0xea;
+            shr.b32 t, $4, 8;
+            lop3.b32 $2, t, lo, hi, 0xea;
+            shr.b32 t, $4, 12;
+            lop3.b32 $3, t, lo, hi, 0xea;
+            sub.f16x2 $0, $0, hi;
+            sub.f16x2 $1, $1, hi;
+            sub.f16x2 $2, $2, hi;
+            sub.f16x2 $3, $3, hi;
+            }""",
+            "=r,=r,=r,=r,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2,
+        )  # fmt: skip
+    return _codes(w, 0, BITS), _codes(w, 1, BITS), _codes(w, 2, BITS), _codes(w, 3, BITS)
+
+
+@triton.jit
 def _channels(j, SUB: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
     """Channel of code ``SUB`` in word ``j``. Words are 4 codes: int16 (4-bit: bytes 2j, 2j+1, each holding
     channel b in its low nibble and b + D/2 in its high one) or int32 (8-bit: bytes 4j..4j+3)."""
@@ -84,7 +112,7 @@ def _attn_codes_kernel(
     s_qt, s_qh, s_kwh, s_ksh, s_vwh, s_vsh,
     s_oh, s_os, s_ot, s_og, s_lh, s_ls, s_lt, s_lg,
     G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head, split, row tile): online softmax over the split's tokens for rows ``t * G + g``.
     The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W.
@@ -132,11 +160,11 @@ def _attn_codes_kernel(
         s2, z2 = tl.load(ks_h + sz + c2).to(tl.float32), tl.load(kz_h + sz + c2).to(tl.float32)
         s3, z3 = tl.load(ks_h + sz + c3).to(tl.float32), tl.load(kz_h + sz + c3).to(tl.float32)
         bias = tl.sum(q0 * z0[None, :] + q1 * z1[None, :] + q2 * z2[None, :] + q3 * z3[None, :], 1)
-        kw = tl.load(kw_h + words)
-        qk = tl.dot((q0 * s0[None, :]).to(DOT), tl.trans(_codes(kw, 0, BITS).to(DOT)))
-        qk = tl.dot((q1 * s1[None, :]).to(DOT), tl.trans(_codes(kw, 1, BITS).to(DOT)), qk)
-        qk = tl.dot((q2 * s2[None, :]).to(DOT), tl.trans(_codes(kw, 2, BITS).to(DOT)), qk)
-        qk = tl.dot((q3 * s3[None, :]).to(DOT), tl.trans(_codes(kw, 3, BITS).to(DOT)), qk)
+        k0, k1, k2, k3 = _unpack(tl.load(kw_h + words), BITS, ASM)
+        qk = tl.dot((q0 * s0[None, :]).to(DOT), tl.trans(k0.to(DOT)))
+        qk = tl.dot((q1 * s1[None, :]).to(DOT), tl.trans(k1.to(DOT)), qk)
+        qk = tl.dot((q2 * s2[None, :]).to(DOT), tl.trans(k2.to(DOT)), qk)
+        qk = tl.dot((q3 * s3[None, :]).to(DOT), tl.trans(k3.to(DOT)), qk)
         qk += bias[:, None]
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -149,11 +177,11 @@ def _attn_codes_kernel(
         vs, vz = tl.load(vs_h + tok).to(tl.float32), tl.load(vz_h + tok).to(tl.float32)
         az = az * alpha + tl.sum(p * vz[None, :], 1)
         ps = (p * vs[None, :]).to(DOT)
-        vw = tl.load(vw_h + words)
-        a0 = tl.dot(ps, _codes(vw, 0, BITS).to(DOT), a0 * alpha[:, None])
-        a1 = tl.dot(ps, _codes(vw, 1, BITS).to(DOT), a1 * alpha[:, None])
-        a2 = tl.dot(ps, _codes(vw, 2, BITS).to(DOT), a2 * alpha[:, None])
-        a3 = tl.dot(ps, _codes(vw, 3, BITS).to(DOT), a3 * alpha[:, None])
+        v0, v1, v2, v3 = _unpack(tl.load(vw_h + words), BITS, ASM)
+        a0 = tl.dot(ps, v0.to(DOT), a0 * alpha[:, None])
+        a1 = tl.dot(ps, v1.to(DOT), a1 * alpha[:, None])
+        a2 = tl.dot(ps, v2.to(DOT), a2 * alpha[:, None])
+        a3 = tl.dot(ps, v3.to(DOT), a3 * alpha[:, None])
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
     zs = (az * inv_l)[:, None]
@@ -292,7 +320,7 @@ def _launch_codes(
         q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
         *so, *sl,
         G=hq // hkv, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
-        num_warps=num_warps, num_stages=num_stages,
+        ASM=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 
