@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import re
-import sys
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from duo_qserve.bench.common import bench, commit, gpu_header
+from duo_qserve.bench.common import bench, gpu_header, write_result
 
 from ..kernels import attention
 from ..kernels import kv_attention as ka
@@ -310,17 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     section("sweep", sweep)
     section("decode", lambda: decode_rows(tuple(args.contexts), copy, cfg))
     section("prefill", prefill_rows)
-    command = " ".join(["python -m duo_qserve.bench.attention", *(sys.argv[1:] if argv is None else argv)])
-    result = {
-        "device": device, "date": date, "commit": commit(), "command": command,
-        "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1),
-        "decode_config": cfg, "rows": rows,
-    }  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"attention-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{date}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / f'{stem}.json'}")
+    _, result = write_result(
+        args.out, "attention", device, date, copy, argv, {"decode_config": cfg, "rows": rows}
+    )
     print(_table(result))
 
 

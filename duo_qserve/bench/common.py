@@ -1,11 +1,15 @@
-"""What every benchmark shares: the median timer, the copy-bandwidth ceiling, and the commit that ran."""
+"""What every benchmark shares: the median timer, the copy-bandwidth ceiling, the commit that ran, and the result
+file with its common header."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -66,3 +70,22 @@ def gpu_header() -> tuple[str, str, float]:
     device, copy = torch.cuda.get_device_name(), copy_bandwidth_gbps()
     print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
     return device, datetime.date.today().isoformat(), copy
+
+
+def write_result(out_dir: str | Path, kind: str, device: str, date: str, copy: float, argv: list[str] | None,
+                 fields: dict) -> tuple[Path, dict]:  # fmt: skip
+    """``<out_dir>/<kind>-<device>-<date>.json``: device, date, commit, command, library versions and the copy
+    ceiling, then the benchmark's own ``fields``. Returns the path (a plot goes beside it) and the result."""
+    import triton
+
+    command = " ".join([f"python -m duo_qserve.bench.{kind}", *(sys.argv[1:] if argv is None else argv)])
+    result = {
+        "device": device, "date": date, "commit": commit(), "command": command,
+        "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1), **fields,
+    }  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{kind}-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{date}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path, result

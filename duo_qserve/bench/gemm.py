@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import re
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import triton
 
-from duo_qserve.bench.common import bench, bench_graph, commit, gpu_header
+from duo_qserve.bench.common import bench, bench_graph, gpu_header, write_result
 
 from ..kernels import int8_gemm
 from ..kernels.int8_gemm import w8a8_matmul
@@ -208,18 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device, date, copy = gpu_header()
     rows = decode_rows(tuple(args.decode_m)) + decode_config_rows() + prefill_rows(tuple(args.prefill_m))
-    command = " ".join(["python -m duo_qserve.bench.gemm", *(sys.argv[1:] if argv is None else argv)])
-    result = {
-        "device": device, "date": date, "commit": commit(), "command": command,
-        "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1),
-        "tuned_configs": tuned_configs(), "rows": rows,
-    }  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gemm-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{date}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / f'{stem}.json'}")
-    plot(result, out / f"{stem}.png")
+    fields = {"tuned_configs": tuned_configs(), "rows": rows}
+    path, result = write_result(args.out, "gemm", device, date, copy, argv, fields)
+    plot(result, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
