@@ -79,6 +79,19 @@ def _drop_from_page_cache(path: Path) -> str:
     return ", ".join(how)
 
 
+def _read_gbps(path: Path, flags: int, buf: mmap.mmap) -> float:
+    """GB/s of reading the whole file sequentially through ``buf`` with ``os.open`` ``flags``."""
+    fd = os.open(path, flags)
+    try:
+        t0 = time.perf_counter()
+        offset = 0
+        while n := os.preadv(fd, [buf], offset):
+            offset += n
+        return offset / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+
+
 def disk_speed(directory: Path, nbytes: int) -> dict:
     """Sequential write (+ fsync) and read back of ``nbytes``: the ceiling for save and cold load."""
     path = directory / "disk-test.bin"
@@ -98,28 +111,12 @@ def disk_speed(directory: Path, nbytes: int) -> dict:
 
     buf = mmap.mmap(-1, IO_BLOCK)  # page aligned, as O_DIRECT needs
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            t0 = time.perf_counter()
-            offset = 0
-            while n := os.preadv(fd, [buf], offset):
-                offset += n
-            out["read_direct_GBps"] = offset / (time.perf_counter() - t0) / 1e9
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError) as e:
+        out["read_direct_GBps"] = _read_gbps(path, os.O_RDONLY | os.O_DIRECT, buf)
+    except (OSError, AttributeError) as e:  # no O_DIRECT on this OS or file system
         out["read_direct_GBps"] = None
         out["read_direct_error"] = str(e)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        offset = 0
-        while n := os.preadv(fd, [buf], offset):
-            offset += n
-        out["read_buffered_GBps"] = offset / (time.perf_counter() - t0) / 1e9
-        out["read_buffered_note"] = "right after the write: may be served from the page cache"
-    finally:
-        os.close(fd)
+    out["read_buffered_GBps"] = _read_gbps(path, os.O_RDONLY, buf)
+    out["read_buffered_note"] = "right after the write: may be served from the page cache"
     path.unlink()
     return out
 
