@@ -156,6 +156,13 @@ class Server:
             pending.engine_generation = self.generation
         return pending.ids
 
+    @staticmethod
+    def _fraction_progress(job: Job, verb: str) -> Iterator[tuple[str, Any]]:
+        """Status updates of a library job that reports the fraction done, until it ends."""
+        for batch in job.stream():
+            if batch:
+                yield f"{verb}… {batch[-1]:.0%}", gr.skip()
+
     def _loaded_note(self) -> str:
         doc = self.engine.document
         return f"The model still holds **{doc.title}**." if doc else "No document is loaded."
@@ -365,9 +372,7 @@ class Server:
             lambda job: library.save(engine, on_progress=lambda d, t: job.put(d / t)),
             engine,
         )
-        for batch in job.stream():
-            if batch:
-                yield f"Saving… {batch[-1]:.0%}", gr.skip()
+        yield from self._fraction_progress(job, "Saving")
         if job.error is not None:
             yield f"**Not saved:** {job.error}", gr.skip()
             return
@@ -386,9 +391,7 @@ class Server:
             )
 
         job = self._start(request.session_hash, work, engine)
-        for batch in job.stream():
-            if batch:
-                yield f"Loading… {batch[-1]:.0%}", gr.skip()
+        yield from self._fraction_progress(job, "Loading")
         if job.error is not None:
             yield f"**Not loaded:** {job.error}\n\n{self._loaded_note()}", gr.skip()
             return
