@@ -414,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     a = p.parse_args(argv)
     if a.select_from:
-        best = select_best([Path(d) for d in a.select_from], Path(a.out))
+        try:
+            best = select_best([Path(d) for d in a.select_from], Path(a.out))
+        except ValueError as e:  # a candidate that is no pattern, or has no held-out validation
+            p.error(str(e))
         print(f"wrote {a.out} from {best}")
         return 0
     if a.threads:
