@@ -16,9 +16,6 @@ from duo_qserve.model import ModelArgs, Transformer
 SHARED = Path(os.environ.get("DUO_QSERVE_SHARED", REPO_ROOT.parent / "shared"))
 HAYSTACK = SHARED / "data" / "haystack" / "paul_graham_essays"
 UPSTREAM_PATTERNS = SHARED / "data" / "upstream_attn_patterns"
-# fp32 tolerances of the kernels that read 4/8-bit codes, relative to the largest reference value (output) and to
-# max(1, |lse|): the codes enter the dots as 1024 + c, and taking the offset out again costs 10 of fp32's 24 bits.
-CODE_OUT_TOL, CODE_LSE_TOL = 3e-4, 5e-5
 
 
 def tiny_args(**overrides) -> ModelArgs:

@@ -62,34 +62,34 @@ def reference(
 
 @triton.jit
 def _codes(w, SUB: tl.constexpr, BITS: tl.constexpr):
-    """Code ``c`` number ``SUB`` of each packed word as an exact fp16 number ``1024 + x``: the bits ``0x6400 | x``
-    are that number for any x < 1024, so one and + or per code replaces the slow int->float convert (kernel-notes
-    2.4). x = c, except for 4-bit codes at odd positions, taken where they sit, 4 bits up (x = 16 c), which saves a
-    shift. The kernel takes the offset 1024 and the factor 16 out through its scales, not per code."""
-    if BITS == 4:  # int16 words: codes 0, 1 in the low byte, 2, 3 in the high one
-        x = (w >> ((SUB // 2) * 8)) & (0xF << ((SUB % 2) * 4))
-    else:  # int32 words, one code per byte
-        x = (w >> (SUB * 8)) & 0xFF
-    return (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    """Code ``SUB`` of each packed word as an exact fp16: the bits ``0x6400 | c`` are the fp16 number 1024 + c,
+    so an and/or and one fp16 subtract replace the slow int->float convert (kernel-notes 2.4)."""
+    c = ((w >> (SUB * BITS)) & ((1 << BITS) - 1)) | 0x6400
+    return c.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
 def _unpack(w, BITS: tl.constexpr, ASM: tl.constexpr):
-    """The 4 codes of every word as 4 fp16 tiles, exactly ``_codes`` 0..3. On the GPU the 4-bit case is inline
-    PTX on word pairs: per 32-bit register one shift and 4 ``lop3`` (and + or) yield all 8 codes, 2 per
-    instruction, where Triton emits the 16-bit lanes one at a time; the interpreter runs ``_codes``."""
+    """The 4 codes of every word as 4 exact fp16 tiles (``_codes`` 0..3). On the GPU the 4-bit case is inline PTX
+    on word pairs: per 32-bit register a shift, one ``lop3`` (and + or) and one ``sub.f16x2`` yield 2 codes at
+    once, half the instructions Triton emits for the 16-bit lanes one at a time; the interpreter runs ``_codes``."""
     if ASM and BITS == 4:
         return tl.inline_asm_elementwise(
             """{
-            .reg .b32 t, lo, hi, magic;
+            .reg .b32 t, lo, hi;
             mov.b32 lo, 0x000F000F;
-            mov.b32 hi, 0x00F000F0;
-            mov.b32 magic, 0x64006400;
-            lop3.b32 $0, $4, lo, magic, 0xea;
-            lop3.b32 $1, $4, hi, magic, 0xea;
+            mov.b32 hi, 0x64006400;
+            lop3.b32 $0, $4, lo, hi, 0xea;
+            shr.b32 t, $4, 4;
+            lop3.b32 $1, t, lo, hi, 0xea;
             shr.b32 t, $4, 8;
-            lop3.b32 $2, t, lo, magic, 0xea;
-            lop3.b32 $3, t, hi, magic, 0xea;
+            lop3.b32 $2, t, lo, hi, 0xea;
+            shr.b32 t, $4, 12;
+            lop3.b32 $3, t, lo, hi, 0xea;
+            sub.f16x2 $0, $0, hi;
+            sub.f16x2 $1, $1, hi;
+            sub.f16x2 $2, $2, hi;
+            sub.f16x2 $3, $3, hi;
             }""",
             "=r,=r,=r,=r,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2,
         )  # fmt: skip
@@ -137,11 +137,6 @@ def _attn_codes_kernel(
     q2 = tl.load(q_rows + c2[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
     q3 = tl.load(q_rows + c3[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
 
-    # Codes arrive as 1024 + c, or 1024 + 16 c at odd 4-bit positions (``_codes``): 1/16 joins those key scales
-    # and value outputs, and the offset leaves through row sums of the fp16 operands exactly as rounded, taken on
-    # the tensor cores as dots with a tile of ones (cheaper than converting and adding the operands).
-    ODD: tl.constexpr = 1.0 / 16 if BITS == 4 else 1.0
-    PREC: tl.constexpr = "ieee" if DOT == tl.float32 else "tf32"  # fp32: no tf32 rounding under the offset
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a0 = tl.zeros([BLOCK_M, W], tl.float32)
@@ -149,9 +144,6 @@ def _attn_codes_kernel(
     a2 = tl.zeros([BLOCK_M, W], tl.float32)
     a3 = tl.zeros([BLOCK_M, W], tl.float32)
     az = tl.zeros([BLOCK_M], tl.float32)  # sum_t p_t * z_t, the value zeros' share
-    ap = tl.zeros([BLOCK_M, 16], tl.float32)  # sum_t fp16(p_t * s_t) in each column: the value offset's share
-    ones = tl.full([BLOCK_N, 16], 1.0, DOT)
-    ones_w = tl.full([W, 16], 1.0, DOT)
     offs_n = tl.arange(0, BLOCK_N)
     kw_h, vw_h = kw_ptr + h * s_kwh, vw_ptr + h * s_vwh
     ks_h, kz_h = ks_ptr + h * s_ksh, kz_ptr + h * s_ksh
@@ -164,22 +156,15 @@ def _attn_codes_kernel(
         # Keys: fold the block's group scale into q and its zero into a per-row bias (BLOCK_N divides GROUP).
         sz = (b * BLOCK_N // GROUP) * D
         s0, z0 = tl.load(ks_h + sz + c0).to(tl.float32), tl.load(kz_h + sz + c0).to(tl.float32)
-        s1, z1 = tl.load(ks_h + sz + c1).to(tl.float32) * ODD, tl.load(kz_h + sz + c1).to(tl.float32)
+        s1, z1 = tl.load(ks_h + sz + c1).to(tl.float32), tl.load(kz_h + sz + c1).to(tl.float32)
         s2, z2 = tl.load(ks_h + sz + c2).to(tl.float32), tl.load(kz_h + sz + c2).to(tl.float32)
-        s3, z3 = tl.load(ks_h + sz + c3).to(tl.float32) * ODD, tl.load(kz_h + sz + c3).to(tl.float32)
-        qs0, qs1 = (q0 * s0[None, :]).to(DOT), (q1 * s1[None, :]).to(DOT)
-        qs2, qs3 = (q2 * s2[None, :]).to(DOT), (q3 * s3[None, :]).to(DOT)
-        qz = q0 * z0[None, :] + q1 * z1[None, :] + q2 * z2[None, :] + q3 * z3[None, :]
-        qs = tl.dot(qs0, ones_w, input_precision=PREC)
-        qs = tl.dot(qs1, ones_w, qs, input_precision=PREC)
-        qs = tl.dot(qs2, ones_w, qs, input_precision=PREC)
-        qs = tl.dot(qs3, ones_w, qs, input_precision=PREC)
-        bias = tl.sum(qz, 1) - 64.0 * tl.sum(qs, 1)
+        s3, z3 = tl.load(ks_h + sz + c3).to(tl.float32), tl.load(kz_h + sz + c3).to(tl.float32)
+        bias = tl.sum(q0 * z0[None, :] + q1 * z1[None, :] + q2 * z2[None, :] + q3 * z3[None, :], 1)
         k0, k1, k2, k3 = _unpack(tl.load(kw_h + words), BITS, ASM)
-        qk = tl.dot(qs0, tl.trans(k0.to(DOT)), input_precision=PREC)
-        qk = tl.dot(qs1, tl.trans(k1.to(DOT)), qk, input_precision=PREC)
-        qk = tl.dot(qs2, tl.trans(k2.to(DOT)), qk, input_precision=PREC)
-        qk = tl.dot(qs3, tl.trans(k3.to(DOT)), qk, input_precision=PREC)
+        qk = tl.dot((q0 * s0[None, :]).to(DOT), tl.trans(k0.to(DOT)))
+        qk = tl.dot((q1 * s1[None, :]).to(DOT), tl.trans(k1.to(DOT)), qk)
+        qk = tl.dot((q2 * s2[None, :]).to(DOT), tl.trans(k2.to(DOT)), qk)
+        qk = tl.dot((q3 * s3[None, :]).to(DOT), tl.trans(k3.to(DOT)), qk)
         qk += bias[:, None]
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -190,24 +175,22 @@ def _attn_codes_kernel(
 
         # Values: fold the per-token scale into p and the per-token zero into az.
         vs, vz = tl.load(vs_h + tok).to(tl.float32), tl.load(vz_h + tok).to(tl.float32)
-        ps = (p * vs[None, :]).to(DOT)
         az = az * alpha + tl.sum(p * vz[None, :], 1)
-        ap = tl.dot(ps, ones, ap * alpha[:, None], input_precision=PREC)
+        ps = (p * vs[None, :]).to(DOT)
         v0, v1, v2, v3 = _unpack(tl.load(vw_h + words), BITS, ASM)
-        a0 = tl.dot(ps, v0.to(DOT), a0 * alpha[:, None], input_precision=PREC)
-        a1 = tl.dot(ps, v1.to(DOT), a1 * alpha[:, None], input_precision=PREC)
-        a2 = tl.dot(ps, v2.to(DOT), a2 * alpha[:, None], input_precision=PREC)
-        a3 = tl.dot(ps, v3.to(DOT), a3 * alpha[:, None], input_precision=PREC)
+        a0 = tl.dot(ps, v0.to(DOT), a0 * alpha[:, None])
+        a1 = tl.dot(ps, v1.to(DOT), a1 * alpha[:, None])
+        a2 = tl.dot(ps, v2.to(DOT), a2 * alpha[:, None])
+        a3 = tl.dot(ps, v3.to(DOT), a3 * alpha[:, None])
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
     zs = (az * inv_l)[:, None]
-    off = (64.0 * tl.sum(ap, 1))[:, None]  # 1024 * one column
     o_rows = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[:, None]
     ty = o_ptr.dtype.element_ty
-    tl.store(o_rows + c0[None, :], ((a0 - off) * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c1[None, :], ((a1 - off) * (ODD * inv_l)[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c2[None, :], ((a2 - off) * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c3[None, :], ((a3 - off) * (ODD * inv_l)[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c0[None, :], (a0 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c1[None, :], (a1 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c2[None, :], (a2 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c3[None, :], (a3 * inv_l[:, None] + zs).to(ty), mask=qm)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + h * s_lh + split * s_ls + t * s_lt + g * s_lg, lse, mask=row_ok)
 
