@@ -26,6 +26,7 @@ from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, u
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
 
 PATTERNS_DIR = REPO_ROOT / "attn_patterns"
+CALIBRATION_DIR = Path(__file__).parent / "quant" / "calibration"
 ANSWER_RESERVE = 1024  # tokens kept free after the document for a question and its answer
 
 
@@ -67,6 +68,9 @@ class EngineSettings:
     chunk_size: int | None = None  # None: 32768 on CUDA, 512 on CPU
     max_tokens: int | None = None  # None: what fits in GPU memory (CUDA) or 32768 (CPU)
     w8a8: bool | None = None  # None: on for CUDA (when available), off for CPU
+    # SmoothQuant for on-the-fly W8A8: activation statistics of calibration text ("auto": the ones shipped for
+    # this model in duo_qserve/quant/calibration/, if any; None: no smoothing)
+    smoothing: str | None = "auto"
 
 
 @dataclass
@@ -92,9 +96,11 @@ class Engine:
             settings.w8a8 if settings.w8a8 is not None else self.device.type == "cuda"
         )
         if self.w8a8 and not prequantized:
-            from duo_qserve.quant.w8a8 import quantize_model_w8a8
+            from duo_qserve.quant.w8a8 import load_activation_absmax, quantize_model_w8a8
 
-            quantize_model_w8a8(self.model)
+            stats = self._resolve_smoothing(settings.smoothing)
+            act_absmax = None if stats is None else load_activation_absmax(stats, self.model)
+            quantize_model_w8a8(self.model, act_absmax=act_absmax)
         self.cache_config = CacheConfig(
             kv_bits=settings.kv_bits,
             key_group=settings.key_group,
@@ -133,6 +139,12 @@ class Engine:
         p = load_pattern(pattern)
         p.check_fits(self.args)
         return p
+
+    def _resolve_smoothing(self, smoothing: str | None) -> Path | None:
+        if smoothing == "auto":
+            shipped = CALIBRATION_DIR / f"{self.loaded.name}.safetensors"
+            return shipped if shipped.is_file() else None
+        return None if smoothing is None else Path(smoothing)
 
     def _cache_spec(self, max_tokens: int | None) -> CacheSpec:
         if max_tokens is None:
@@ -370,6 +382,7 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "w8a8": self.w8a8,
+            "smoothquant": bool((getattr(self.model, "w8a8", None) or {}).get("smoothquant")),
             "kv_bits": self.cache_config.kv_bits,
             "pattern": self.pattern.name,
             "sparsity": self.sparsity,

@@ -2,6 +2,7 @@ import random
 import re
 
 import pytest
+import torch
 from conftest import haystack_text
 
 from duo_qserve.engine import Cancelled, DocumentTooLarge, Engine
@@ -98,3 +99,13 @@ def test_checkpoint_restore_matches_fresh_ingests(tmp_path):
         fresh.append(e.answer(q, max_new_tokens=12))
     assert reused == fresh
     assert re.search(r"\w", reused[0])
+
+
+def test_w8a8_smooths_the_default_model_with_its_shipped_statistics():
+    """On-the-fly W8A8 of the default model applies SmoothQuant from the statistics shipped for it (folded
+    into the norms, so the weights differ from plain W8A8); ``smoothing=None`` turns it off."""
+    smoothed = Engine.from_pretrained("default", max_tokens=512, pattern=None, w8a8=True)
+    plain = Engine.from_pretrained("default", max_tokens=512, pattern=None, w8a8=True, smoothing=None)
+    assert smoothed.stats()["smoothquant"] and not plain.stats()["smoothquant"]
+    norm = [e.model.layers[0].input_layernorm.weight for e in (smoothed, plain)]
+    assert not torch.equal(*norm)

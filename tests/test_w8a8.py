@@ -16,10 +16,13 @@ from duo_qserve.quant.w8a8 import (
     RMSNormQuant,
     SiluMulQuant,
     W8A8Linear,
+    activation_absmax,
+    load_activation_absmax,
     load_quantized,
     load_reference_w8a8_state_dict,
     quantize_model_w8a8,
     quantize_weight_per_channel,
+    save_activation_absmax,
     save_quantized,
     smooth_model,
 )
@@ -108,7 +111,7 @@ def test_smoothing_leaves_float_model_unchanged():
     model = tiny_model()
     ref = logits(model, IDS)
     smoothed = copy.deepcopy(model)
-    smooth_model(smoothed, CALIB, alpha=0.5)
+    smooth_model(smoothed, activation_absmax(smoothed, CALIB), alpha=0.5)
     assert not torch.equal(smoothed.layers[0].input_layernorm.weight, model.layers[0].input_layernorm.weight)
     torch.testing.assert_close(logits(smoothed, IDS), ref, rtol=1e-5, atol=1e-5)
 
@@ -201,6 +204,20 @@ def test_load_quantized_refuses_version_and_shape_mismatch(tmp_path):
     (tmp_path / "quantization.json").write_text(json.dumps({**meta, "version": 2}))
     with pytest.raises(ValueError, match="version 2"):
         load_quantized(tmp_path)
+
+
+def test_shipped_statistics_give_the_same_model_as_calibration_text(tmp_path):
+    """Statistics saved from calibration text and loaded again smooth exactly as the text does; a file made for
+    another shape is refused."""
+    stats = activation_absmax(tiny_model(), CALIB)
+    save_activation_absmax(tmp_path / "stats.safetensors", stats, {"text": "random ids"})
+    loaded = load_activation_absmax(tmp_path / "stats.safetensors", tiny_model())
+    from_text = quantize_model_w8a8(tiny_model(), CALIB, alpha=0.5)
+    from_file = quantize_model_w8a8(tiny_model(), alpha=0.5, act_absmax=loaded)
+    assert from_file.w8a8 == {"alpha": 0.5, "smoothquant": True}
+    torch.testing.assert_close(logits(from_file, IDS), logits(from_text, IDS), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_activation_absmax(tmp_path / "stats.safetensors", tiny_model(dim=32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,6 @@
-"""``python -m duo_qserve quantize SRC DST``: quantize a checkpoint to W8A8 once, so later loads skip the work."""
+"""``python -m duo_qserve quantize SRC DST``: quantize a checkpoint to W8A8 once, so later loads skip the work;
+with ``--stats-only``, write only the SmoothQuant activation statistics, which the engine applies when it
+quantizes on the fly (those shipped in ``duo_qserve/quant/calibration/`` are made this way)."""
 
 from __future__ import annotations
 
@@ -10,18 +12,24 @@ from pathlib import Path
 import torch
 
 from duo_qserve.loading import load_model
-from duo_qserve.quant.w8a8 import DEFAULT_ALPHA, quantize_model_w8a8, save_quantized
+from duo_qserve.quant.w8a8 import (
+    DEFAULT_ALPHA,
+    activation_absmax,
+    quantize_model_w8a8,
+    save_activation_absmax,
+    save_quantized,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-def calibration_ids(tokenizer, path: Path, n_tokens: int) -> torch.Tensor:
-    """Token ids of calibration text: a file, or every .txt file of a directory, up to ``n_tokens``."""
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+def calibration_ids(tokenizer, paths: list[Path], n_tokens: int) -> torch.Tensor:
+    """Token ids of calibration text: files, and every .txt file of directories, in order, up to ``n_tokens``."""
+    files = [f for p in paths for f in (sorted(p.glob("*.txt")) if p.is_dir() else [p])]
     text = "\n\n".join(f.read_text(errors="replace") for f in files)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
     if not ids:
-        raise ValueError(f"{path}: no calibration text found")
+        raise ValueError(f"{' '.join(map(str, paths))}: no calibration text found")
     return torch.tensor(ids)
 
 
@@ -29,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="duo_qserve quantize", description=__doc__)
     p.add_argument("src", help="'default', a checkpoint directory or a .gguf file")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--calibration", type=Path, default=None, help="text file or directory for SmoothQuant")
+    p.add_argument(
+        "--calibration", type=Path, nargs="+", default=None, help="text files or directories for SmoothQuant"
+    )
+    p.add_argument(
+        "--stats-only", action="store_true", help="write DST as activation statistics (.safetensors)"
+    )
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     calib = None
     if a.calibration is not None:
         calib = calibration_ids(loaded.tokenizer, a.calibration, a.calibration_tokens).to(a.device)
+    if a.stats_only:
+        if calib is None:
+            raise SystemExit("--stats-only needs --calibration")
+        text = " ".join(p.name for p in a.calibration)
+        save_activation_absmax(
+            a.dst, activation_absmax(model, calib), {"text": text, "tokens": str(len(calib))}
+        )
+        print(f"wrote {a.dst} (activation statistics of {len(calib)} tokens of {text})")
+        return 0
     quantize_model_w8a8(model, calib, a.alpha)
     dst = Path(a.dst)
     config = model.args.to_hf_config()

@@ -168,11 +168,11 @@ def activation_absmax(model: nn.Module, calibration_ids: torch.Tensor) -> list[t
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, calibration_ids: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> None:
-    """SmoothQuant in place on a float model: fold ``1/s`` into each RMSNorm, ``s`` into the weight columns."""
-    for (norm, linears), x_max in zip(
-        _smooth_groups(model), activation_absmax(model, calibration_ids), strict=True
-    ):
+def smooth_model(model: nn.Module, act_absmax: list[torch.Tensor], alpha: float = DEFAULT_ALPHA) -> None:
+    """SmoothQuant in place on a float model: fold ``1/s`` into each RMSNorm, ``s`` into the weight columns;
+    ``act_absmax`` is ``activation_absmax`` of calibration text."""
+    for (norm, linears), x_max in zip(_smooth_groups(model), act_absmax, strict=True):
+        x_max = x_max.to(norm.weight.device, torch.float32)
         w_max = torch.cat([lin.weight.detach().abs().float() for lin in linears]).amax(dim=0)
         s = (x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
         norm.weight.copy_((norm.weight.float() / s).to(norm.weight.dtype))
@@ -180,14 +180,41 @@ def smooth_model(model: nn.Module, calibration_ids: torch.Tensor, alpha: float =
             lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
 
 
+def save_activation_absmax(path: str | Path, act_absmax: list[torch.Tensor], meta: dict[str, str]) -> None:
+    """Write ``activation_absmax`` statistics (one tensor per smoothing group) as safetensors, with ``meta``
+    (e.g. what text they come from). A model shipped with them gets SmoothQuant without calibration text."""
+    tensors = {f"group.{i}": x.detach().float().cpu().contiguous() for i, x in enumerate(act_absmax)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "duo-qserve-act-absmax", **meta})
+
+
+def load_activation_absmax(path: str | Path, model: nn.Module) -> list[torch.Tensor]:
+    """Read ``save_activation_absmax`` statistics for ``model``, refusing a file made for another shape."""
+    tensors = load_file(str(path))
+    groups = _smooth_groups(model)
+    want = [(f"group.{i}", linears[0].in_features) for i, (_, linears) in enumerate(groups)]
+    got = [(k, v.shape[0]) for k, v in sorted(tensors.items(), key=lambda kv: int(kv[0].split(".")[1]))]
+    if got != want:
+        raise ValueError(
+            f"{path}: activation statistics for {len(got)} groups do not fit this model ({len(want)})"
+        )
+    return [tensors[k] for k, _ in want]
+
+
 @torch.no_grad()
 def quantize_model_w8a8(
-    model: nn.Module, calibration_ids: torch.Tensor | None = None, alpha: float = DEFAULT_ALPHA
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    act_absmax: list[torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Swap norms, linears and the MLP activation for their W8A8 versions, in place (SmoothQuant first when
-    ``calibration_ids`` are given). The output dtype of every linear is the model's current dtype."""
+    """Swap norms, linears and the MLP activation for their W8A8 versions, in place. SmoothQuant first when
+    ``calibration_ids`` or their statistics ``act_absmax`` (``load_activation_absmax``) are given. The output
+    dtype of every linear is the model's current dtype."""
     if calibration_ids is not None:
-        smooth_model(model, calibration_ids, alpha)
+        act_absmax = activation_absmax(model, calibration_ids)
+    if act_absmax is not None:
+        smooth_model(model, act_absmax, alpha)
     dtype = model.embed_tokens.weight.dtype
     for block in model.layers:
         for name in ("input_layernorm", "post_attention_layernorm"):
@@ -197,7 +224,7 @@ def quantize_model_w8a8(
             for name in names:
                 setattr(parent, name, W8A8Linear.from_linear(getattr(parent, name), compute_dtype=dtype))
         block.mlp.act = SiluMulQuant()
-    model.w8a8 = {"alpha": alpha, "smoothquant": calibration_ids is not None}
+    model.w8a8 = {"alpha": alpha, "smoothquant": act_absmax is not None}
     return model
 
 
