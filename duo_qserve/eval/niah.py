@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             dict(name=name, note=cfg.note, mean_score=float(table.mean()), pattern=engine.pattern.name,
                  sparsity=engine.sparsity, kv_bits=engine.cache_config.kv_bits, w8a8=engine.w8a8,
+                 smoothquant=engine.stats()["smoothquant"],
                  sink=engine.cache_config.sink_tokens, recent=engine.cache_config.recent_tokens,
                  chunk_size=engine.chunk_size, retrieval_heads=engine.retrieval_heads,
                  grid=table.tolist(), heat_map=png.name, seconds=round(time.perf_counter() - t0, 1),
