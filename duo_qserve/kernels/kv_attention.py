@@ -150,21 +150,35 @@ def _attn_codes_kernel(
     vs_h, vz_h = vs_ptr + h * s_vsh, vz_ptr + h * s_vsh
     b_start = split * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
+    # The block's scales and zeros are loaded one block ahead: loaded where they are used, their latency stalled
+    # every iteration (strided, too small for the asynchronous copies that pipeline the codes).
+    first = tl.where(b_start < b_end, b_start, 0)  # an empty split (device lengths) reads block 0
+    sz, b_last = (first * BLOCK_N // GROUP) * D, tl.maximum(b_end - 1, b_start)
+    s0, z0 = tl.load(ks_h + sz + c0), tl.load(kz_h + sz + c0)
+    s1, z1 = tl.load(ks_h + sz + c1), tl.load(kz_h + sz + c1)
+    s2, z2 = tl.load(ks_h + sz + c2), tl.load(kz_h + sz + c2)
+    s3, z3 = tl.load(ks_h + sz + c3), tl.load(kz_h + sz + c3)
+    vz = tl.load(vz_h + first * BLOCK_N + offs_n)
     for b in range(b_start, b_end):
         tok = b * BLOCK_N + offs_n
         words = tok[:, None] * W + j[None, :]
+        ks0, kz0, ks1, kz1, ks2, kz2, ks3, kz3, vzb = s0, z0, s1, z1, s2, z2, s3, z3, vz
+        nxt = tl.minimum(b + 1, b_last)
+        sz = (nxt * BLOCK_N // GROUP) * D
+        s0, z0 = tl.load(ks_h + sz + c0), tl.load(kz_h + sz + c0)
+        s1, z1 = tl.load(ks_h + sz + c1), tl.load(kz_h + sz + c1)
+        s2, z2 = tl.load(ks_h + sz + c2), tl.load(kz_h + sz + c2)
+        s3, z3 = tl.load(ks_h + sz + c3), tl.load(kz_h + sz + c3)
+        vz = tl.load(vz_h + nxt * BLOCK_N + offs_n)
         # Keys: fold the block's group scale into q and its zero into a per-row bias (BLOCK_N divides GROUP).
-        sz = (b * BLOCK_N // GROUP) * D
-        s0, z0 = tl.load(ks_h + sz + c0).to(tl.float32), tl.load(kz_h + sz + c0).to(tl.float32)
-        s1, z1 = tl.load(ks_h + sz + c1).to(tl.float32), tl.load(kz_h + sz + c1).to(tl.float32)
-        s2, z2 = tl.load(ks_h + sz + c2).to(tl.float32), tl.load(kz_h + sz + c2).to(tl.float32)
-        s3, z3 = tl.load(ks_h + sz + c3).to(tl.float32), tl.load(kz_h + sz + c3).to(tl.float32)
-        bias = tl.sum(q0 * z0[None, :] + q1 * z1[None, :] + q2 * z2[None, :] + q3 * z3[None, :], 1)
+        ks0, kz0, ks1, kz1 = ks0.to(tl.float32), kz0.to(tl.float32), ks1.to(tl.float32), kz1.to(tl.float32)
+        ks2, kz2, ks3, kz3 = ks2.to(tl.float32), kz2.to(tl.float32), ks3.to(tl.float32), kz3.to(tl.float32)
+        bias = tl.sum(q0 * kz0[None, :] + q1 * kz1[None, :] + q2 * kz2[None, :] + q3 * kz3[None, :], 1)
         k0, k1, k2, k3 = _unpack(tl.load(kw_h + words), BITS, ASM)
-        qk = tl.dot((q0 * s0[None, :]).to(DOT), tl.trans(k0.to(DOT)))
-        qk = tl.dot((q1 * s1[None, :]).to(DOT), tl.trans(k1.to(DOT)), qk)
-        qk = tl.dot((q2 * s2[None, :]).to(DOT), tl.trans(k2.to(DOT)), qk)
-        qk = tl.dot((q3 * s3[None, :]).to(DOT), tl.trans(k3.to(DOT)), qk)
+        qk = tl.dot((q0 * ks0[None, :]).to(DOT), tl.trans(k0.to(DOT)))
+        qk = tl.dot((q1 * ks1[None, :]).to(DOT), tl.trans(k1.to(DOT)), qk)
+        qk = tl.dot((q2 * ks2[None, :]).to(DOT), tl.trans(k2.to(DOT)), qk)
+        qk = tl.dot((q3 * ks3[None, :]).to(DOT), tl.trans(k3.to(DOT)), qk)
         qk += bias[:, None]
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -174,8 +188,8 @@ def _attn_codes_kernel(
         m_i = m_new
 
         # Values: fold the per-token scale into p and the per-token zero into az.
-        vs, vz = tl.load(vs_h + tok).to(tl.float32), tl.load(vz_h + tok).to(tl.float32)
-        az = az * alpha + tl.sum(p * vz[None, :], 1)
+        vs = tl.load(vs_h + tok).to(tl.float32)
+        az = az * alpha + tl.sum(p * vzb.to(tl.float32)[None, :], 1)
         ps = (p * vs[None, :]).to(DOT)
         v0, v1, v2, v3 = _unpack(tl.load(vw_h + words), BITS, ASM)
         a0 = tl.dot(ps, v0.to(DOT), a0 * alpha[:, None])
