@@ -9,7 +9,7 @@ whole-model figures are 32 x the layer.
   bandwidth measured in the same run; the "re-expand" baseline (de-quantize the whole prefix to fp16 every step,
   as the DuoAttention demo does, then SDPA; both a plain-PyTorch and a fused Triton de-quantization, the faster
   one is the baseline) and fp16 SDPA over an fp16 cache of the same length. Inputs rotate over enough copies
-  that L2 never holds them.
+  that L2 never holds them, all replayed in a CUDA graph (as the decode step runs) so no host launch cost counts.
 - pre-fill: an 8K-query chunk over a 256K quantized prefix: TFLOP/s of the slab path and of the fused code kernel
   against fp16 SDPA (cuDNN and flash) on the same shapes.
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from duo_qserve.bench.common import bench, gpu_header, write_result
+from duo_qserve.bench.common import bench, bench_graph, gpu_header, write_result
 
 from ..kernels import attention
 from ..kernels import kv_attention as ka
@@ -61,16 +61,15 @@ def cache_bytes(cache: tuple) -> int:
     return sum(t.numel() * t.element_size() for t in cache)
 
 
-def rotating(make, nbytes: int):
-    """Enough copies of ``make()`` to exceed ROTATE_BYTES, and a function returning the next one."""
-    copies = [make() for _ in range(max(1, -(-ROTATE_BYTES // nbytes)))]
-    state = {"i": 0}
+def rotating(make, nbytes: int) -> list:
+    """Enough copies of ``make()`` to exceed ROTATE_BYTES, so that timing them in turn never hits L2."""
+    return [make() for _ in range(max(1, -(-ROTATE_BYTES // nbytes)))]
 
-    def nxt():
-        state["i"] = (state["i"] + 1) % len(copies)
-        return copies[state["i"]]
 
-    return nxt
+def bench_rotating(fn, copies: list) -> float:
+    """Milliseconds per ``fn(copy)``, the copies taken in turn in one CUDA graph, as the decode step runs: a
+    kernel of tens of microseconds is otherwise timed behind its host launch cost."""
+    return bench_graph([lambda c=c: fn(c) for c in copies])
 
 
 def _err(out, lse, ref_out, ref_lse) -> dict:
@@ -152,12 +151,14 @@ def decode_sweep(n: int, copy: float) -> tuple[list[dict], dict]:
     """Kernel configurations at context n; returns the rows and the fastest config's kwargs."""
     q = torch.randn(1, HKV * G, D, device="cuda", dtype=torch.float16)
     nbytes = cache_bytes(random_cache(GROUP)) // GROUP * n
-    nxt = rotating(lambda: random_cache(n), nbytes)
+    caches = rotating(lambda: random_cache(n), nbytes)
     rows, best = [], (float("inf"), {})
     for (bn, warps, stages), waves in itertools.product(DECODE_CONFIGS, SPLIT_WAVES):
         kw = {"block_n": bn, "num_warps": warps, "num_stages": stages, "waves": waves}
         try:
-            ms = bench(lambda kw=kw: ka.decode_attention(q, *nxt(), n, 4, GROUP, D**-0.5, **kw))
+            ms = bench_rotating(
+                lambda c, kw=kw: ka.decode_attention(q, *c, n, 4, GROUP, D**-0.5, **kw), caches
+            )
         except Exception as e:  # a config that does not compile (registers/shared memory) is reported
             rows.append({"kind": "decode-config", "context": n, **kw, "error": repr(e)[:200]})
             continue
@@ -177,8 +178,8 @@ def decode_rows(contexts: tuple[int, ...], copy: float, cfg: dict) -> list[dict]
 def _decode_context(n: int, copy: float, cfg: dict) -> list[dict]:
     q = torch.randn(1, HKV * G, D, device="cuda", dtype=torch.float16)
     nbytes = cache_bytes(random_cache(GROUP)) // GROUP * n
-    nxt = rotating(lambda: random_cache(n), nbytes)
-    ms = bench(lambda: ka.decode_attention(q, *nxt(), n, 4, GROUP, D**-0.5, **cfg))
+    caches = rotating(lambda: random_cache(n), nbytes)
+    ms = bench_rotating(lambda c: ka.decode_attention(q, *c, n, 4, GROUP, D**-0.5, **cfg), caches)
     rows = [_decode_row("triton-codes", n, ms, nbytes, copy, **cfg)]
 
     # Re-expand: fp16 K/V of the whole prefix rebuilt every step, then SDPA over it (q as [1, Hkv, G, D]).
@@ -186,32 +187,29 @@ def _decode_context(n: int, copy: float, cfg: dict) -> list[dict]:
     kbuf = torch.empty(HKV, n, D, dtype=torch.float16, device="cuda")
     vbuf = torch.empty_like(kbuf)
 
-    def expand_triton():
-        ka.dequantize_kv(*nxt(), 0, n, 4, GROUP, kbuf, vbuf)
+    def expand_triton(c):
+        ka.dequantize_kv(*c, 0, n, 4, GROUP, kbuf, vbuf)
         return F.scaled_dot_product_attention(q4, kbuf[None], vbuf[None], scale=D**-0.5)
 
-    def expand_eager():
-        kd, ks, kz, vd, vs, vz = nxt()
+    def expand_eager(c):
+        kd, ks, kz, vd, vs, vz = c
         k = dequantize_keys(kd, ks, kz, 4, GROUP).half()
         v = dequantize_values(vd, vs, vz, 4).half()
         return F.scaled_dot_product_attention(q4, k[None], v[None], scale=D**-0.5)
 
-    ms_t = bench(expand_triton)
+    ms_t = bench_rotating(expand_triton, caches)
     rows.append(_decode_row("re-expand-triton", n, ms_t, nbytes, copy, speedup_of_codes=round(ms_t / ms, 2)))
     if n <= 1 << 20:
-        ms_e = bench(expand_eager)
+        ms_e = bench_rotating(expand_eager, caches)
         rows.append(
             _decode_row("re-expand-eager", n, ms_e, nbytes, copy, speedup_of_codes=round(ms_e / ms, 2))
         )
 
     fp_bytes = 2 * HKV * n * D * 2
-    nxt_fp = rotating(lambda: torch.randn(2, 1, HKV, n, D, device="cuda", dtype=torch.float16), fp_bytes)
-
-    def sdpa_fp16():
-        k, v = nxt_fp()
-        return F.scaled_dot_product_attention(q4, k, v, scale=D**-0.5)
-
-    ms_f = bench(sdpa_fp16)
+    fp_caches = rotating(lambda: torch.randn(2, 1, HKV, n, D, device="cuda", dtype=torch.float16), fp_bytes)
+    ms_f = bench_rotating(
+        lambda kv: F.scaled_dot_product_attention(q4, kv[0], kv[1], scale=D**-0.5), fp_caches
+    )
     rows.append(_decode_row("sdpa-fp16-cache", n, ms_f, fp_bytes, copy, speedup_of_codes=round(ms_f / ms, 2),
                             fp16_at_copy_bw_ms=round(fp_bytes / copy / 1e6, 4)))  # fmt: skip
     print(f"decode {n}: codes {ms:.3f} ms, re-expand {ms_t:.3f} ms, fp16 sdpa {ms_f:.3f} ms", flush=True)
