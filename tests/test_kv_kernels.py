@@ -135,6 +135,17 @@ def test_decode_split_counts(num_splits, no_reference):
     _check(out, lse, *ref, q.shape)
 
 
+@pytest.mark.parametrize("hkv", range(1, 9))
+def test_decode_splits_fill_one_wave(hkv):
+    """Every retrieval-head count of a layer gets at most ``waves`` programs per SM (a few more would run as a
+    second, nearly empty wave) and leaves fewer than one program per kv head of the wave unused."""
+    q = torch.zeros(1, hkv * 4, 128)  # CPU: decode_splits counts 4 SMs
+    k_data = torch.zeros(hkv, 1 << 20, 64, dtype=torch.uint8)
+    waves, slots = 4.0, 4 * 4
+    splits = kv_attention.decode_splits(q, k_data, 1 << 20, 128, waves=waves)
+    assert slots - hkv < hkv * splits <= slots
+
+
 @pytest.mark.parametrize("bits,g,d,group,k", [(4, 4, 64, 32, 5), (8, 3, 128, 64, 2)])
 def test_prefill_matches_reference(bits, g, d, group, k, no_reference):
     """T = 33 > DECODE_MAX_T takes the slab path; a 2-group slab bound forces several slabs and merges."""
