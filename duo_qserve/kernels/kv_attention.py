@@ -106,6 +106,19 @@ def _channels(j, SUB: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _block_scales(
+    ks_h, kz_h, vz_h, b, c0, c1, c2, c3, D: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Block ``b``'s key scales and zeros for the channels of the 4 code sub-tiles, and its value zeros."""
+    sz = (b * BLOCK_N // GROUP) * D
+    return (
+        tl.load(ks_h + sz + c0), tl.load(kz_h + sz + c0), tl.load(ks_h + sz + c1), tl.load(kz_h + sz + c1),
+        tl.load(ks_h + sz + c2), tl.load(kz_h + sz + c2), tl.load(ks_h + sz + c3), tl.load(kz_h + sz + c3),
+        tl.load(vz_h + b * BLOCK_N + tl.arange(0, BLOCK_N)),
+    )  # fmt: skip
+
+
+@triton.jit
 def _attn_codes_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr,
     n_rows, blocks_per_split, n_blocks, qk_scale,
@@ -150,26 +163,21 @@ def _attn_codes_kernel(
     vs_h, vz_h = vs_ptr + h * s_vsh, vz_ptr + h * s_vsh
     b_start = split * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    # The block's scales and zeros are loaded one block ahead: loaded where they are used, their latency stalled
+    # Each block's scales and zeros are loaded one block ahead: loaded where they are used, their latency stalled
     # every iteration (strided, too small for the asynchronous copies that pipeline the codes).
     first = tl.where(b_start < b_end, b_start, 0)  # an empty split (device lengths) reads block 0
-    sz, b_last = (first * BLOCK_N // GROUP) * D, tl.maximum(b_end - 1, b_start)
-    s0, z0 = tl.load(ks_h + sz + c0), tl.load(kz_h + sz + c0)
-    s1, z1 = tl.load(ks_h + sz + c1), tl.load(kz_h + sz + c1)
-    s2, z2 = tl.load(ks_h + sz + c2), tl.load(kz_h + sz + c2)
-    s3, z3 = tl.load(ks_h + sz + c3), tl.load(kz_h + sz + c3)
-    vz = tl.load(vz_h + first * BLOCK_N + offs_n)
+    b_last = tl.maximum(b_end - 1, b_start)
+    s0, z0, s1, z1, s2, z2, s3, z3, vz = _block_scales(
+        ks_h, kz_h, vz_h, first, c0, c1, c2, c3, D, GROUP, BLOCK_N
+    )
     for b in range(b_start, b_end):
         tok = b * BLOCK_N + offs_n
         words = tok[:, None] * W + j[None, :]
         ks0, kz0, ks1, kz1, ks2, kz2, ks3, kz3, vzb = s0, z0, s1, z1, s2, z2, s3, z3, vz
         nxt = tl.minimum(b + 1, b_last)
-        sz = (nxt * BLOCK_N // GROUP) * D
-        s0, z0 = tl.load(ks_h + sz + c0), tl.load(kz_h + sz + c0)
-        s1, z1 = tl.load(ks_h + sz + c1), tl.load(kz_h + sz + c1)
-        s2, z2 = tl.load(ks_h + sz + c2), tl.load(kz_h + sz + c2)
-        s3, z3 = tl.load(ks_h + sz + c3), tl.load(kz_h + sz + c3)
-        vz = tl.load(vz_h + nxt * BLOCK_N + offs_n)
+        s0, z0, s1, z1, s2, z2, s3, z3, vz = _block_scales(
+            ks_h, kz_h, vz_h, nxt, c0, c1, c2, c3, D, GROUP, BLOCK_N
+        )
         # Keys: fold the block's group scale into q and its zero into a per-row bias (BLOCK_N divides GROUP).
         ks0, kz0, ks1, kz1 = ks0.to(tl.float32), kz0.to(tl.float32), ks1.to(tl.float32), kz1.to(tl.float32)
         ks2, kz2, ks3, kz3 = ks2.to(tl.float32), kz2.to(tl.float32), ks3.to(tl.float32), kz3.to(tl.float32)
