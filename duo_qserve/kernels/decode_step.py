@@ -14,8 +14,8 @@ and returns the attention output [1, Hq, D]:
 launch-bound batch-1 step would otherwise pay for:
 
 1. ``_step_kernel``, one program per (kv head, chunk of ``BLOCK_N`` slots): RoPE of q and k, the chunk's slots of
-   the tail or of sink + ring + new token for all G query heads of the kv head (fp32 scores, plain products and
-   sums), one normalized partial (out, lse) per query head; it stores the rotated q for step 2 and the new k/v
+   the tail or of sink + ring + new token for all G query heads of the kv head at once (two fp32 dots), one
+   normalized partial (out, lse) per query head; it stores the rotated q for step 2 and the new k/v
    (the program whose chunk read the overwritten ring slot writes it, after a barrier, so nothing reads it late);
 2. the split-K code kernel over the quantized prefix (``kv_attention.code_partials``), into the same buffer;
 3. the split merge (``kv_attention.merge_partials``) straight into the [1, Hq, D] output.
@@ -92,7 +92,8 @@ def reference(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, 
 
 @triton.jit
 def _rope(ptr, d, cos, sin, HALF: tl.constexpr):
-    """Rotate-half RoPE (``model.apply_rope``) of the vector at ``ptr``, fp32: channel d pairs with d +- D/2."""
+    """Rotate-half RoPE (``model.apply_rope``) of the vectors at ``ptr`` (a pointer or a column of pointers, one
+    per vector), fp32: channel d pairs with d +- D/2."""
     x = tl.load(ptr + d).to(tl.float32)
     partner = tl.load(ptr + (d + HALF) % (2 * HALF)).to(tl.float32)
     return x * cos + tl.where(d < HALF, -partner, partner) * sin
@@ -103,12 +104,14 @@ def _step_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qr_ptr,
     kt_ptr, vt_ptr, tail_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, ring_ptr, po_ptr, plse_ptr,
     n_retrieval, part0, n_parts, qk_scale, s_qh, s_kh, s_vh,
-    G: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
+    RECENT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head h, chunk c): slots ``c * BLOCK_N + [0, BLOCK_N)`` of head h's fp context, numbered
     tail ``[0, tail_idx)`` then the new token at ``tail_idx`` (retrieval head), or sinks, ring, then the new token
-    at ``SINK + RECENT`` (streaming head). Partial of query head h * G + g goes to part ``part0 + c``."""
+    at ``SINK + RECENT`` (streaming head). The G query heads of h are the rows of one [G_PAD, D] tile (rows past
+    G repeat the last), so scores and outputs are two fp32 dots. Partial of query head h * G + g goes to part
+    ``part0 + c``."""
     h, c = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, D)
@@ -139,23 +142,24 @@ def _step_kernel(
     vv = tl.where(in_sink, tl.load(sv_ptr + sink_off, mask=in_sink, other=0.0), vv)
     vv = tl.where(in_ring, tl.load(rv_ptr + ring_off, mask=in_ring, other=0.0), vv)
     vv = tl.where(is_new, v_new[None, :], vv).to(tl.float32)
-    valid = n <= new
+    valid = (n <= new)[None, :]
 
-    for g in tl.static_range(G):
-        hq = h * G + g
-        qg = _rope(q_ptr + hq * s_qh, d, cos, sin, HALF).to(dtype)
-        if c == 0:
-            tl.store(qr_ptr + hq * D + d, qg)
-        scores = tl.sum(kk * qg.to(tl.float32)[None, :], 1) * qk_scale
-        scores = tl.where(valid, scores, float("-inf"))
-        m = tl.max(scores, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # a chunk past the context: zeros, lse = -inf
-        p = tl.exp2(scores - m)
-        l_sum = tl.sum(p, 0)
-        out = tl.sum(p[:, None] * vv, 0) * tl.where(l_sum > 0, 1.0 / l_sum, 0.0)
-        part = (h * n_parts + part0 + c) * G + g
-        tl.store(po_ptr + part * D + d, out)
-        tl.store(plse_ptr + part, (m + tl.log2(l_sum)) * 0.6931471805599453)
+    gi = tl.arange(0, G_PAD)
+    row_ok = gi < G
+    hq = h * G + tl.minimum(gi, G - 1)
+    qg = _rope(q_ptr + hq[:, None] * s_qh, d[None, :], cos[None, :], sin[None, :], HALF).to(dtype)
+    if c == 0:
+        tl.store(qr_ptr + hq[:, None] * D + d[None, :], qg, mask=row_ok[:, None])
+    scores = tl.dot(qg.to(tl.float32), tl.trans(kk), input_precision="ieee") * qk_scale  # [G_PAD, BLOCK_N]
+    scores = tl.where(valid, scores, float("-inf"))
+    m = tl.max(scores, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a chunk past the context: zeros, lse = -inf
+    p = tl.exp2(scores - m[:, None])
+    l_sum = tl.sum(p, 1)
+    out = tl.dot(p, vv, input_precision="ieee") * tl.where(l_sum > 0, 1.0 / l_sum, 0.0)[:, None]
+    part = (h * n_parts + part0 + c) * G + gi
+    tl.store(po_ptr + part[:, None] * D + d[None, :], out, mask=row_ok[:, None])
+    tl.store(plse_ptr + part, (m + tl.log2(l_sum)) * 0.6931471805599453, mask=row_ok)
 
     # The new k/v: the program whose chunk holds the destination slot writes it once all its threads have read
     # the chunk (the ring slot's old token was attended above); no other program reads that slot.
@@ -200,8 +204,8 @@ def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_s
     _step_kernel[(hkv, n_chunks)](
         q, k, v, cos, sin, q_rot, *tails, tail_idx, *sinks, *rings, ring_idx, po, plse,
         n_r, code_splits, n_parts, sm_scale * kv_attention.LOG2E, q.stride(1), k.stride(1), v.stride(1),
-        G=g, D=d, GROUP=group, SINK=sink, RECENT=recent, BLOCK_N=BLOCK_N,
-        num_warps=max(4, BLOCK_N * d // 512),  # 16 elements of a [BLOCK_N, D] tile per thread (sm_90: no spills)
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, GROUP=group, SINK=sink, RECENT=recent,
+        BLOCK_N=BLOCK_N, num_warps=4,
     )  # fmt: skip
     if n_r:
         kv_attention.code_partials(
