@@ -179,6 +179,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
+def project(x, *linears: nn.Module) -> list[torch.Tensor]:
+    """``[linear(x) for linear in linears]`` for linears that read the same input. Linears of one type that
+    define ``forward_group`` run together (W8A8: one quantization of x, one launch at batch 1)."""
+    group = getattr(type(linears[0]), "forward_group", None)
+    if group is not None and all(type(lin) is type(linears[0]) for lin in linears):
+        return group(x, list(linears))
+    return [lin(x) for lin in linears]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -207,9 +216,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
         t = rope[0].shape[0]  # x may be a quantized activation (W8A8), so take T from the positions
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv_heads, self.head_dim)
+        v = v.view(t, self.n_kv_heads, self.head_dim)
         if getattr(cache, "rotates_qk", False):
             out = cache.attend(self.layer, q, k, v, rope)
         else:
@@ -233,7 +243,7 @@ class MLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(*project(x, self.gate_proj, self.up_proj)))
 
 
 class Block(nn.Module):

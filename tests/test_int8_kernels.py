@@ -54,6 +54,14 @@ def make_cases() -> dict[str, tuple]:
             _nonzero_int8(n, k, gen=gen), torch.rand(n, generator=gen) + 0.01,
         )  # fmt: skip
         cases[f"gemm-{m}x{n}x{k}-fp32"] = ("w8a8_matmul", args, {"out_dtype": torch.float32})
+    # Grouped GEMV (q/k/v, gate/up): three weights in one launch, four in two; M = 3 takes one product each.
+    k = 160
+    x = (_nonzero_int8(1, k, gen=gen), torch.rand(1, 1, generator=gen) + 0.01)
+    weights = [(_nonzero_int8(n, k, gen=gen), torch.rand(n, generator=gen) + 0.01) for n in (97, 64, 33, 16)]
+    cases["group-1x(97,64,33)"] = ("w8a8_matmul_group", (*x, weights[:3]), {"out_dtype": torch.float32})
+    cases["group-1x(97,64,33,16)"] = ("w8a8_matmul_group", (*x, weights), {"out_dtype": torch.float32})
+    x3 = (_nonzero_int8(3, k, gen=gen), torch.rand(3, 1, generator=gen) + 0.01)
+    cases["group-3x(97,64)"] = ("w8a8_matmul_group", (*x3, weights[:2]), {"out_dtype": torch.float32})
     m, n, k = GEMM_SHAPES[5]
     cases[f"gemm-{m}x{n}x{k}-fp16"] = (
         "w8a8_matmul",
@@ -75,21 +83,30 @@ def make_cases() -> dict[str, tuple]:
 
 
 def _function(name: str):
-    return getattr(int8_gemm if name == "w8a8_matmul" else quantize_act, name)
+    return getattr(int8_gemm if name.startswith("w8a8") else quantize_act, name)
+
+
+def _group_reference(x_q, x_scale, weights, out_dtype):
+    return [int8_gemm.reference(x_q, x_scale, w_q, w_scale, out_dtype) for w_q, w_scale in weights]
 
 
 def _reference(name: str):
-    return int8_gemm.reference if name == "w8a8_matmul" else getattr(quantize_act, f"{name}_reference")
+    if name.startswith("w8a8"):
+        return int8_gemm.reference if name == "w8a8_matmul" else _group_reference
+    return getattr(quantize_act, f"{name}_reference")
+
+
+def _to(t, device: str):
+    if isinstance(t, (list, tuple)):
+        return type(t)(_to(x, device) for x in t)
+    return t.to(device) if isinstance(t, torch.Tensor) else t
 
 
 def run_cases(cases: dict[str, tuple], device: str) -> dict[str, object]:
-    def to(t):
-        return t.to(device) if isinstance(t, torch.Tensor) else t
-
     out = {}
     for name, (fn, args, kwargs) in cases.items():
-        res = _function(fn)(*map(to, args), **kwargs, backend="triton")
-        out[name] = tuple(r.cpu() for r in res) if isinstance(res, tuple) else res.cpu()
+        res = _function(fn)(*_to(args, device), **kwargs, backend="triton")
+        out[name] = _to(res, "cpu")
     return out
 
 
@@ -121,11 +138,14 @@ def interpreted(cases, tmp_path_factory) -> dict[str, object]:
 def check(name: str, case: tuple, got) -> None:
     fn, args, kwargs = case
     want = _reference(fn)(*args, **kwargs)
-    if fn == "w8a8_matmul":
+    if fn.startswith("w8a8"):
         # Exact integer accumulation on both sides: only the fp32 epilogue rounds (int32->fp32, 2 products).
         rtol = 1e-5 if kwargs["out_dtype"] == torch.float32 else 2e-3
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6)
+        got, want = (got, want) if isinstance(want, list) else ([got], [want])
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=1e-6)
         return
     (q, s), (q_ref, s_ref) = got, want
     assert q.dtype == torch.int8 and q.shape == q_ref.shape and s.shape == s_ref.shape == (*q.shape[:-1], 1)

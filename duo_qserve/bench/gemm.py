@@ -127,9 +127,10 @@ def decode_config_rows() -> list[dict]:
         c = cfg.kwargs
 
         def call(w, c=c, nw=cfg.num_warps, n=n, k=k, w_s=w_s, x_s=x_s, x_q=x_q, out=out):
+            w4 = w.view(torch.int32)
             int8_gemm._w8a8_gemv_kernel[(triton.cdiv(n, c["BLOCK_N"]),)](
-                x_q.view(torch.int32), x_s.reshape(-1), w.view(torch.int32), w_s, out, n, k // 4, k // 4, **c,
-                ASM=True, num_warps=nw,
+                x_q.view(torch.int32), x_s.reshape(-1), w4, w_s, out, w4, w_s, out, w4, w_s, out, n, 0, 0, k // 4,
+                **c, ASM=True, num_warps=nw,
             )  # fmt: skip
 
         call(ws[0])

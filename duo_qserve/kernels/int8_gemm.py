@@ -88,14 +88,28 @@ def _dot4(a, b, acc, ASM: tl.constexpr):
 
 @triton.jit
 def _w8a8_gemv_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, N, K4, stride_wn,
+    x_ptr, xs_ptr, w0_ptr, ws0_ptr, out0_ptr, w1_ptr, ws1_ptr, out1_ptr, w2_ptr, ws2_ptr, out2_ptr,
+    n0, n1, n2, K4,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """M = 1: ``BLOCK_N`` weight rows per program, read as int32 words (4 codes each) and reduced with dp4a into
     an elementwise int32 accumulator that is summed once at the end. No tensor cores (a 1-row product would pad
-    to 16), tiny register use, so many programs per SM keep enough loads in flight to stream the weight."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_rows = w_ptr + tl.minimum(rows, N - 1)[:, None] * stride_wn  # clamped: duplicates dropped at the store
+    to 16), tiny register use, so many programs per SM keep enough loads in flight to stream the weight.
+
+    One launch serves up to three weights [n_i, 4 * K4] that read the same x (q/k/v, gate/up): the first
+    cdiv(n0, BLOCK_N) programs take rows of w0, the next cdiv(n1, BLOCK_N) rows of w1, the rest rows of w2."""
+    pid = tl.program_id(0)
+    p0 = tl.cdiv(n0, BLOCK_N)
+    p1 = p0 + tl.cdiv(n1, BLOCK_N)
+    if pid < p0:
+        w_ptr, ws_ptr, out_ptr, n, tile = w0_ptr, ws0_ptr, out0_ptr, n0, pid
+    elif pid < p1:
+        w_ptr, ws_ptr, out_ptr, n, tile = w1_ptr, ws1_ptr, out1_ptr, n1, pid - p0
+    else:
+        w_ptr, ws_ptr, out_ptr, n, tile = w2_ptr, ws2_ptr, out2_ptr, n2, pid - p1
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    last = tl.minimum(rows, n - 1)  # clamped: duplicates dropped at the store
+    w_rows = w_ptr + last[:, None] * K4
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for k in range(0, K4, BLOCK_K):
@@ -104,8 +118,8 @@ def _w8a8_gemv_kernel(
         w = tl.load(w_rows + k + ks[None, :], mask=k_ok[None, :], other=0)
         acc = _dot4(w, tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), acc, ASM)
     dot = tl.sum(acc, 1).to(tl.float32)
-    out = dot * tl.load(xs_ptr) * tl.load(ws_ptr + tl.minimum(rows, N - 1))
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
+    out = dot * tl.load(xs_ptr) * tl.load(ws_ptr + last)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < n)
 
 
 def _cfg(bm: int, bn: int, bk: int, group: int, stages: int, warps: int) -> triton.Config:
@@ -136,7 +150,7 @@ _GEMV_CONFIGS = [  # the H100 sweep's best per Llama-3-8B shape (o/qkv: 2-8 rows
 ]
 _prefill_gemm = triton.autotune(_PREFILL_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
 _decode_gemm = triton.autotune(_DECODE_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
-_gemv = triton.autotune(_GEMV_CONFIGS, key=["N", "K4"])(_w8a8_gemv_kernel)
+_gemv = triton.autotune(_GEMV_CONFIGS, key=["n0", "n1", "n2", "K4"])(_w8a8_gemv_kernel)
 
 
 def _check(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
@@ -162,19 +176,41 @@ def reference(
     return (acc * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)).to(out_dtype)
 
 
+def gemv_grid(n0: int, n1: int = 0, n2: int = 0):
+    """The grid of ``_w8a8_gemv_kernel`` over weights of n0, n1, n2 rows, for a config's ``BLOCK_N``."""
+    return lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in (n0, n1, n2)),)
+
+
+def _gemv_group(x_q, x_scale, weights, out_dtype) -> list[torch.Tensor]:
+    """M = 1 through every (w_q, w_scale) of ``weights``, three weights per launch."""
+    x4 = x_q.contiguous().view(torch.int32)
+    xs = x_scale.reshape(-1).float().contiguous()
+    outs = []
+    for i in range(0, len(weights), 3):
+        parts = [
+            (w.contiguous().view(torch.int32), s.reshape(-1).float().contiguous())
+            for w, s in weights[i : i + 3]
+        ]
+        group = [(w, s, torch.empty((1, w.shape[0]), dtype=out_dtype, device=x_q.device)) for w, s in parts]
+        outs += [o for _, _, o in group]
+        rows = [w.shape[0] for w, _, _ in group] + [0] * (3 - len(group))
+        group += [group[0]] * (3 - len(group))  # pointers for the absent parts: no program reads them
+        args = (x4, xs, *(t for part in group for t in part), *rows, x4.shape[1])
+        _launch(_gemv, gemv_grid(*rows), args, ASM=not _INTERPRETED)
+    return outs
+
+
 def _triton(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
     (m, k), n = x_q.shape, w_q.shape[0]
+    if m == 1 and k % 4 == 0:  # decode: the dp4a GEMV over int32 words
+        return _gemv_group(x_q, x_scale, [(w_q, w_scale)], out_dtype)[0]
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     x_scale = x_scale.reshape(-1).float().contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
-        return out
-    if m == 1 and k % 4 == 0:  # decode: the dp4a GEMV over int32 words
-        args = (x_q.view(torch.int32), x_scale, w_q.view(torch.int32), w_scale, out, n, k // 4, k // 4)
-        _launch(_gemv, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), args, ASM=not _INTERPRETED)
         return out
     tuned = _decode_gemm if m <= DECODE_MAX_M else _prefill_gemm
     args = (
@@ -223,3 +259,21 @@ def w8a8_matmul(
     if use_triton(backend, x_q, _INTERPRETED):
         return _triton(x_q, x_scale, w_q, w_scale, out_dtype)
     return reference(x_q, x_scale, w_q, w_scale, out_dtype)
+
+
+def w8a8_matmul_group(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weights: list[tuple[torch.Tensor, torch.Tensor]],
+    out_dtype: torch.dtype = torch.float16,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """``[w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype) for w_q, w_scale in weights]`` for the linears that
+    read one input (q/k/v, gate/up). At M = 1 on the GPU one GEMV launch covers three weights: a launch that
+    reads a 4 MB weight alone (Llama-3-8B's k or v) moves it at a third of copy bandwidth."""
+    for w_q, w_scale in weights:
+        _check(x_q, x_scale, w_q, w_scale)
+    m, k = x_q.shape
+    if m == 1 and k % 4 == 0 and use_triton(backend, x_q, _INTERPRETED):
+        return _gemv_group(x_q, x_scale, weights, out_dtype)
+    return [w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, backend) for w_q, w_scale in weights]

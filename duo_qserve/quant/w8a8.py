@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..kernels.int8_gemm import w8a8_matmul
+from ..kernels.int8_gemm import w8a8_matmul_group
 from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
 
 FORMAT = "duo-qserve-w8a8"
@@ -85,14 +85,20 @@ class W8A8Linear(nn.Module):
         return mod.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return self.forward_group(x, [self])[0]
+
+    @staticmethod
+    def forward_group(x: torch.Tensor | QuantizedActivation, linears: list[W8A8Linear]) -> list[torch.Tensor]:
+        """``[linear(x) for linear in linears]``, x quantized once and, at batch 1 on the GPU, one GEMV launch
+        for up to three weights (``model.project``: q/k/v, gate/up)."""
         if not isinstance(x, QuantizedActivation):
             x = QuantizedActivation(*quantize_per_token(x))
-        lead = x.q.shape[:-1]
-        out = w8a8_matmul(
-            x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight, self.dequant_scale,
-            self.compute_dtype,
-        )  # fmt: skip
-        return out.reshape(*lead, self.out_features)
+        lead, k = x.q.shape[:-1], linears[0].in_features
+        weights = [(lin.weight, lin.dequant_scale) for lin in linears]
+        outs = w8a8_matmul_group(
+            x.q.reshape(-1, k), x.scale.reshape(-1, 1), weights, linears[0].compute_dtype
+        )
+        return [out.reshape(*lead, lin.out_features) for out, lin in zip(outs, linears, strict=True)]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
