@@ -73,12 +73,15 @@ def gpu_header() -> tuple[str, str, float]:
 
 
 def write_result(out_dir: str | Path, kind: str, device: str, date: str, copy: float, argv: list[str] | None,
-                 fields: dict) -> tuple[Path, dict]:  # fmt: skip
-    """``<out_dir>/<kind>-<device>-<date>.json``: device, date, commit, command, library versions and the copy
-    ceiling, then the benchmark's own ``fields``. Returns the path (a plot goes beside it) and the result."""
+                 fields: dict, module: str | None = None) -> tuple[Path, dict]:  # fmt: skip
+    """``<out_dir>/<kind>-<device>-<date>.json``: device, date, commit, command (``duo_qserve.bench.<module>``,
+    by default the kind), library versions and the copy ceiling, then the benchmark's own ``fields``. Returns the
+    path (a plot goes beside it) and the result."""
     import triton
 
-    command = " ".join([f"python -m duo_qserve.bench.{kind}", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        [f"python -m duo_qserve.bench.{module or kind}", *(sys.argv[1:] if argv is None else argv)]
+    )
     result = {
         "device": device, "date": date, "commit": commit(), "command": command,
         "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1), **fields,

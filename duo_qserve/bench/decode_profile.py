@@ -120,7 +120,7 @@ def run(args) -> dict:
     return write_result(
         args.out, "decode-profile", device, date, copy, None,
         {"model_shape": "llama-3-8b (synthetic weights)", "pattern": pattern.name, "sparsity": sparsity,
-         "weights_read_bytes": w_q, "rows": rows},
+         "weights_read_bytes": w_q, "rows": rows}, module="decode_profile",
     )[1]  # fmt: skip
 
 
