@@ -10,7 +10,8 @@ Three regimes, each tuned separately:
 - decode, M = 1 (batch-1 decode steps): ``_w8a8_gemv_kernel``, no tensor cores: weight rows read as int32 words and
   reduced with ``dp4a``; under CUDA graphs on an H100 it reads 72-95% of copy bandwidth per Llama-3-8B shape, 89%
   over a layer (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23.json), where 16-row tensor-core tiles
-  reached 37-68%;
+  reached 37-68%; one launch serves up to three weights that read the same x (``w8a8_matmul_group``: q/k/v,
+  gate/up), since a 4 MB weight alone is too small to stream at full speed;
 - 2 <= M <= 16 (which ``torch._int_mm`` refuses): the tile kernel with 16-row tiles and narrow N tiles,
   memory-bound, so the redundant MMA rows are free.
 
@@ -176,7 +177,7 @@ def reference(
     return (acc * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)).to(out_dtype)
 
 
-def gemv_grid(n0: int, n1: int = 0, n2: int = 0):
+def _gemv_grid(n0: int, n1: int = 0, n2: int = 0):
     """The grid of ``_w8a8_gemv_kernel`` over weights of n0, n1, n2 rows, for a config's ``BLOCK_N``."""
     return lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in (n0, n1, n2)),)
 
@@ -196,7 +197,7 @@ def _gemv_group(x_q, x_scale, weights, out_dtype) -> list[torch.Tensor]:
         rows = [w.shape[0] for w, _, _ in group] + [0] * (3 - len(group))
         group += [group[0]] * (3 - len(group))  # pointers for the absent parts: no program reads them
         args = (x4, xs, *(t for part in group for t in part), *rows, x4.shape[1])
-        _launch(_gemv, gemv_grid(*rows), args, ASM=not _INTERPRETED)
+        _launch(_gemv, _gemv_grid(*rows), args, ASM=not _INTERPRETED)
     return outs
 
 
