@@ -6,12 +6,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from duo_qserve.loading import REPO_ROOT
 from duo_qserve.model import ModelArgs, Transformer
+
+if TYPE_CHECKING:
+    from duo_qserve.cache import CacheSpec
 
 SHARED = Path(os.environ.get("DUO_QSERVE_SHARED", REPO_ROOT.parent / "shared"))
 HAYSTACK = SHARED / "data" / "haystack" / "paul_graham_essays"
@@ -33,6 +37,22 @@ def tiny_model(args: ModelArgs, seed: int = 0) -> Transformer:
             block.self_attn.q_proj.weight.mul_(4.0)
             block.self_attn.k_proj.weight.mul_(4.0)
     return model
+
+
+def random_cache_layer(spec: CacheSpec, gen: torch.Generator, device: str = "cpu") -> dict:
+    """Layer 0 of a cache filled with random codes, positive scales and fp values (no zeros anywhere)."""
+    # Imported here: duo_qserve.cache imports triton, which the interpreter tests must import first themselves.
+    from duo_qserve.cache import DuoKVCache
+
+    layer = DuoKVCache(spec, device).layers[0]
+    for name, t in layer.items():
+        if t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
+        elif "scale" in name:
+            t.copy_(torch.rand(t.shape, generator=gen) * 0.1 + 0.01)
+        else:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    return layer
 
 
 def haystack_text(n_chars: int, start_file: int = 0) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_cache_layer
 
-from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
+from duo_qserve.cache import CacheConfig, CacheSpec
 from duo_qserve.kernels import decode_step, kv_attention, kv_quantize
 from duo_qserve.model import ModelArgs, rope_cos_sin, rope_inv_freq
 
@@ -30,19 +31,6 @@ CASES = [  # (hkv, g, n_retrieval, d, group, sink, recent, pos)
 ]
 
 
-def _layer(spec: CacheSpec, gen: torch.Generator) -> dict:
-    """Layer 0 of a cache on the GPU: random codes, positive scales, random fp values (no zeros anywhere)."""
-    layer = DuoKVCache(spec, "cuda").layers[0]
-    for name, t in layer.items():
-        if t.dtype == torch.uint8:
-            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
-        elif "scale" in name:
-            t.copy_(torch.rand(t.shape, generator=gen) * 0.1 + 0.01)
-        else:
-            t.copy_(torch.randn(t.shape, generator=gen))
-    return layer
-
-
 @pytest.mark.parametrize("hkv,g,n_retrieval,d,group,sink,recent,pos", CASES)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fused_step_matches_reference_on_gpu(hkv, g, n_retrieval, d, group, sink, recent, pos, bits):
@@ -51,7 +39,7 @@ def test_fused_step_matches_reference_on_gpu(hkv, g, n_retrieval, d, group, sink
                      intermediate_size=8, rope_theta=500000.0)  # fmt: skip
     config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
     spec = CacheSpec(args, [n_retrieval], config, (pos // group + 2) * group, torch.float16)
-    got_layer = _layer(spec, gen)
+    got_layer = random_cache_layer(spec, gen, "cuda")
     want_layer = {name: t.clone() for name, t in got_layer.items()}
     q = torch.randn(1, hkv * g, d, generator=gen).to("cuda", torch.float16)
     k, v = (torch.randn(1, hkv, d, generator=gen).to("cuda", torch.float16) for _ in range(2))

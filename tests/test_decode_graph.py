@@ -21,7 +21,8 @@ if IN_PROCESS:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import (  # noqa: E402
-    run_in_interpreter_child,  # noqa: E402
+    random_cache_layer,
+    run_in_interpreter_child,
     tiny_args,
     tiny_model,
 )
@@ -81,19 +82,6 @@ def test_decode_kernel_with_device_length(groups, num_splits, interpreted):
     assert (lse - ref_lse).abs().max() <= 1e-5 * ref_lse.abs().max()
 
 
-def _random_layer(spec: CacheSpec, gen: torch.Generator) -> dict:
-    """Layer 0 of a cache filled with random codes, positive scales and fp values (no zeros anywhere)."""
-    layer = DuoKVCache(spec, "cpu").layers[0]
-    for name, t in layer.items():
-        if t.dtype == torch.uint8:
-            t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
-        elif "scale" in name:
-            t.copy_(torch.rand(t.shape, generator=gen) * 0.1 + 0.01)
-        else:
-            t.copy_(torch.randn(t.shape, generator=gen))
-    return layer
-
-
 STEP_CASES = [  # (hkv, g, n_retrieval, d, group, sink, recent, pos)
     (2, 3, 1, 64, 32, 4, 40, 95),  # tail slot 31 (the group's last), ring slot 11
     (2, 3, 1, 64, 32, 4, 40, 72),  # ring slot 28: sink + ring = 32, the first slot of the second chunk
@@ -116,7 +104,7 @@ def test_fused_step_equals_reference(hkv, g, n_retrieval, d, group, sink, recent
                      intermediate_size=8, rope_theta=500.0)  # fmt: skip
     config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
     spec = CacheSpec(args, [n_retrieval], config, 4 * group, torch.float32)
-    want_layer = _random_layer(spec, gen)
+    want_layer = random_cache_layer(spec, gen)
     got_layer = {name: t.clone() for name, t in want_layer.items()}
     before = {name: t.clone() for name, t in want_layer.items()}
     q = torch.randn(1, hkv * g, d, generator=gen)
