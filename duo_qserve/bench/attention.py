@@ -19,7 +19,6 @@ whole-model figures are 32 x the layer.
 from __future__ import annotations
 
 import argparse
-import itertools
 import traceback
 
 import torch
@@ -38,9 +37,10 @@ HKV, G, D, GROUP, LAYERS = 4, 4, 128, 128, 32
 CONTEXTS = (32 << 10, 256 << 10, 1 << 20, 2 << 20)
 PREFILL_T, PREFILL_N = 8192, 256 << 10
 ROTATE_BYTES = 512 << 20  # > 10x the H100's 50 MB L2
-# (block_n, warps, stages)
-DECODE_CONFIGS = [(64, 2, 3), (64, 4, 3), (128, 2, 3), (128, 4, 3)]
-SPLIT_WAVES = (4.0, 8.0)
+# (block_n, warps, stages, waves): programs of 2 warps x 128 tokens, 4 per SM (registers and shared memory allow 4
+# with 3 stages, 5 with 2), or of 1 warp x 64 tokens, up to 9 per SM
+DECODE_CONFIGS = [(128, 2, 3, 4.0), (128, 2, 2, 5.0), (64, 1, 3, 8.0), (64, 1, 2, 8.0), (64, 1, 2, 9.0)]
+LONG_CHECK = 1 << 20  # tokens of the long-context accuracy check
 
 
 def random_cache(n: int, bits: int = 4, hkv: int = HKV, d: int = D, group: int = GROUP) -> tuple:
@@ -137,6 +137,24 @@ def check_rows() -> list[dict]:
                     out, lse = ka.prefill_attention(q, *cache, n, bits, group, d**-0.5, slab_bytes=1 << 20)
                     rows.append({"kind": "check", "op": "prefill-slab-small", "bits": bits, "g": g, "d": d,
                                  "group": group, "t": t, **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
+    return rows + long_check_rows(gen)
+
+
+def long_check_rows(gen: torch.Generator, n: int = LONG_CHECK) -> list[dict]:
+    """Decode over ``n`` quantized tokens against the fp32 reference, with the default splits and with one split
+    (one program runs the online softmax over every token: rounding that accumulates would show here). Random
+    queries spread the attention over all tokens, which is what makes their sum long."""
+    k = torch.randn(HKV, n, D, device="cuda", generator=gen, dtype=torch.float16) * 2 + 0.5
+    v = torch.randn(HKV, n, D, device="cuda", generator=gen, dtype=torch.float16)
+    cache = quantize_kv(k, v, 4, GROUP)
+    del k, v
+    q = torch.randn(1, HKV * G, D, device="cuda", generator=gen).half()
+    ref_out, ref_lse = ka.reference(q.float(), *cache, n, 4, GROUP, D**-0.5)
+    rows = []
+    for splits in (None, 1):
+        out, lse = ka.decode_attention(q, *cache, n, 4, GROUP, D**-0.5, num_splits=splits)
+        rows.append({"kind": "check", "op": "decode-long", "n_ctx": n, "splits": splits or "default",
+                     **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
     return rows
 
 
@@ -148,12 +166,13 @@ def _decode_row(variant: str, n: int, ms: float, nbytes: int, copy: float, **ext
 
 
 def decode_sweep(n: int, copy: float) -> tuple[list[dict], dict]:
-    """Kernel configurations at context n; returns the rows and the fastest config's kwargs."""
+    """Kernel configurations (``DECODE_CONFIGS``) at context n; returns the rows and the fastest config's
+    kwargs."""
     q = torch.randn(1, HKV * G, D, device="cuda", dtype=torch.float16)
     nbytes = cache_bytes(random_cache(GROUP)) // GROUP * n
     caches = rotating(lambda: random_cache(n), nbytes)
     rows, best = [], (float("inf"), {})
-    for (bn, warps, stages), waves in itertools.product(DECODE_CONFIGS, SPLIT_WAVES):
+    for bn, warps, stages, waves in DECODE_CONFIGS:
         kw = {"block_n": bn, "num_warps": warps, "num_stages": stages, "waves": waves}
         try:
             ms = bench_rotating(
@@ -274,7 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON")
     p.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
-    p.add_argument("--sweep-context", type=int, default=1 << 20, help="context of the decode config sweep")
+    p.add_argument(
+        "--sweep-contexts",
+        type=int,
+        nargs="+",
+        default=[256 << 10, 1 << 20],
+        help="contexts of the decode config sweep; the last one's fastest config runs the decode part",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "sweep", "decode", "prefill"])
     args = p.parse_args(argv)
     device, date, copy = gpu_header()
@@ -292,9 +317,13 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"kind": "error", "section": name, "error": repr(e)[:500]})
 
     def sweep() -> list[dict]:
-        res, best = decode_sweep(args.sweep_context, copy)
+        res = []
+        for n in args.sweep_contexts:
+            rows_n, best = decode_sweep(n, copy)
+            res += rows_n
+            print(f"fastest decode config at {n}: {best}", flush=True)
+            torch.cuda.empty_cache()
         cfg.update(best)
-        print(f"fastest decode config at {args.sweep_context}: {cfg}", flush=True)
         return res
 
     section("check", check_rows)

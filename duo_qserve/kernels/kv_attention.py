@@ -11,7 +11,9 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
   (kv head, split of the tokens) holds all ``T * G`` query rows of that kv head (GQA: the codes are read once).
   It never de-quantizes a tile: within one key group the key scale/zero are per channel, so
   ``q . k = (q * s_k) . codes + q . z_k``; value scale/zero are per token, so
-  ``p @ v = (p * s_v) @ codes + (p . z_v)``. Codes become fp16 by bit tricks (``_codes``), not converts.
+  ``p @ v = (p * s_v) @ codes + (p . z_v)``. Codes enter the dots as the fp16 numbers 1024 + RAW * c that a bit
+  trick makes of them (``_raw``); 1/RAW rides on the other operand and the 1024's share, 1024 * sum(operand),
+  comes off with the zeros.
   A second tiny kernel merges the splits by their log-sum-exp.
 - pre-fill: slabs of the prefix are de-quantized into one bounded fp16 buffer (``_dequant_kernel``) and go
   through the fused flash/cuDNN attention with log-sum-exp, merged across slabs. The de-quantization traffic is
@@ -61,43 +63,40 @@ def reference(
 
 
 @triton.jit
-def _codes(w, SUB: tl.constexpr, BITS: tl.constexpr):
-    """Code ``SUB`` of each packed word as an exact fp16: the bits ``0x6400 | c`` are the fp16 number 1024 + c,
-    so an and/or and one fp16 subtract replace the slow int->float convert (kernel-notes 2.4)."""
-    c = ((w >> (SUB * BITS)) & ((1 << BITS) - 1)) | 0x6400
-    return c.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+def _raw(w, SUB: tl.constexpr, BITS: tl.constexpr):
+    """Code ``SUB`` of each packed word as the exact fp16 number 1024 + RAW * c (``RAW`` = 16 for 4-bit codes, 1 for
+    8-bit): the bits 0x6400 with the code or-ed into the mantissa, at bit 4 or bit 0. The kernel folds 1/RAW into
+    its operands and takes the 1024 off after the dots, so turning codes into numbers costs no arithmetic."""
+    c = (w >> (SUB * BITS)) & ((1 << BITS) - 1)
+    if BITS == 4:
+        c = c << 4
+    return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def _unpack(w, BITS: tl.constexpr, ASM: tl.constexpr):
-    """The 4 codes of every word as 4 exact fp16 tiles (``_codes`` 0..3). On the GPU the 4-bit case is inline PTX
-    on word pairs, 9 instructions for 8 codes: one ``lop3`` (and + or) per 2 codes puts a nibble into the mantissa
-    of 1024, then ``sub.f16x2`` takes 1024 off the nibbles at bits 0 and 8, and one ``fma.f16x2`` (x / 16 - 64)
-    turns the nibbles at bits 4 and 12, read in place as 1024 + 16c, into c; one shift serves the upper two. The
-    decode kernel is bound by its instruction latency, so this measured 2-7% faster than shifting every nibble
-    down (11 instructions). The interpreter runs ``_codes``."""
+    """The 4 codes of every word as 4 fp16 tiles of ``_raw`` numbers. On the GPU the 4-bit case is inline PTX on
+    word pairs, 7 instructions for 8 codes: three shifts bring each word's nibbles 0, 2 and 3 to bit 4, where
+    nibble 1 already is, and one ``lop3`` per nibble keeps it and ors in 0x6400. The decode kernel is bound by its
+    instruction count; converting the codes exactly (1024 + c, then subtracting 1024) took 9 instructions. The
+    interpreter runs ``_raw``."""
     if ASM and BITS == 4:
         return tl.inline_asm_elementwise(
             """{
-            .reg .b32 t, lo, hi, mag, inv, off;
-            mov.b32 lo, 0x000F000F;
-            mov.b32 hi, 0x00F000F0;
+            .reg .b32 s0, s2, s3, nib, mag;
+            mov.b32 nib, 0x00F000F0;
             mov.b32 mag, 0x64006400;
-            mov.b32 inv, 0x2C002C00;
-            mov.b32 off, 0xD400D400;
-            lop3.b32 $0, $4, lo, mag, 0xea;
-            lop3.b32 $1, $4, hi, mag, 0xea;
-            shr.b32 t, $4, 8;
-            lop3.b32 $2, t, lo, mag, 0xea;
-            lop3.b32 $3, t, hi, mag, 0xea;
-            sub.f16x2 $0, $0, mag;
-            fma.rn.f16x2 $1, $1, inv, off;
-            sub.f16x2 $2, $2, mag;
-            fma.rn.f16x2 $3, $3, inv, off;
+            shl.b32 s0, $4, 4;
+            shr.b32 s2, $4, 4;
+            shr.b32 s3, $4, 8;
+            lop3.b32 $0, s0, nib, mag, 0xea;
+            lop3.b32 $1, $4, nib, mag, 0xea;
+            lop3.b32 $2, s2, nib, mag, 0xea;
+            lop3.b32 $3, s3, nib, mag, 0xea;
             }""",
             "=r,=r,=r,=r,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2,
         )  # fmt: skip
-    return _codes(w, 0, BITS), _codes(w, 1, BITS), _codes(w, 2, BITS), _codes(w, 3, BITS)
+    return _raw(w, 0, BITS), _raw(w, 1, BITS), _raw(w, 2, BITS), _raw(w, 3, BITS)
 
 
 @triton.jit
@@ -135,12 +134,17 @@ def _attn_codes_kernel(
     The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W.
 
     ``LEN_FROM_PTR``: the token count is read from ``len_ptr`` (int32, on the device: CUDA-graph replays) and
-    split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf."""
+    split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf.
+
+    The 1024 offsets of the ``_raw`` codes are taken off exactly: the correction sums the fp16 operands the tensor
+    cores saw (fp32 operands go in as ``ieee``, since a tf32 rounding would not be matched)."""
     h, split, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if LEN_FROM_PTR:
         n_blocks = tl.load(len_ptr) // BLOCK_N
         blocks_per_split = tl.cdiv(n_blocks, tl.num_programs(1))
     W: tl.constexpr = D // 4
+    RAW: tl.constexpr = 16 if BITS == 4 else 1  # the _raw codes' scale
+    PREC: tl.constexpr = "ieee" if DOT == tl.float32 else "tf32"
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     t, g = rows // G, rows % G
@@ -149,10 +153,11 @@ def _attn_codes_kernel(
     c2, c3 = _channels(j, 2, BITS, D), _channels(j, 3, BITS, D)
     q_rows = (q_ptr + t * s_qt + (h * G + g) * s_qh)[:, None]
     qm = row_ok[:, None]
-    q0 = tl.load(q_rows + c0[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
-    q1 = tl.load(q_rows + c1[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
-    q2 = tl.load(q_rows + c2[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
-    q3 = tl.load(q_rows + c3[None, :], mask=qm, other=0.0).to(tl.float32) * qk_scale
+    q_scale = qk_scale / RAW
+    q0 = tl.load(q_rows + c0[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
+    q1 = tl.load(q_rows + c1[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
+    q2 = tl.load(q_rows + c2[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
+    q3 = tl.load(q_rows + c3[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -182,15 +187,20 @@ def _attn_codes_kernel(
         s0, z0, s1, z1, s2, z2, s3, z3, vz = _block_scales(
             ks_h, kz_h, vz_h, nxt, c0, c1, c2, c3, D, GROUP, BLOCK_N
         )
-        # Keys: fold the block's group scale into q and its zero into a per-row bias (BLOCK_N divides GROUP).
+        # Keys: fold the block's group scale into q (BLOCK_N divides GROUP); its zero and the codes' 1024 go into a
+        # per-row bias.
         ks0, kz0, ks1, kz1 = ks0.to(tl.float32), kz0.to(tl.float32), ks1.to(tl.float32), kz1.to(tl.float32)
         ks2, kz2, ks3, kz3 = ks2.to(tl.float32), kz2.to(tl.float32), ks3.to(tl.float32), kz3.to(tl.float32)
-        bias = tl.sum(q0 * kz0[None, :] + q1 * kz1[None, :] + q2 * kz2[None, :] + q3 * kz3[None, :], 1)
+        qs0, qs1 = (q0 * ks0[None, :]).to(DOT), (q1 * ks1[None, :]).to(DOT)
+        qs2, qs3 = (q2 * ks2[None, :]).to(DOT), (q3 * ks3[None, :]).to(DOT)
+        zero = q0 * kz0[None, :] + q1 * kz1[None, :] + q2 * kz2[None, :] + q3 * kz3[None, :]
+        ones = qs0.to(tl.float32) + qs1.to(tl.float32) + qs2.to(tl.float32) + qs3.to(tl.float32)
+        bias = tl.sum(RAW * zero - 1024.0 * ones, 1)
         k0, k1, k2, k3 = _unpack(tl.load(kw_h + words), BITS, ASM)
-        qk = tl.dot((q0 * ks0[None, :]).to(DOT), tl.trans(k0.to(DOT)))
-        qk = tl.dot((q1 * ks1[None, :]).to(DOT), tl.trans(k1.to(DOT)), qk)
-        qk = tl.dot((q2 * ks2[None, :]).to(DOT), tl.trans(k2.to(DOT)), qk)
-        qk = tl.dot((q3 * ks3[None, :]).to(DOT), tl.trans(k3.to(DOT)), qk)
+        qk = tl.dot(qs0, tl.trans(k0.to(DOT)), input_precision=PREC)
+        qk = tl.dot(qs1, tl.trans(k1.to(DOT)), qk, input_precision=PREC)
+        qk = tl.dot(qs2, tl.trans(k2.to(DOT)), qk, input_precision=PREC)
+        qk = tl.dot(qs3, tl.trans(k3.to(DOT)), qk, input_precision=PREC)
         qk += bias[:, None]
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -199,24 +209,28 @@ def _attn_codes_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-        # Values: fold the per-token scale into p and the per-token zero into az.
+        # Values: fold the per-token scale into p and the per-token zero into az. Each block's p @ codes starts
+        # from zero and loses its 1024s before it joins the running sums in fp32: accumulating in the tensor cores
+        # over thousands of blocks measured 500x the error with one split over 1M tokens.
         vs = tl.load(vs_h + tok).to(tl.float32)
-        az = az * alpha + tl.sum(p * vzb.to(tl.float32)[None, :], 1)
         ps = (p * vs[None, :]).to(DOT)
+        az = az * alpha + tl.sum(p * vzb.to(tl.float32)[None, :], 1)
         v0, v1, v2, v3 = _unpack(tl.load(vw_h + words), BITS, ASM)
-        a0 = tl.dot(ps, v0.to(DOT), a0 * alpha[:, None])
-        a1 = tl.dot(ps, v1.to(DOT), a1 * alpha[:, None])
-        a2 = tl.dot(ps, v2.to(DOT), a2 * alpha[:, None])
-        a3 = tl.dot(ps, v3.to(DOT), a3 * alpha[:, None])
+        ones = (1024.0 / RAW * tl.sum(ps.to(tl.float32), 1))[:, None]
+        a0 = a0 * alpha[:, None] + (tl.dot(ps, v0.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
+        a1 = a1 * alpha[:, None] + (tl.dot(ps, v1.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
+        a2 = a2 * alpha[:, None] + (tl.dot(ps, v2.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
+        a3 = a3 * alpha[:, None] + (tl.dot(ps, v3.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
     zs = (az * inv_l)[:, None]
+    a_scale = inv_l[:, None]
     o_rows = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[:, None]
     ty = o_ptr.dtype.element_ty
-    tl.store(o_rows + c0[None, :], (a0 * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c1[None, :], (a1 * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c2[None, :], (a2 * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c3[None, :], (a3 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c0[None, :], (a0 * a_scale + zs).to(ty), mask=qm)
+    tl.store(o_rows + c1[None, :], (a1 * a_scale + zs).to(ty), mask=qm)
+    tl.store(o_rows + c2[None, :], (a2 * a_scale + zs).to(ty), mask=qm)
+    tl.store(o_rows + c3[None, :], (a3 * a_scale + zs).to(ty), mask=qm)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + h * s_lh + split * s_ls + t * s_lt + g * s_lg, lse, mask=row_ok)
 
@@ -254,9 +268,19 @@ def _merge_splits_kernel(
 def _block_m(n_rows: int, block_m: int | None) -> int:
     """Query rows per program: as few as there are (at least 4). The dots pad the rows to the tensor cores' 16
     anyway, but the softmax and rescaling run on the real rows only: a decode step's 4 rows per kv head
-    (Llama-3-8B) measured 57-63% of copy bandwidth on an H200 from 1M tokens up, against 49-52% with 16 rows
-    (211 registers instead of 255 with spills, so still 4 programs per SM)."""
+    (Llama-3-8B) measured 57-63% of copy bandwidth on an H200 from 1M tokens up, against 49-52% with 16 rows."""
     return block_m or max(4, triton.next_power_of_2(min(n_rows, 64)))
+
+
+def _program(block_m: int) -> tuple[int, int, float]:
+    """The code kernel's default (block_n, num_warps, waves) for row tiles of ``block_m`` query rows.
+
+    A decode step's 4 rows per kv head: one warp over 64-token blocks, 8 programs per SM (217 registers and 17 KB
+    of shared memory each on Hopper: 9 fit). Against 2 warps over 128 tokens, 4 per SM (the most that fit), this
+    measured 71% of copy bandwidth instead of 62% at 1M tokens on an H200: one warp needs no barriers nor
+    cross-warp reductions, and padding its rows to the tensor cores' 16 costs fewer register moves. More rows
+    (several queries, or more query heads per kv head) keep 2 warps over 128 tokens, 4 programs per SM."""
+    return (64, 1, 8.0) if block_m <= 4 else (128, 2, 4.0)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -282,18 +306,21 @@ def _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, b
 
 
 def decode_splits(
-    q: torch.Tensor, k_data: torch.Tensor, n_quant: int | torch.Tensor, group: int, block_n: int = 128,
-    waves: float = 4.0, num_splits: int | None = None, block_m: int | None = None, max_splits: int = MAX_SPLITS,
+    q: torch.Tensor, k_data: torch.Tensor, n_quant: int | torch.Tensor, group: int, block_n: int | None = None,
+    waves: float | None = None, num_splits: int | None = None, block_m: int | None = None,
+    max_splits: int = MAX_SPLITS,
 ) -> int:  # fmt: skip
     """How many splits ``decode_attention`` cuts the tokens into: at most ``waves`` (kv head, split, row tile)
     programs per SM, so one long sequence at batch 1 fills the GPU in one wave (``num_splits``: asked for,
-    clamped). ``waves`` = 4 is how many programs of the default config a Hopper SM holds at once (211 registers x
-    64 threads); a few programs more than that would run as a second, nearly empty wave, which measured 47% of
-    copy bandwidth instead of 69% at 1M tokens on an H100."""
+    clamped). A few programs more than an SM holds at once would run as a second, nearly empty wave, which
+    measured 47% of copy bandwidth instead of 69% at 1M tokens on an H100. ``block_n``, ``waves``: see
+    ``_program``."""
     t, hq, _ = q.shape
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
+    default_n, _, default_waves = _program(block_m)
+    block_n, waves = block_n or default_n, waves or default_waves
     n_blocks = (k_data.shape[1] if isinstance(n_quant, torch.Tensor) else n_quant) // min(block_n, group)
     if num_splits is None:
         num_splits = int(waves * _sm_count(q.device)) // (hkv * triton.cdiv(n_rows, block_m))
@@ -304,7 +331,7 @@ def decode_splits(
 def code_partials(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
     po: torch.Tensor, plse: torch.Tensor, num_splits: int,
-    block_n: int = 128, num_warps: int = 2, num_stages: int = 3, block_m: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3, block_m: int | None = None,
 ) -> None:  # fmt: skip
     """The split-K code kernel writing row r of split s of kv head h to ``po[h, s, r]`` and ``plse[h, s, r]``
     (``po`` [>= Hkv, >= num_splits, T * G, D] float32, contiguous): the partials for ``merge_partials``."""
@@ -343,7 +370,8 @@ def _launch_codes(
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
-    block_n = min(block_n, group)
+    default_n, default_warps, _ = _program(block_m)
+    block_n, num_warps = min(block_n or default_n, group), num_warps or default_warps
     on_device = isinstance(n_quant, torch.Tensor)
     len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
     n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
@@ -362,12 +390,13 @@ def _launch_codes(
 
 def decode_attention(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
-    block_n: int = 128, num_warps: int = 2, num_stages: int = 3, waves: float = 4.0, num_splits: int | None = None,
-    block_m: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3, waves: float | None = None,
+    num_splits: int | None = None, block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The split-K code kernel (same arguments and result as ``reference``; ``n_quant > 0``).
 
     Splits: ``decode_splits``; with one split the kernel writes the result directly, without the merge kernel.
+    Launch config left as None: ``_program``.
 
     ``n_quant`` may be an int32 device tensor of one element (a multiple of ``group``, possibly 0): the grid is
     then sized for the whole cache (``k_data.shape[1]`` tokens) and every program reads the length on the device,
