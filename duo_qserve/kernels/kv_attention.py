@@ -31,7 +31,9 @@ from duo_qserve.kernels.attention import dense_attention, fused_attention, merge
 from duo_qserve.kernels.kv_quantize import _INTERPRETED, backend
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, qmax
 
-MAX_SPLITS = 256  # of the split-K code kernel (the merge holds them all in one tile)
+# Splits of the split-K code kernel, all held in one tile by the merge: enough that a layer with a single retrieval
+# head still fills the GPU (8 programs per SM, 132 SMs on an H100/H200).
+MAX_SPLITS = 1024
 DECODE_MAX_T = 16  # queries per call that go through the split-K code kernel; more go through the slab path
 SLAB_BYTES = 256 << 20  # bound on the pre-fill path's fp K+V buffer
 LOG2E = 1.4426950408889634
@@ -352,7 +354,7 @@ def merge_partials(
     [T, Hkv * G]; splits below ``code_splits`` count only for kv heads below ``code_heads`` (see the kernel)."""
     hkv, n_splits, n_rows, d = po.shape
     block_s = triton.next_power_of_2(n_splits)
-    block_d = min(d, 32)
+    block_d = min(d, max(8, 8192 // block_s))  # [BLOCK_S, BLOCK_D] tiles of at most 8K partials
     _merge_splits_kernel[(hkv * n_rows, d // block_d)](
         po, plse, out, lse, n_splits, n_rows, code_splits, code_heads,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
