@@ -161,6 +161,19 @@ def test_prefill_matches_reference(bits, g, d, group, k, no_reference):
     _check(out, lse, *ref, q.shape)
 
 
+def test_decode_of_a_head_size_the_code_kernel_does_not_take(no_reference):
+    """head_dim 32 (sub-tiles of 8 channels, too narrow for the tensor cores' dots): one query goes through the slab
+    path instead, with the same result."""
+    gen = torch.Generator().manual_seed(32)
+    bits, hkv, g, d, group, n_quant = 4, 2, 4, 32, 32, 96
+    assert not kv_attention.code_kernel_fits(d) and kv_attention.code_kernel_fits(64)
+    cache = _cache(hkv, n_quant, d, bits, group, gen)
+    q = torch.randn(1, hkv * g, d, generator=gen)
+    ref = REFERENCE(q, *cache, n_quant, bits, group, d**-0.5)
+    out, lse = kv_attention.quantized_prefix_attention(q, *cache, n_quant, bits, group, d**-0.5)
+    _check(out, lse, *ref, q.shape)
+
+
 def test_fused_code_kernel_many_row_tiles(no_reference):
     """The code kernel with several row tiles (how it would run a pre-fill chunk)."""
     gen = torch.Generator().manual_seed(7)

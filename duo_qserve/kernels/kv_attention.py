@@ -285,6 +285,12 @@ def _program(block_m: int) -> tuple[int, int, float]:
     return (64, 1, 8.0) if block_m <= 4 else (128, 2, 4.0)
 
 
+def code_kernel_fits(d: int) -> bool:
+    """Whether the split-K code kernel takes head_dim ``d``: it cuts the channels into 4 sub-tiles of d / 4, which
+    the tensor cores' dots need as a power of two of at least 16. Other head sizes go through the slab path."""
+    return d >= 64 and d & (d - 1) == 0
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -519,12 +525,13 @@ def quantized_prefix_attention(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch used by the cache: the reference on CPU (unless ``DUO_QSERVE_TRITON=1``), else the code kernel
-    for up to ``DECODE_MAX_T`` queries and the slab path for more."""
+    for up to ``DECODE_MAX_T`` queries (and a head size it takes) and the slab path for the rest."""
     _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group)
     if not use_triton(backend(), q, _INTERPRETED):
         return reference(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
     if n_quant == 0:
         return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    path = decode_attention if q.shape[0] <= DECODE_MAX_T else prefill_attention
+    decode = q.shape[0] <= DECODE_MAX_T and code_kernel_fits(q.shape[2])
+    path = decode_attention if decode else prefill_attention
     return path(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
