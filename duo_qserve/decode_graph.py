@@ -78,8 +78,8 @@ class GraphedDecoder:
         """Whether the next step can run graph-safe: quantized retrieval heads that the code kernel takes, a full
         streaming ring."""
         c, cache = self.cache.config, self.cache
-        quantized = c.kv_bits < 16 and kv_attention.code_kernel_fits(cache.args.head_dim)
-        if any(cache.n_retrieval) and not quantized:
+        codes_read = c.kv_bits < 16 and kv_attention.code_kernel_fits(cache.args.head_dim)
+        if any(cache.n_retrieval) and not codes_read:
             return False
         has_streaming = any(n < cache.args.n_kv_heads for n in cache.n_retrieval)
         return not has_streaming or cache.seq_len >= c.sink_tokens + c.recent_tokens

@@ -12,8 +12,9 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
   It never de-quantizes a tile: within one key group the key scale/zero are per channel, so
   ``q . k = (q * s_k) . codes + q . z_k``; value scale/zero are per token, so
   ``p @ v = (p * s_v) @ codes + (p . z_v)``. Codes enter the dots as the fp16 numbers 1024 + RAW * c that a bit
-  trick makes of them (``_raw``); 1/RAW rides on the other operand and the 1024's share, 1024 * sum(operand),
-  comes off with the zeros.
+  trick makes of them (``_raw``); 1/RAW rides on the other operand, and the 1024's share, 1024 * sum(operand),
+  comes off exactly: through the keys' per-row bias, and from each block's value sums before they join the
+  running sums in fp32.
   A second tiny kernel merges the splits by their log-sum-exp.
 - pre-fill: slabs of the prefix are de-quantized into one bounded fp16 buffer (``_dequant_kernel``) and go
   through the fused flash/cuDNN attention with log-sum-exp, merged across slabs. The de-quantization traffic is
@@ -226,13 +227,12 @@ def _attn_codes_kernel(
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
     zs = (az * inv_l)[:, None]
-    a_scale = inv_l[:, None]
     o_rows = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[:, None]
     ty = o_ptr.dtype.element_ty
-    tl.store(o_rows + c0[None, :], (a0 * a_scale + zs).to(ty), mask=qm)
-    tl.store(o_rows + c1[None, :], (a1 * a_scale + zs).to(ty), mask=qm)
-    tl.store(o_rows + c2[None, :], (a2 * a_scale + zs).to(ty), mask=qm)
-    tl.store(o_rows + c3[None, :], (a3 * a_scale + zs).to(ty), mask=qm)
+    tl.store(o_rows + c0[None, :], (a0 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c1[None, :], (a1 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c2[None, :], (a2 * inv_l[:, None] + zs).to(ty), mask=qm)
+    tl.store(o_rows + c3[None, :], (a3 * inv_l[:, None] + zs).to(ty), mask=qm)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + h * s_lh + split * s_ls + t * s_lt + g * s_lg, lse, mask=row_ok)
 
