@@ -144,8 +144,11 @@ def test_merge_skips_code_splits_of_heads_without_them(interpreted):
         assert torch.allclose(lse[0, h * g : (h + 1) * g], torch.logsumexp(plse[h, first:], 0), atol=1e-5)
 
 
-def _pair(bits: int, n_retrieval: list[int], group: int, sink: int, recent: int, max_tokens: int):
-    args = tiny_args()
+def _pair(
+    bits: int, n_retrieval: list[int], group: int, sink: int, recent: int, max_tokens: int, head_dim: int = 64
+):  # fmt: skip
+    """A tiny model and two empty caches; head_dim 64, the smallest the GPU's code kernel takes."""
+    args = tiny_args(head_dim=head_dim)
     model = tiny_model(args)
     config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
     spec = CacheSpec(args, n_retrieval, config, max_tokens, torch.float32)
@@ -196,3 +199,6 @@ def test_fallbacks():
     assert not decoder.supported()  # ring not full yet
     cache.seq_len = 12
     assert decoder.supported()
+    args, model, cache, _ = _pair(4, [2, 1], 16, 4, 8, 64, head_dim=16)
+    cache.seq_len = 12
+    assert not GraphedDecoder(model, cache, use_graph=False).supported()  # too narrow for the code kernel

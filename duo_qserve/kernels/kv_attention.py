@@ -103,6 +103,16 @@ def _unpack(w, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _offset(tiles, OFFSET: tl.constexpr):
+    """The ``_raw`` tiles as they enter the dots: as they are, or as fp32 without the 1024 when OFFSET is 0."""
+    t0, t1, t2, t3 = tiles
+    if OFFSET == 0:
+        t0, t1 = t0.to(tl.float32) - 1024.0, t1.to(tl.float32) - 1024.0
+        t2, t3 = t2.to(tl.float32) - 1024.0, t3.to(tl.float32) - 1024.0
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def _channels(j, SUB: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
     """Channel of code ``SUB`` in word ``j``. Words are 4 codes: int16 (4-bit: bytes 2j, 2j+1, each holding
     channel b in its low nibble and b + D/2 in its high one) or int32 (8-bit: bytes 4j..4j+3)."""
@@ -140,7 +150,8 @@ def _attn_codes_kernel(
     split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf.
 
     The 1024 offsets of the ``_raw`` codes are taken off exactly: the correction sums the fp16 operands the tensor
-    cores saw (fp32 operands go in as ``ieee``, since a tf32 rounding would not be matched)."""
+    cores saw. fp32 queries (the interpreter's tests, fp32 models) get codes without the offset instead, as ``ieee``
+    dots: the offset's cancellation costs fp32 a few bits that fp16 operands do not have."""
     h, split, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if LEN_FROM_PTR:
         n_blocks = tl.load(len_ptr) // BLOCK_N
@@ -148,6 +159,7 @@ def _attn_codes_kernel(
     W: tl.constexpr = D // 4
     RAW: tl.constexpr = 16 if BITS == 4 else 1  # the _raw codes' scale
     PREC: tl.constexpr = "ieee" if DOT == tl.float32 else "tf32"
+    OFFSET: tl.constexpr = 0.0 if DOT == tl.float32 else 1024.0  # the codes' offset as the dots see them
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     t, g = rows // G, rows % G
@@ -198,8 +210,8 @@ def _attn_codes_kernel(
         qs2, qs3 = (q2 * ks2[None, :]).to(DOT), (q3 * ks3[None, :]).to(DOT)
         zero = q0 * kz0[None, :] + q1 * kz1[None, :] + q2 * kz2[None, :] + q3 * kz3[None, :]
         ones = qs0.to(tl.float32) + qs1.to(tl.float32) + qs2.to(tl.float32) + qs3.to(tl.float32)
-        bias = tl.sum(RAW * zero - 1024.0 * ones, 1)
-        k0, k1, k2, k3 = _unpack(tl.load(kw_h + words), BITS, ASM)
+        bias = tl.sum(RAW * zero - OFFSET * ones, 1)
+        k0, k1, k2, k3 = _offset(_unpack(tl.load(kw_h + words), BITS, ASM), OFFSET)
         qk = tl.dot(qs0, tl.trans(k0.to(DOT)), input_precision=PREC)
         qk = tl.dot(qs1, tl.trans(k1.to(DOT)), qk, input_precision=PREC)
         qk = tl.dot(qs2, tl.trans(k2.to(DOT)), qk, input_precision=PREC)
@@ -218,8 +230,8 @@ def _attn_codes_kernel(
         vs = tl.load(vs_h + tok).to(tl.float32)
         ps = (p * vs[None, :]).to(DOT)
         az = az * alpha + tl.sum(p * vzb.to(tl.float32)[None, :], 1)
-        v0, v1, v2, v3 = _unpack(tl.load(vw_h + words), BITS, ASM)
-        ones = (1024.0 / RAW * tl.sum(ps.to(tl.float32), 1))[:, None]
+        v0, v1, v2, v3 = _offset(_unpack(tl.load(vw_h + words), BITS, ASM), OFFSET)
+        ones = (OFFSET / RAW * tl.sum(ps.to(tl.float32), 1))[:, None]
         a0 = a0 * alpha[:, None] + (tl.dot(ps, v0.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
         a1 = a1 * alpha[:, None] + (tl.dot(ps, v1.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
         a2 = a2 * alpha[:, None] + (tl.dot(ps, v2.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
