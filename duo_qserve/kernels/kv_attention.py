@@ -289,7 +289,7 @@ def _block_m(n_rows: int, block_m: int | None) -> int:
 def _program(block_m: int) -> tuple[int, int, float]:
     """The code kernel's default (block_n, num_warps, waves) for row tiles of ``block_m`` query rows.
 
-    A decode step's 4 rows per kv head: one warp over 64-token blocks, 8 programs per SM (217 registers and 17 KB
+    A decode step's 4 rows per kv head: one warp over 64-token blocks, 8 programs per SM (223 registers and 17 KB
     of shared memory each on Hopper: 9 fit). Against 2 warps over 128 tokens, 4 per SM (the most that fit), this
     measured 71% of copy bandwidth instead of 62% at 1M tokens on an H200: one warp needs no barriers nor
     cross-warp reductions, and padding its rows to the tensor cores' 16 costs fewer register moves. More rows
