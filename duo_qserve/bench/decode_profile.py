@@ -10,7 +10,6 @@ step's idle time between kernels (launch gaps), against the step's floor (weight
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from collections import defaultdict
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from duo_qserve.bench.common import gpu_header, write_result
-from duo_qserve.bench.e2e import DEFAULT_PATTERN, fill_synthetic, kv_bytes_read, weight_bytes_read
+from duo_qserve.bench.e2e import fill_synthetic, kv_bytes_read, model_parser, weight_bytes_read
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
 from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.loading import load_model
@@ -125,11 +124,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--pattern", default=DEFAULT_PATTERN)
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--contexts", default="32768,1048576")
+    p = model_parser(__doc__, "32768,1048576")
     p.add_argument("--steps", type=int, default=10)
     run(p.parse_args(argv))
     return 0

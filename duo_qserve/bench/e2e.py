@@ -398,12 +398,18 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_parser(doc: str, contexts: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark of the Llama-3-8B-shaped model takes (output folder, pattern, contexts)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--pattern", default=DEFAULT_PATTERN)
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--contexts", default="32768,131072,262144,524288,1048576,2097152,3145728")
+    p.add_argument("--contexts", default=contexts)
+    return p
+
+
+def main(argv=None) -> int:
+    p = model_parser(__doc__, "32768,131072,262144,524288,1048576,2097152,3145728")
     p.add_argument("--reexpand-max", type=int, default=1048576)
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--prefill-tokens", type=int, default=262144)
