@@ -174,6 +174,17 @@ def test_decode_of_a_head_size_the_code_kernel_does_not_take(no_reference):
     _check(out, lse, *ref, q.shape)
 
 
+def test_head_size_no_kernel_takes_is_refused_clearly(no_reference):
+    """head_dim 48 (not a power of two): a ValueError that names it, not a compiler error."""
+    hkv, g, d, group, n = 2, 4, 48, 32, 64
+    cache = (
+        torch.zeros(hkv, n, d // 2, dtype=torch.uint8), torch.ones(hkv, n // group, d), torch.zeros(hkv, n // group, d),
+        torch.zeros(hkv, n, d // 2, dtype=torch.uint8), torch.ones(hkv, n), torch.zeros(hkv, n),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="head_dim 48"):
+        kv_attention.quantized_prefix_attention(torch.randn(1, hkv * g, d), *cache, n, 4, group, d**-0.5)
+
+
 def test_fused_code_kernel_many_row_tiles(no_reference):
     """The code kernel with several row tiles (how it would run a pre-fill chunk)."""
     gen = torch.Generator().manual_seed(7)

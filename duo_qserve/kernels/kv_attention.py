@@ -299,7 +299,7 @@ def _program(block_m: int) -> tuple[int, int, float]:
 
 def code_kernel_fits(d: int) -> bool:
     """Whether the split-K code kernel takes head_dim ``d``: it cuts the channels into 4 sub-tiles of d / 4, which
-    the tensor cores' dots need as a power of two of at least 16. Other head sizes go through the slab path."""
+    the tensor cores' dots need as a power of two of at least 16. Smaller powers of two go through the slab path."""
     return d >= 64 and d & (d - 1) == 0
 
 
@@ -372,7 +372,7 @@ def merge_partials(
     [T, Hkv * G]; splits below ``code_splits`` count only for kv heads below ``code_heads`` (see the kernel)."""
     hkv, n_splits, n_rows, d = po.shape
     block_s = triton.next_power_of_2(n_splits)
-    block_d = min(d, max(8, 8192 // block_s))  # [BLOCK_S, BLOCK_D] tiles of at most 8K partials
+    block_d = min(d, 32, max(8, 8192 // block_s))  # 32 channels; fewer past 8K partials per tile
     _merge_splits_kernel[(hkv * n_rows, d // block_d)](
         po, plse, out, lse, n_splits, n_rows, code_splits, code_heads,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
@@ -543,7 +543,10 @@ def quantized_prefix_attention(
         return reference(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
     if n_quant == 0:
         return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
+    d = q.shape[2]
+    if d & (d - 1):
+        raise ValueError(f"head_dim {d}: the quantized-cache kernels need a power of two (as 64 or 128)")
     q = q if q.stride(-1) == 1 else q.contiguous()
-    decode = q.shape[0] <= DECODE_MAX_T and code_kernel_fits(q.shape[2])
+    decode = q.shape[0] <= DECODE_MAX_T and code_kernel_fits(d)
     path = decode_attention if decode else prefill_attention
     return path(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
