@@ -188,6 +188,14 @@ def project(x, *linears: nn.Module) -> list[torch.Tensor]:
     return [lin(x) for lin in linears]
 
 
+def add_linear(residual: torch.Tensor, linear: nn.Module, x) -> torch.Tensor:
+    """``residual + linear(x)``. Linears that take a ``residual`` (W8A8) add it in their epilogue: at batch 1 that
+    saves a launch and a pass over the hidden state, twice per layer."""
+    if getattr(linear, "adds_residual", False):
+        return linear(x, residual=residual)
+    return residual + linear(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -214,7 +222,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, x, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual`` + attention of the normed ``x``."""
         t = rope[0].shape[0]  # x may be a quantized activation (W8A8), so take T from the positions
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(t, self.n_heads, self.head_dim)
@@ -224,7 +235,7 @@ class Attention(nn.Module):
             out = cache.attend(self.layer, q, k, v, rope)
         else:
             out = cache.attend(self.layer, apply_rope(q, *rope), apply_rope(k, *rope), v)
-        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+        return add_linear(residual, self.o_proj, out.reshape(t, self.n_heads * self.head_dim))
 
 
 class SiluAndMul(nn.Module):
@@ -242,8 +253,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
         self.act = SiluAndMul()
 
-    def forward(self, x) -> torch.Tensor:
-        return self.down_proj(self.act(*project(x, self.gate_proj, self.up_proj)))
+    def forward(self, x, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + the MLP of the normed ``x``."""
+        return add_linear(residual, self.down_proj, self.act(*project(x, self.gate_proj, self.up_proj)))
 
 
 class Block(nn.Module):
@@ -255,8 +267,8 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), rope, cache, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class Transformer(nn.Module):

@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import random_cache_layer
 
+from duo_qserve import kernels
 from duo_qserve.cache import CacheConfig, CacheSpec
 from duo_qserve.kernels import decode_step, kv_attention, kv_quantize
 from duo_qserve.model import ModelArgs, rope_cos_sin, rope_inv_freq
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or kv_quantize._INTERPRETED,
+    not torch.cuda.is_available() or kernels.INTERPRETED,
     reason="needs a CUDA GPU and Triton compiling, not interpreting",
 )
 TOL = 3e-3

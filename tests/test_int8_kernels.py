@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from duo_qserve import kernels
 from duo_qserve.kernels import int8_gemm, quantize_act
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,14 @@ def make_cases() -> dict[str, tuple]:
     cases["group-1x(97,64,33,16)"] = ("w8a8_matmul_group", (*x, weights), {"out_dtype": torch.float32})
     x3 = (_nonzero_int8(3, k, gen=gen), torch.rand(3, 1, generator=gen) + 0.01)
     cases["group-3x(97,64)"] = ("w8a8_matmul_group", (*x3, weights[:2]), {"out_dtype": torch.float32})
+    # The residual add of o_proj/down_proj, in the GEMV's and the tiles' epilogue.
+    for m, n, k in (GEMM_SHAPES[0], GEMM_SHAPES[5]):
+        x_q, x_scale, w_q, w_scale = cases[f"gemm-{m}x{n}x{k}-fp32"][1]
+        args = (x_q, x_scale / 1e3, w_q, w_scale)  # products of a few tens: no fp16 overflow
+        for dtype in (torch.float32, torch.float16):
+            res = (torch.randn(m, n, generator=gen) * 30).to(dtype)
+            name = f"gemm-{m}x{n}x{k}-residual-{str(dtype).removeprefix('torch.')}"
+            cases[name] = ("w8a8_matmul", args, {"out_dtype": dtype, "residual": res})
     m, n, k = GEMM_SHAPES[5]
     cases[f"gemm-{m}x{n}x{k}-fp16"] = (
         "w8a8_matmul",
@@ -105,7 +114,9 @@ def _to(t, device: str):
 def run_cases(cases: dict[str, tuple], device: str) -> dict[str, object]:
     out = {}
     for name, (fn, args, kwargs) in cases.items():
-        res = _function(fn)(*_to(args, device), **kwargs, backend="triton")
+        res = _function(fn)(
+            *_to(args, device), **{k: _to(v, device) for k, v in kwargs.items()}, backend="triton"
+        )
         out[name] = _to(res, "cpu")
     return out
 
@@ -139,13 +150,17 @@ def check(name: str, case: tuple, got) -> None:
     fn, args, kwargs = case
     want = _reference(fn)(*args, **kwargs)
     if fn.startswith("w8a8"):
-        # Exact integer accumulation on both sides: only the fp32 epilogue rounds (int32->fp32, 2 products).
+        # Exact integer accumulation on both sides: only the fp32 epilogue rounds (int32->fp32, 2 products, the
+        # residual's sum), so the error is relative to the terms, which a residual can nearly cancel.
         rtol = 1e-5 if kwargs["out_dtype"] == torch.float32 else 2e-3
+        res = kwargs.get("residual")
+        terms = 0.0 if res is None else (want.double() - res.double()).abs() + res.double().abs()
         got, want = (got, want) if isinstance(want, list) else ([got], [want])
         assert len(got) == len(want)
         for g, w in zip(got, want, strict=True):
             assert g.dtype == w.dtype and g.shape == w.shape
-            torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=1e-6)
+            err = torch.where(g == w, 0.0, (g.double() - w.double()).abs())  # equal infinities too
+            assert (err <= rtol * (w.double().abs() + terms) + 1e-6).all(), f"{name}: max error {err.max()}"
         return
     (q, s), (q_ref, s_ref) = got, want
     assert q.dtype == torch.int8 and q.shape == q_ref.shape and s.shape == s_ref.shape == (*q.shape[:-1], 1)
@@ -172,7 +187,7 @@ def test_cuda_kernels_match_reference(cases):
 
 
 def test_triton_backend_refuses_cpu_without_interpreter():
-    if int8_gemm._INTERPRETED:
+    if kernels.INTERPRETED:
         pytest.skip("this process runs under TRITON_INTERPRET=1")
     x = torch.ones(2, 32, dtype=torch.int8)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
@@ -186,5 +201,5 @@ def test_gemm_checks_shapes():
 
 
 if __name__ == "__main__":  # the interpreter child: python tests/test_int8_kernels.py CASES OUT
-    assert int8_gemm._INTERPRETED and quantize_act._INTERPRETED, "run with TRITON_INTERPRET=1"
+    assert kernels.INTERPRETED, "run with TRITON_INTERPRET=1"
     torch.save(run_cases(torch.load(sys.argv[1], weights_only=True), "cpu"), sys.argv[2])

@@ -26,21 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from . import use_triton
-
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
+from . import INTERPRETED, chained, use_triton, wait_for_inputs
 
 DECODE_MAX_M = 16
 
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_RES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # m_bucket only keys the autotuner (one tuning per power-of-two M, not per chunk length).
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
@@ -71,7 +71,10 @@ def _w8a8_gemm_kernel(
     ws = tl.load(ws_ptr + cols, mask=cols < N, other=0.0)
     out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = rows[:, None] * stride_om + cols[None, :]
+    if HAS_RES:  # res has out's layout
+        out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,16 +92,18 @@ def _dot4(a, b, acc, ASM: tl.constexpr):
 
 @triton.jit
 def _w8a8_gemv_kernel(
-    x_ptr, xs_ptr, w0_ptr, ws0_ptr, out0_ptr, w1_ptr, ws1_ptr, out1_ptr, w2_ptr, ws2_ptr, out2_ptr,
+    x_ptr, xs_ptr, w0_ptr, ws0_ptr, out0_ptr, w1_ptr, ws1_ptr, out1_ptr, w2_ptr, ws2_ptr, out2_ptr, res_ptr,
     n0, n1, n2, K4,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """M = 1: ``BLOCK_N`` weight rows per program, read as int32 words (4 codes each) and reduced with dp4a into
     an elementwise int32 accumulator that is summed once at the end. No tensor cores (a 1-row product would pad
     to 16), tiny register use, so many programs per SM keep enough loads in flight to stream the weight.
 
     One launch serves up to three weights [n_i, 4 * K4] that read the same x (q/k/v, gate/up): the first
-    cdiv(n0, BLOCK_N) programs take rows of w0, the next cdiv(n1, BLOCK_N) rows of w1, the rest rows of w2."""
+    cdiv(n0, BLOCK_N) programs take rows of w0, the next cdiv(n1, BLOCK_N) rows of w1, the rest rows of w2.
+    ``HAS_RES`` (one weight only): ``res`` [n0] is added to the output, the residual add of o_proj and down_proj."""
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
     p1 = p0 + tl.cdiv(n1, BLOCK_N)
@@ -120,6 +125,8 @@ def _w8a8_gemv_kernel(
         acc = _dot4(w, tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), acc, ASM)
     dot = tl.sum(acc, 1).to(tl.float32)
     out = dot * tl.load(xs_ptr) * tl.load(ws_ptr + last)
+    if HAS_RES:
+        out += tl.load(res_ptr + last).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < n)
 
 
@@ -154,7 +161,13 @@ _decode_gemm = triton.autotune(_DECODE_CONFIGS, key=["m_bucket", "N", "K"])(_w8a
 _gemv = triton.autotune(_GEMV_CONFIGS, key=["n0", "n1", "n2", "K4"])(_w8a8_gemv_kernel)
 
 
-def _check(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
+def _check(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> None:
     if x_q.dtype != torch.int8 or w_q.dtype != torch.int8 or x_q.dim() != 2 or w_q.dim() != 2:
         raise ValueError(
             f"need 2-D int8 x_q and w_q, got {x_q.dtype} {tuple(x_q.shape)}, {w_q.dtype} {tuple(w_q.shape)}"
@@ -165,16 +178,25 @@ def _check(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale:
     if x_scale.numel() != m or w_scale.numel() != n:
         raise ValueError(f"need x_scale [M, 1] and w_scale [N]: M={m}, N={n}, got {tuple(x_scale.shape)}, "
                          f"{tuple(w_scale.shape)}")  # fmt: skip
+    if residual is not None and tuple(residual.shape) != (m, n):
+        raise ValueError(f"residual {tuple(residual.shape)} is not the output's shape {(m, n)}")
 
 
 def reference(
-    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch. float64 holds every int8 dot product of K < 2^37 terms exactly, so this is exact integer
-    accumulation followed by the scales."""
-    _check(x_q, x_scale, w_q, w_scale)
-    acc = x_q.double() @ w_q.double().T
-    return (acc * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)).to(out_dtype)
+    accumulation followed by the scales (and the residual), rounded once."""
+    _check(x_q, x_scale, w_q, w_scale, residual)
+    out = (x_q.double() @ w_q.double().T) * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if residual is not None:
+        out += residual.double()
+    return out.to(out_dtype)
 
 
 def _gemv_grid(n0: int, n1: int = 0, n2: int = 0):
@@ -182,10 +204,12 @@ def _gemv_grid(n0: int, n1: int = 0, n2: int = 0):
     return lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in (n0, n1, n2)),)
 
 
-def _gemv_group(x_q, x_scale, weights, out_dtype) -> list[torch.Tensor]:
-    """M = 1 through every (w_q, w_scale) of ``weights``, three weights per launch."""
+def _gemv_group(x_q, x_scale, weights, out_dtype, residual=None) -> list[torch.Tensor]:
+    """M = 1 through every (w_q, w_scale) of ``weights``, three weights per launch; ``residual`` goes with a
+    single weight."""
     x4 = x_q.contiguous().view(torch.int32)
     xs = x_scale.reshape(-1).float().contiguous()
+    res = x4 if residual is None else residual.contiguous()  # x4: a pointer no program reads
     outs = []
     for i in range(0, len(weights), 3):
         parts = [
@@ -196,46 +220,41 @@ def _gemv_group(x_q, x_scale, weights, out_dtype) -> list[torch.Tensor]:
         outs += [o for _, _, o in group]
         rows = [w.shape[0] for w, _, _ in group] + [0] * (3 - len(group))
         group += [group[0]] * (3 - len(group))  # pointers for the absent parts: no program reads them
-        args = (x4, xs, *(t for part in group for t in part), *rows, x4.shape[1])
-        _launch(_gemv, _gemv_grid(*rows), args, ASM=not _INTERPRETED)
+        args = (x4, xs, *(t for part in group for t in part), res, *rows, x4.shape[1])
+        _launch(
+            _gemv, _gemv_grid(*rows), args, ASM=not INTERPRETED, HAS_RES=residual is not None, **chained(x_q)
+        )
     return outs
 
 
-def _triton(
-    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
+def _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual) -> torch.Tensor:
     (m, k), n = x_q.shape, w_q.shape[0]
     if m == 1 and k % 4 == 0:  # decode: the dp4a GEMV over int32 words
-        return _gemv_group(x_q, x_scale, [(w_q, w_scale)], out_dtype)[0]
+        return _gemv_group(x_q, x_scale, [(w_q, w_scale)], out_dtype, residual)[0]
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     x_scale = x_scale.reshape(-1).float().contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
+    res = out if residual is None else residual.contiguous()  # out: a pointer no program reads
     tuned = _decode_gemm if m <= DECODE_MAX_M else _prefill_gemm
-    args = (
-        x_q,
-        x_scale,
-        w_q,
-        w_scale,
-        out,
-        m,
-        n,
-        k,
-        triton.next_power_of_2(m),
-        x_q.stride(0),
-        w_q.stride(0),
-        n,
+    args = (x_q, x_scale, w_q, w_scale, out, res, m, n, k, triton.next_power_of_2(m), x_q.stride(0),
+            w_q.stride(0), n)  # fmt: skip
+    _launch(
+        tuned,
+        lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+        args,
+        HAS_RES=residual is not None,
+        **chained(x_q),
     )
-    _launch(tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),), args)
     return out
 
 
 def _launch(tuned, grid, args: tuple, **constexprs) -> None:
     """Autotuned on the GPU; under the interpreter (which cannot time configs) the config with the smallest tile,
     which has the most tiles and edges."""
-    if _INTERPRETED:
+    if INTERPRETED:
         cfg = min(
             tuned.configs, key=lambda c: math.prod(c.kwargs[x] for x in c.kwargs if x.startswith("BLOCK"))
         )
@@ -251,15 +270,18 @@ def w8a8_matmul(
     w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.float16,
     backend: str = "auto",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_q int8 [M, K], x_scale fp32 [M, 1], w_q int8 [N, K], w_scale fp32 [N] or [1, N] -> [M, N] out_dtype.
+    """x_q int8 [M, K], x_scale fp32 [M, 1], w_q int8 [N, K], w_scale fp32 [N] or [1, N] -> [M, N] out_dtype,
+    plus ``residual`` [M, N] if given (added in fp32 before the one rounding to out_dtype: a transformer block's
+    residual add, fused into the epilogue).
 
     ``backend``: "auto" (Triton on CUDA, the reference on CPU), "triton" or "reference".
     """
-    _check(x_q, x_scale, w_q, w_scale)
-    if use_triton(backend, x_q, _INTERPRETED):
-        return _triton(x_q, x_scale, w_q, w_scale, out_dtype)
-    return reference(x_q, x_scale, w_q, w_scale, out_dtype)
+    _check(x_q, x_scale, w_q, w_scale, residual)
+    if use_triton(backend, x_q, INTERPRETED):
+        return _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual)
+    return reference(x_q, x_scale, w_q, w_scale, out_dtype, residual)
 
 
 def w8a8_matmul_group(
@@ -275,6 +297,6 @@ def w8a8_matmul_group(
     for w_q, w_scale in weights:
         _check(x_q, x_scale, w_q, w_scale)
     m, k = x_q.shape
-    if m == 1 and k % 4 == 0 and use_triton(backend, x_q, _INTERPRETED):
+    if m == 1 and k % 4 == 0 and use_triton(backend, x_q, INTERPRETED):
         return _gemv_group(x_q, x_scale, weights, out_dtype)
     return [w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, backend) for w_q, w_scale in weights]

@@ -14,10 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_qserve.kernels import use_triton
+from duo_qserve.kernels import INTERPRETED, use_triton
 from duo_qserve.quant.kv_quant import SCALE_DTYPE, qmax, quantize_keys, quantize_values
-
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 def backend() -> str:
@@ -136,7 +134,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group: int, out: tu
         raise ValueError(
             f"out must be tensors of shapes {shapes} and dtypes {dtypes}, last dimension contiguous"
         )
-    if not use_triton(backend(), k, _INTERPRETED):
+    if not use_triton(backend(), k, INTERPRETED):
         res = reference(k, v, bits, group)
         if out is None:
             return res

@@ -14,9 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import use_triton
-
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
+from . import INTERPRETED, chained, use_triton, wait_for_inputs
 
 # Floor on a row's absmax, so an all-zero row gets a finite scale and zero codes.
 _MIN_ABSMAX = 1e-10
@@ -32,7 +30,8 @@ def _store_quantized_row(y, q_row_ptr, s_row_ptr, cols, mask):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -41,7 +40,10 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rmsnorm_quantize_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, BLOCK: tl.constexpr):
+def _rmsnorm_quantize_kernel(
+    x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -52,7 +54,10 @@ def _rmsnorm_quantize_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, BLOCK
 
 
 @triton.jit
-def _silu_mul_quantize_kernel(g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, BLOCK: tl.constexpr):
+def _silu_mul_quantize_kernel(
+    g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -104,12 +109,14 @@ def silu_mul_quantize_reference(gate: torch.Tensor, up: torch.Tensor) -> tuple[t
 
 def quantize_per_token(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] float -> (q int8 [..., K], scale fp32 [..., 1]), symmetric absmax/127 per token."""
-    if not use_triton(backend, x, _INTERPRETED):
+    if not use_triton(backend, x, INTERPRETED):
         return quantize_per_token_reference(x)
     q, s = _outputs(x)
     x2 = _rows(x)
     block, warps = _launch_shape(x2.shape[1])
-    _quantize_kernel[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), BLOCK=block, num_warps=warps)
+    _quantize_kernel[(x2.shape[0],)](
+        x2, q, s, x2.shape[1], x2.stride(0), BLOCK=block, num_warps=warps, **chained(x)
+    )
     return q, s
 
 
@@ -119,13 +126,22 @@ def rmsnorm_quantize(
     """Fused RMSNorm * weight + per-token quant: x [..., K], weight [K] -> (q int8, scale [..., 1])."""
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"RMSNorm weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
-    if not use_triton(backend, x, _INTERPRETED):
+    if not use_triton(backend, x, INTERPRETED):
         return rmsnorm_quantize_reference(x, weight, eps)
     q, s = _outputs(x)
     x2 = _rows(x)
     block, warps = _launch_shape(x2.shape[1])
     _rmsnorm_quantize_kernel[(x2.shape[0],)](
-        x2, weight.contiguous(), q, s, x2.shape[1], x2.stride(0), eps, BLOCK=block, num_warps=warps
+        x2,
+        weight.contiguous(),
+        q,
+        s,
+        x2.shape[1],
+        x2.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=warps,
+        **chained(x),
     )
     return q, s
 
@@ -136,12 +152,21 @@ def silu_mul_quantize(
     """silu(gate) * up quantized per token, in one pass: gate, up [..., K] -> (q int8, scale [..., 1])."""
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    if not use_triton(backend, gate, _INTERPRETED):
+    if not use_triton(backend, gate, INTERPRETED):
         return silu_mul_quantize_reference(gate, up)
     q, s = _outputs(gate)
     g2, u2 = _rows(gate), _rows(up)
     block, warps = _launch_shape(g2.shape[1])
     _silu_mul_quantize_kernel[(g2.shape[0],)](
-        g2, u2, q, s, g2.shape[1], g2.stride(0), u2.stride(0), BLOCK=block, num_warps=warps
+        g2,
+        u2,
+        q,
+        s,
+        g2.shape[1],
+        g2.stride(0),
+        u2.stride(0),
+        BLOCK=block,
+        num_warps=warps,
+        **chained(gate),
     )
     return q, s

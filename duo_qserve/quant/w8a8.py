@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..kernels.int8_gemm import w8a8_matmul_group
+from ..kernels.int8_gemm import w8a8_matmul, w8a8_matmul_group
 from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
 
 FORMAT = "duo-qserve-w8a8"
@@ -51,6 +51,11 @@ class QuantizedActivation(NamedTuple):
 
     q: torch.Tensor
     scale: torch.Tensor
+
+
+def _quantized(x: torch.Tensor | QuantizedActivation) -> QuantizedActivation:
+    """A linear's input as int8 rows: float inputs (o_proj's, from attention) are quantized per token here."""
+    return x if isinstance(x, QuantizedActivation) else QuantizedActivation(*quantize_per_token(x))
 
 
 class W8A8Linear(nn.Module):
@@ -84,15 +89,32 @@ class W8A8Linear(nn.Module):
         mod.weight, mod.dequant_scale = quantize_weight_per_channel(w)
         return mod.to(linear.weight.device)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        return self.forward_group(x, [self])[0]
+    adds_residual = True  # ``model.add_linear``: forward(x, residual) adds it in the GEMM epilogue
+
+    def forward(
+        self, x: torch.Tensor | QuantizedActivation, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``self(x)``, plus ``residual`` [..., out_features] if given (summed in fp32, rounded once)."""
+        if residual is None:
+            return self.forward_group(x, [self])[0]
+        x = _quantized(x)
+        k = self.in_features
+        res = residual.reshape(-1, self.out_features)
+        out = w8a8_matmul(
+            x.q.reshape(-1, k),
+            x.scale.reshape(-1, 1),
+            self.weight,
+            self.dequant_scale,
+            self.compute_dtype,
+            residual=res,
+        )
+        return out.reshape(residual.shape)
 
     @staticmethod
     def forward_group(x: torch.Tensor | QuantizedActivation, linears: list[W8A8Linear]) -> list[torch.Tensor]:
         """``[linear(x) for linear in linears]``, x quantized once and, at batch 1 on the GPU, one GEMV launch
         for up to three weights (``model.project``: q/k/v, gate/up)."""
-        if not isinstance(x, QuantizedActivation):
-            x = QuantizedActivation(*quantize_per_token(x))
+        x = _quantized(x)
         lead, k = x.q.shape[:-1], linears[0].in_features
         weights = [(lin.weight, lin.dequant_scale) for lin in linears]
         outs = w8a8_matmul_group(
