@@ -130,7 +130,7 @@ def decode_config_rows() -> list[dict]:
             w4 = w.view(torch.int32)
             int8_gemm._w8a8_gemv_kernel[(triton.cdiv(n, c["BLOCK_N"]),)](
                 x_q.view(torch.int32), x_s.reshape(-1), w4, w_s, out, w4, w_s, out, w4, w_s, out, out, n, 0, 0,
-                k // 4, **c, ASM=True, HAS_RES=False, PDL=False, num_warps=nw,
+                k // 4, **c, ASM=True, HAS_RES=False, num_warps=nw,
             )  # fmt: skip
 
         call(ws[0])

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from duo_qserve.cache import split_heads
-from duo_qserve.kernels import INTERPRETED, chained, kv_attention, use_triton, wait_for_inputs
+from duo_qserve.kernels import INTERPRETED, kv_attention, use_triton
 from duo_qserve.kernels.attention import dense_attention, merge
 from duo_qserve.kernels.kv_quantize import backend
 from duo_qserve.model import apply_rope
@@ -105,14 +105,13 @@ def _step_kernel(
     kt_ptr, vt_ptr, tail_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, ring_ptr, po_ptr, plse_ptr,
     n_retrieval, part0, n_parts, qk_scale, s_qh, s_kh, s_vh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
-    RECENT: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    RECENT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head h, chunk c): slots ``c * BLOCK_N + [0, BLOCK_N)`` of head h's fp context, numbered
     tail ``[0, tail_idx)`` then the new token at ``tail_idx`` (retrieval head), or sinks, ring, then the new token
     at ``SINK + RECENT`` (streaming head). The G query heads of h are the rows of one [G_PAD, D] tile (rows past
     G repeat the last), so scores and outputs are two fp32 dots. Partial of query head h * G + g goes to part
     ``part0 + c``."""
-    wait_for_inputs(PDL)
     h, c = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, D)
@@ -206,7 +205,7 @@ def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_s
         q, k, v, cos, sin, q_rot, *tails, tail_idx, *sinks, *rings, ring_idx, po, plse,
         n_r, code_splits, n_parts, sm_scale * kv_attention.LOG2E, q.stride(1), k.stride(1), v.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, GROUP=group, SINK=sink, RECENT=recent,
-        BLOCK_N=BLOCK_N, num_warps=4, **chained(q),
+        BLOCK_N=BLOCK_N, num_warps=4,
     )  # fmt: skip
     if n_r:
         kv_attention.code_partials(

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, chained, use_triton, wait_for_inputs
+from . import INTERPRETED, use_triton
 
 DECODE_MAX_M = 16
 
@@ -37,10 +37,9 @@ def _w8a8_gemm_kernel(
     M, N, K, m_bucket,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_RES: tl.constexpr, PDL: tl.constexpr,
+    HAS_RES: tl.constexpr,
 ):  # fmt: skip
     # m_bucket only keys the autotuner (one tuning per power-of-two M, not per chunk length).
-    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
@@ -94,7 +93,7 @@ def _dot4(a, b, acc, ASM: tl.constexpr):
 def _w8a8_gemv_kernel(
     x_ptr, xs_ptr, w0_ptr, ws0_ptr, out0_ptr, w1_ptr, ws1_ptr, out1_ptr, w2_ptr, ws2_ptr, out2_ptr, res_ptr,
     n0, n1, n2, K4,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, HAS_RES: tl.constexpr,
 ):  # fmt: skip
     """M = 1: ``BLOCK_N`` weight rows per program, read as int32 words (4 codes each) and reduced with dp4a into
     an elementwise int32 accumulator that is summed once at the end. No tensor cores (a 1-row product would pad
@@ -103,7 +102,6 @@ def _w8a8_gemv_kernel(
     One launch serves up to three weights [n_i, 4 * K4] that read the same x (q/k/v, gate/up): the first
     cdiv(n0, BLOCK_N) programs take rows of w0, the next cdiv(n1, BLOCK_N) rows of w1, the rest rows of w2.
     ``HAS_RES`` (one weight only): ``res`` [n0] is added to the output, the residual add of o_proj and down_proj."""
-    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
     p1 = p0 + tl.cdiv(n1, BLOCK_N)
@@ -221,9 +219,7 @@ def _gemv_group(x_q, x_scale, weights, out_dtype, residual=None) -> list[torch.T
         rows = [w.shape[0] for w, _, _ in group] + [0] * (3 - len(group))
         group += [group[0]] * (3 - len(group))  # pointers for the absent parts: no program reads them
         args = (x4, xs, *(t for part in group for t in part), res, *rows, x4.shape[1])
-        _launch(
-            _gemv, _gemv_grid(*rows), args, ASM=not INTERPRETED, HAS_RES=residual is not None, **chained(x_q)
-        )
+        _launch(_gemv, _gemv_grid(*rows), args, ASM=not INTERPRETED, HAS_RES=residual is not None)
     return outs
 
 
@@ -246,7 +242,6 @@ def _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual) -> torch.Tensor:
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         args,
         HAS_RES=residual is not None,
-        **chained(x_q),
     )
     return out
 

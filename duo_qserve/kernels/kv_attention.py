@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_qserve.kernels import INTERPRETED, chained, use_triton, wait_for_inputs
+from duo_qserve.kernels import INTERPRETED, use_triton
 from duo_qserve.kernels.attention import dense_attention, fused_attention, merge
 from duo_qserve.kernels.kv_quantize import backend
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, qmax
@@ -142,7 +142,6 @@ def _attn_codes_kernel(
     s_oh, s_os, s_ot, s_og, s_lh, s_ls, s_lt, s_lg,
     G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr, ASM: tl.constexpr,
-    PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head, split, row tile): online softmax over the split's tokens for rows ``t * G + g``.
     The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W.
@@ -153,7 +152,6 @@ def _attn_codes_kernel(
     The 1024 offsets of the ``_raw`` codes are taken off exactly: the correction sums the fp16 operands the tensor
     cores saw. fp32 queries (the interpreter's tests, fp32 models) get codes without the offset instead, as ``ieee``
     dots: the offset's cancellation costs fp32 a few bits that fp16 operands do not have."""
-    wait_for_inputs(PDL)
     h, split, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if LEN_FROM_PTR:
         n_blocks = tl.load(len_ptr) // BLOCK_N
@@ -254,14 +252,13 @@ def _attn_codes_kernel(
 @triton.jit
 def _merge_splits_kernel(
     po_ptr, plse_ptr, o_ptr, lse_ptr, n_splits, n_rows, code_splits, code_heads, s_ot, s_oh, s_lt, s_lh,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per (kv head, row, ``BLOCK_D`` channels): weights exp(lse_s - lse) over the splits' partial
     outputs [kv head, split, row] (a few programs per row, so that more SMs read the partials). Splits below
     ``code_splits`` exist only for kv heads below ``code_heads``: the graph step's buffer holds the code kernel's
     splits of the retrieval heads, then the step kernel's chunks of every head
     (``duo_qserve.kernels.decode_step``); ``decode_attention`` passes 0."""
-    wait_for_inputs(PDL)
     pid, dc = tl.program_id(0), tl.program_id(1)
     h, r = pid // n_rows, pid % n_rows
     t, g = r // G, r % G
@@ -381,7 +378,6 @@ def merge_partials(
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         G=out.shape[1] // hkv, D=d, BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=max(4, min(16, block_s * block_d // 4096)),  # the [BLOCK_S, BLOCK_D] fp32 tile fits
-        **chained(po),
     )  # fmt: skip
 
 
@@ -408,7 +404,7 @@ def _launch_codes(
         q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
         *so, *sl,
         G=hq // hkv, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
-        ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages, **chained(q),
+        ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 

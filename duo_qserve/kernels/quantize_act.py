@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, chained, use_triton, wait_for_inputs
+from . import INTERPRETED, use_triton
 
 # Floor on a row's absmax, so an all-zero row gets a finite scale and zero codes.
 _MIN_ABSMAX = 1e-10
@@ -30,8 +30,7 @@ def _store_quantized_row(y, q_row_ptr, s_row_ptr, cols, mask):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -40,10 +39,7 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr, PDL:
 
 
 @triton.jit
-def _rmsnorm_quantize_kernel(
-    x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, BLOCK: tl.constexpr, PDL: tl.constexpr
-):
-    wait_for_inputs(PDL)
+def _rmsnorm_quantize_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_x, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -54,10 +50,7 @@ def _rmsnorm_quantize_kernel(
 
 
 @triton.jit
-def _silu_mul_quantize_kernel(
-    g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr
-):
-    wait_for_inputs(PDL)
+def _silu_mul_quantize_kernel(g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -114,9 +107,7 @@ def quantize_per_token(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Te
     q, s = _outputs(x)
     x2 = _rows(x)
     block, warps = _launch_shape(x2.shape[1])
-    _quantize_kernel[(x2.shape[0],)](
-        x2, q, s, x2.shape[1], x2.stride(0), BLOCK=block, num_warps=warps, **chained(x)
-    )
+    _quantize_kernel[(x2.shape[0],)](x2, q, s, x2.shape[1], x2.stride(0), BLOCK=block, num_warps=warps)
     return q, s
 
 
@@ -132,16 +123,7 @@ def rmsnorm_quantize(
     x2 = _rows(x)
     block, warps = _launch_shape(x2.shape[1])
     _rmsnorm_quantize_kernel[(x2.shape[0],)](
-        x2,
-        weight.contiguous(),
-        q,
-        s,
-        x2.shape[1],
-        x2.stride(0),
-        eps,
-        BLOCK=block,
-        num_warps=warps,
-        **chained(x),
+        x2, weight.contiguous(), q, s, x2.shape[1], x2.stride(0), eps, BLOCK=block, num_warps=warps
     )
     return q, s
 
@@ -158,15 +140,6 @@ def silu_mul_quantize(
     g2, u2 = _rows(gate), _rows(up)
     block, warps = _launch_shape(g2.shape[1])
     _silu_mul_quantize_kernel[(g2.shape[0],)](
-        g2,
-        u2,
-        q,
-        s,
-        g2.shape[1],
-        g2.stride(0),
-        u2.stride(0),
-        BLOCK=block,
-        num_warps=warps,
-        **chained(gate),
+        g2, u2, q, s, g2.shape[1], g2.stride(0), u2.stride(0), BLOCK=block, num_warps=warps
     )
     return q, s
