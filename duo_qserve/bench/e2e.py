@@ -393,6 +393,9 @@ def plot(result: dict, path: Path) -> None:
         tokens = sweep[0]["tokens"]
         ax3.set(xscale="log", xlabel="chunk tokens", ylabel="pre-fill tokens/s",
                 title=f"pre-fill of {tokens} tokens vs chunk size (peak memory)")  # fmt: skip
+    else:
+        ax3.set_axis_off()
+        ax3.text(0.5, 0.5, "pre-fill vs chunk size: not measured in this run", ha="center", va="center")
     fig.suptitle("Llama-3-8B shape, synthetic weights")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
