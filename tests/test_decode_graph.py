@@ -89,7 +89,7 @@ STEP_CASES = [  # (hkv, g, n_retrieval, d, group, sink, recent, pos)
     (2, 3, 1, 64, 32, 4, 40, 64),  # tail slot 0: only the new token in the tail
     (2, 3, 1, 64, 32, 4, 40, 20),  # n_quant = 0: nothing quantized yet
     (3, 3, 0, 16, 16, 4, 40, 50),  # streaming heads only
-    (3, 3, 3, 16, 16, 4, 40, 50),  # retrieval heads only
+    (3, 3, 3, 64, 16, 4, 40, 50),  # retrieval heads only
     (2, 4, 1, 128, 32, 0, 40, 75),  # no sinks, G = 4, D = 128
 ]
 

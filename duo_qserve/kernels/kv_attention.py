@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from duo_qserve.kernels import INTERPRETED, use_triton
 from duo_qserve.kernels.attention import dense_attention, fused_attention, merge
@@ -136,15 +137,20 @@ def _block_scales(
 
 @triton.jit
 def _attn_codes_kernel(
-    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr,
+    q_ptr, k_desc, ks_ptr, kz_ptr, v_desc, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr,
     n_rows, blocks_per_split, n_blocks, qk_scale,
-    s_qt, s_qh, s_kwh, s_ksh, s_vwh, s_vsh,
+    s_qt, s_qh, s_ksh, s_vsh,
     s_oh, s_os, s_ot, s_og, s_lh, s_ls, s_lt, s_lg,
     G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head, split, row tile): online softmax over the split's tokens for rows ``t * G + g``.
-    The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W.
+    The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W. The codes come
+    in through tensor descriptors (``k_desc``/``v_desc``, words [Hkv, N, W]): the copy engine computes the addresses
+    that the programs spent about a tenth of their instructions on.
+
+    The key dots are transposed: a block's tokens are their M (64 or 128, no padding) and the query rows their N
+    (padded to 8, not 16), which halves their tensor-core work and their softmax inputs.
 
     ``LEN_FROM_PTR``: the token count is read from ``len_ptr`` (int32, on the device: CUDA-graph replays) and
     split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf.
@@ -174,6 +180,7 @@ def _attn_codes_kernel(
     q2 = tl.load(q_rows + c2[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
     q3 = tl.load(q_rows + c3[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
 
+    qT0, qT1, qT2, qT3 = tl.trans(q0), tl.trans(q1), tl.trans(q2), tl.trans(q3)  # [W, BLOCK_M]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a0 = tl.zeros([BLOCK_M, W], tl.float32)
@@ -182,7 +189,6 @@ def _attn_codes_kernel(
     a3 = tl.zeros([BLOCK_M, W], tl.float32)
     az = tl.zeros([BLOCK_M], tl.float32)  # sum_t p_t * z_t, the value zeros' share
     offs_n = tl.arange(0, BLOCK_N)
-    kw_h, vw_h = kw_ptr + h * s_kwh, vw_ptr + h * s_vwh
     ks_h, kz_h = ks_ptr + h * s_ksh, kz_ptr + h * s_ksh
     vs_h, vz_h = vs_ptr + h * s_vsh, vz_ptr + h * s_vsh
     b_start = split * blocks_per_split
@@ -196,7 +202,6 @@ def _attn_codes_kernel(
     )
     for b in range(b_start, b_end):
         tok = b * BLOCK_N + offs_n
-        words = tok[:, None] * W + j[None, :]
         ks0, kz0, ks1, kz1, ks2, kz2, ks3, kz3, vzb = s0, z0, s1, z1, s2, z2, s3, z3, vz
         nxt = tl.minimum(b + 1, b_last)
         s0, z0, s1, z1, s2, z2, s3, z3, vz = _block_scales(
@@ -206,17 +211,18 @@ def _attn_codes_kernel(
         # per-row bias.
         ks0, kz0, ks1, kz1 = ks0.to(tl.float32), kz0.to(tl.float32), ks1.to(tl.float32), kz1.to(tl.float32)
         ks2, kz2, ks3, kz3 = ks2.to(tl.float32), kz2.to(tl.float32), ks3.to(tl.float32), kz3.to(tl.float32)
-        qs0, qs1 = (q0 * ks0[None, :]).to(DOT), (q1 * ks1[None, :]).to(DOT)
-        qs2, qs3 = (q2 * ks2[None, :]).to(DOT), (q3 * ks3[None, :]).to(DOT)
-        zero = q0 * kz0[None, :] + q1 * kz1[None, :] + q2 * kz2[None, :] + q3 * kz3[None, :]
+        qs0, qs1 = (qT0 * ks0[:, None]).to(DOT), (qT1 * ks1[:, None]).to(DOT)
+        qs2, qs3 = (qT2 * ks2[:, None]).to(DOT), (qT3 * ks3[:, None]).to(DOT)
+        zero = qT0 * kz0[:, None] + qT1 * kz1[:, None] + qT2 * kz2[:, None] + qT3 * kz3[:, None]
         ones = qs0.to(tl.float32) + qs1.to(tl.float32) + qs2.to(tl.float32) + qs3.to(tl.float32)
-        bias = tl.sum(RAW * zero - OFFSET * ones, 1)
-        k0, k1, k2, k3 = _offset(_unpack(tl.load(kw_h + words), BITS, ASM), OFFSET)
-        qk = tl.dot(qs0, tl.trans(k0.to(DOT)), input_precision=PREC)
-        qk = tl.dot(qs1, tl.trans(k1.to(DOT)), qk, input_precision=PREC)
-        qk = tl.dot(qs2, tl.trans(k2.to(DOT)), qk, input_precision=PREC)
-        qk = tl.dot(qs3, tl.trans(k3.to(DOT)), qk, input_precision=PREC)
-        qk += bias[:, None]
+        bias = tl.sum(RAW * zero - OFFSET * ones, 0)
+        words = k_desc.load([h, b * BLOCK_N, 0]).reshape(BLOCK_N, W)
+        k0, k1, k2, k3 = _offset(_unpack(words, BITS, ASM), OFFSET)
+        qk = tl.dot(k0.to(DOT), qs0, input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+        qk = tl.dot(k1.to(DOT), qs1, qk, input_precision=PREC)
+        qk = tl.dot(k2.to(DOT), qs2, qk, input_precision=PREC)
+        qk = tl.dot(k3.to(DOT), qs3, qk, input_precision=PREC)
+        qk = tl.trans(qk + bias[None, :])
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -230,7 +236,8 @@ def _attn_codes_kernel(
         vs = tl.load(vs_h + tok).to(tl.float32)
         ps = (p * vs[None, :]).to(DOT)
         az = az * alpha + tl.sum(p * vzb.to(tl.float32)[None, :], 1)
-        v0, v1, v2, v3 = _offset(_unpack(tl.load(vw_h + words), BITS, ASM), OFFSET)
+        words = v_desc.load([h, b * BLOCK_N, 0]).reshape(BLOCK_N, W)
+        v0, v1, v2, v3 = _offset(_unpack(words, BITS, ASM), OFFSET)
         ones = (OFFSET / RAW * tl.sum(ps.to(tl.float32), 1))[:, None]
         a0 = a0 * alpha[:, None] + (tl.dot(ps, v0.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
         a1 = a1 * alpha[:, None] + (tl.dot(ps, v1.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
@@ -381,6 +388,21 @@ def merge_partials(
     )  # fmt: skip
 
 
+def _words(data: torch.Tensor, bits: int, block_n: int) -> TensorDescriptor:
+    """Packed codes [Hkv, N, D * bits / 8] as words of 4 codes (int16 for 4-bit, int32 for 8-bit), for loads of
+    ``block_n`` tokens of one head."""
+    words = data.view(torch.int16 if bits == 4 else torch.int32)
+    if (
+        words.stride(-1) != 1
+        or words.data_ptr() % 16
+        or any(x * words.element_size() % 16 for x in words.stride()[:2])
+    ):
+        raise ValueError(
+            f"the code kernel needs 16-byte aligned code rows, got strides {tuple(data.stride())}"
+        )
+    return TensorDescriptor(words, list(words.shape), list(words.stride()), [1, block_n, words.shape[-1]])
+
+
 def _launch_codes(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse, so, sl,
     num_splits, block_n, num_warps, num_stages, block_m,
@@ -395,13 +417,11 @@ def _launch_codes(
     on_device = isinstance(n_quant, torch.Tensor)
     len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
     n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
-    word = torch.int16 if bits == 4 else torch.int32  # 4 codes per word
-    kw, vw = k_data.view(word), v_data.view(word)
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16
     _attn_codes_kernel[(hkv, num_splits, triton.cdiv(n_rows, block_m))](
-        q, kw, k_scale, k_zero, vw, v_scale, v_zero, po, plse, len_arg,
-        n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), kw.stride(0), k_scale.stride(0), vw.stride(0), v_scale.stride(0),
+        q, _words(k_data, bits, block_n), k_scale, k_zero, _words(v_data, bits, block_n), v_scale, v_zero, po, plse,
+        len_arg, n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), k_scale.stride(0), v_scale.stride(0),
         *so, *sl,
         G=hq // hkv, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
         ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages,
