@@ -302,8 +302,8 @@ def _program(block_m: int) -> tuple[int, int, float]:
     of shared memory each on Hopper; 9 per SM measured as a second wave). Against 2 warps over 128 tokens, 4 per SM
     (the most that fit), this measured 71% of copy bandwidth instead of 62% at 1M tokens on an H200, before the
     descriptors: one warp needs no barriers nor cross-warp reductions, and padding its rows to the tensor cores'
-    16 costs fewer register moves. More rows
-    (several queries, or more query heads per kv head) keep 2 warps over 128 tokens, 4 programs per SM."""
+    16 costs fewer register moves. More rows (several queries, or more query heads per kv head) keep 2 warps over
+    128 tokens, 4 programs per SM."""
     return (64, 1, 8.0) if block_m <= 4 else (128, 2, 4.0)
 
 
