@@ -95,20 +95,14 @@ class W8A8Linear(nn.Module):
         self, x: torch.Tensor | QuantizedActivation, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``self(x)``, plus ``residual`` [..., out_features] if given (summed in fp32, rounded once)."""
-        if residual is None:
-            return self.forward_group(x, [self])[0]
         x = _quantized(x)
-        k = self.in_features
-        res = residual.reshape(-1, self.out_features)
+        lead = x.q.shape[:-1]
+        res = None if residual is None else residual.reshape(-1, self.out_features)
         out = w8a8_matmul(
-            x.q.reshape(-1, k),
-            x.scale.reshape(-1, 1),
-            self.weight,
-            self.dequant_scale,
-            self.compute_dtype,
-            residual=res,
-        )
-        return out.reshape(residual.shape)
+            x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight, self.dequant_scale,
+            self.compute_dtype, residual=res,
+        )  # fmt: skip
+        return out.reshape(*lead, self.out_features)
 
     @staticmethod
     def forward_group(x: torch.Tensor | QuantizedActivation, linears: list[W8A8Linear]) -> list[torch.Tensor]:
