@@ -376,15 +376,22 @@ def plot(result: dict, path: Path) -> None:
         )
         if pts:
             ax1.plot(*zip(*pts, strict=True), marker="o", label=method)
-    floor = sorted({(r["context"], r["floor_ms"]) for r in result["rows"] if r["method"] == "duo-w8a8kv4"})
-    ax1.plot(*zip(*floor, strict=True), "k--", label="floor (W8A8KV4 bytes / copy bandwidth)")
+    floor = sorted({(r["context"], r["floor_ms"]) for r in result["rows"] if r["method"].startswith("duo-")})
+    if floor:
+        ax1.plot(*zip(*floor, strict=True), "k--", label="floor (W8A8KV4 bytes / copy bandwidth)")
     ax1.set(xscale="log", xlabel="context tokens", ylabel="ms per token", title=f"decode, {result['device']}")
     ax1.legend(fontsize=8)
-    pre = result["prefill"]["rows"][1:]
-    ax2.plot([r["prefix"] for r in pre], [r["tok_per_s"] for r in pre], marker=".")
-    ax2.set(
-        xlabel="prefix tokens", ylabel="pre-fill tokens/s", title=f"pre-fill, {pre[0]['chunk']}-token chunks"
-    )
+    pre = result["prefill"]["rows"][1:]  # the first chunk compiles and autotunes
+    if pre:
+        ax2.plot([r["prefix"] for r in pre], [r["tok_per_s"] for r in pre], marker=".")
+        ax2.set(
+            xlabel="prefix tokens",
+            ylabel="pre-fill tokens/s",
+            title=f"pre-fill, {pre[0]['chunk']}-token chunks",
+        )
+    else:
+        ax2.set_axis_off()
+        ax2.text(0.5, 0.5, "pre-fill vs prefix: one chunk or none in this run", ha="center", va="center")
     sweep = result["prefill"].get("by_chunk_size") or []
     if sweep:
         ax3.plot([r["chunk"] for r in sweep], [r["tok_per_s"] for r in sweep], marker="o")
