@@ -14,12 +14,10 @@ and returns the attention output [1, Hq, D]:
 launch-bound batch-1 step would otherwise pay for:
 
 1. ``_step_kernel``, one program per (kv head, chunk of ``BLOCK_N`` slots): RoPE of q and k, the chunk's slots of
-   the tail or of sink + ring + new token for all G query heads of the kv head at once (two dots), one
-   normalized partial (out, lse) per query head, and the new k/v (the program whose chunk read the overwritten
-   ring slot writes it, after a barrier, so nothing reads it late);
-2. at the same time, on the main stream, the split-K code kernel over the quantized prefix
-   (``kv_attention.code_partials``), which rotates q itself, into the same buffer. The step kernel runs on a
-   second stream in the registers the code kernel leaves free on each SM, instead of before it;
+   the tail or of sink + ring + new token for all G query heads of the kv head at once (two fp32 dots), one
+   normalized partial (out, lse) per query head; it stores the rotated q for step 2 and the new k/v
+   (the program whose chunk read the overwritten ring slot writes it, after a barrier, so nothing reads it late);
+2. the split-K code kernel over the quantized prefix (``kv_attention.code_partials``), into the same buffer;
 3. the split merge (``kv_attention.merge_partials``) straight into the [1, Hq, D] output.
 """
 
@@ -32,14 +30,11 @@ import triton.language as tl
 from duo_qserve.cache import split_heads
 from duo_qserve.kernels import INTERPRETED, kv_attention, use_triton
 from duo_qserve.kernels.attention import dense_attention, merge
-from duo_qserve.kernels.kv_attention import rope
 from duo_qserve.kernels.kv_quantize import backend
 from duo_qserve.model import apply_rope
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
 
-# Cache slots per step-kernel program. One warp over 16 slots takes 168 registers: it fits beside the 8 one-warp
-# code-kernel programs an SM holds (224 registers each), so the two kernels share the GPU.
-BLOCK_N = 16
+BLOCK_N = 32  # cache slots per step-kernel program
 
 
 def attend(
@@ -96,8 +91,17 @@ def reference(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, 
 
 
 @triton.jit
+def _rope(ptr, d, cos, sin, HALF: tl.constexpr):
+    """Rotate-half RoPE (``model.apply_rope``) of the vectors at ``ptr`` (a pointer or a column of pointers, one
+    per vector), fp32: channel d pairs with d +- D/2."""
+    x = tl.load(ptr + d).to(tl.float32)
+    partner = tl.load(ptr + (d + HALF) % (2 * HALF)).to(tl.float32)
+    return x * cos + tl.where(d < HALF, -partner, partner) * sin
+
+
+@triton.jit
 def _step_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qr_ptr,
     kt_ptr, vt_ptr, tail_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, ring_ptr, po_ptr, plse_ptr,
     n_retrieval, part0, n_parts, qk_scale, s_qh, s_kh, s_vh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
@@ -119,7 +123,7 @@ def _step_kernel(
     # fp32 dots, 4.5 us with these.
     DOT: tl.constexpr = tl.float32 if dtype == tl.float32 else tl.float16
     PREC: tl.constexpr = "ieee" if dtype == tl.float32 else "tf32"
-    k_new = rope(k_ptr + h * s_kh, d, cos, sin, HALF).to(dtype)
+    k_new = _rope(k_ptr + h * s_kh, d, cos, sin, HALF).to(dtype)
     v_new = tl.load(v_ptr + h * s_vh + d)
 
     is_r = h < n_retrieval
@@ -152,7 +156,9 @@ def _step_kernel(
     gi = tl.arange(0, G_PAD)
     row_ok = gi < G
     hq = h * G + tl.minimum(gi, G - 1)
-    qg = rope(q_ptr + hq[:, None] * s_qh, d[None, :], cos[None, :], sin[None, :], HALF).to(dtype)
+    qg = _rope(q_ptr + hq[:, None] * s_qh, d[None, :], cos[None, :], sin[None, :], HALF).to(dtype)
+    if c == 0:
+        tl.store(qr_ptr + hq[:, None] * D + d[None, :], qg, mask=row_ok[:, None])
     scores = tl.dot(qg.to(DOT), tl.trans(kk), input_precision=PREC) * qk_scale  # [G_PAD, BLOCK_N]
     scores = tl.where(valid, scores, float("-inf"))
     m = tl.max(scores, 1)
@@ -174,24 +180,6 @@ def _step_kernel(
     elif c == (SINK + ring) // BLOCK_N:
         tl.store(rk_ptr + (hs * RECENT + ring) * D + d, k_new)
         tl.store(rv_ptr + (hs * RECENT + ring) * D + d, v_new)
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One second stream per device for the step kernel (made at the first, eager step: before graph capture)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _codes(q, arena, n_rows, n_quant, bits, group, sm_scale, po, plse, code_splits, rope) -> None:
-    """The code kernel over the quantized prefix for the first ``n_rows`` query heads (the retrieval heads'),
-    rotating q itself."""
-    kv_attention.code_partials(
-        q[:, :n_rows], *arena, n_quant, bits, group, sm_scale, po, plse, code_splits, rope=rope
-    )
 
 
 def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale) -> torch.Tensor:
@@ -220,28 +208,18 @@ def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_s
     n_parts = code_splits + n_chunks
     po = torch.empty((hkv, n_parts, g, d), dtype=torch.float32, device=q.device)
     plse = torch.empty((hkv, n_parts, g), dtype=torch.float32, device=q.device)
+    q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cos, sin = rope
-
-    def step() -> None:
-        _step_kernel[(hkv, n_chunks)](
-            q, k, v, cos, sin, *tails, tail_idx, *sinks, *rings, ring_idx, po, plse,
-            n_r, code_splits, n_parts, sm_scale * kv_attention.LOG2E, q.stride(1), k.stride(1), v.stride(1),
-            G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, GROUP=group, SINK=sink, RECENT=recent,
-            BLOCK_N=BLOCK_N, num_warps=1,
-        )  # fmt: skip
-
-    if not n_r:
-        step()
-    elif q.is_cuda:  # the step kernel on a second stream, beside the code kernel (module docstring)
-        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            step()
-        _codes(q, arena, n_r * g, n_quant, bits, group, sm_scale, po, plse, code_splits, rope)
-        main.wait_stream(side)
-    else:
-        step()
-        _codes(q, arena, n_r * g, n_quant, bits, group, sm_scale, po, plse, code_splits, rope)
+    _step_kernel[(hkv, n_chunks)](
+        q, k, v, cos, sin, q_rot, *tails, tail_idx, *sinks, *rings, ring_idx, po, plse,
+        n_r, code_splits, n_parts, sm_scale * kv_attention.LOG2E, q.stride(1), k.stride(1), v.stride(1),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, GROUP=group, SINK=sink, RECENT=recent,
+        BLOCK_N=BLOCK_N, num_warps=4,
+    )  # fmt: skip
+    if n_r:
+        kv_attention.code_partials(
+            q_rot[:, : n_r * g], *arena, n_quant, bits, group, sm_scale, po, plse, code_splits
+        )
     out = torch.empty_like(q)
     lse = torch.empty((1, hq), dtype=torch.float32, device=q.device)
     kv_attention.merge_partials(po, plse, out, lse, code_splits, n_r)

@@ -69,27 +69,6 @@ def reference(
 
 
 @triton.jit
-def rope(ptr, d, cos, sin, HALF: tl.constexpr):
-    """Rotate-half RoPE (``model.apply_rope``) of the vectors at ``ptr`` (a pointer or a column of pointers, one
-    per vector), fp32: channel d pairs with d +- D/2."""
-    x = tl.load(ptr + d).to(tl.float32)
-    partner = tl.load(ptr + (d + HALF) % (2 * HALF)).to(tl.float32)
-    return x * cos + tl.where(d < HALF, -partner, partner) * sin
-
-
-@triton.jit
-def _load_q(q_rows, c, cos_ptr, sin_ptr, D: tl.constexpr, ROPE: tl.constexpr):
-    """Channels ``c`` of the query rows at ``q_rows`` ([rows, 1] pointers); with ``ROPE`` rotated at the position
-    whose tables are at ``cos_ptr``/``sin_ptr`` and rounded to q's dtype, as the model rounds them."""
-    if ROPE:
-        HALF: tl.constexpr = D // 2
-        cos = tl.load(cos_ptr + c % HALF)[None, :]
-        sin = tl.load(sin_ptr + c % HALF)[None, :]
-        return rope(q_rows, c[None, :], cos, sin, HALF).to(q_rows.dtype.element_ty)
-    return tl.load(q_rows + c[None, :])
-
-
-@triton.jit
 def _raw(w, SUB: tl.constexpr, BITS: tl.constexpr):
     """Code ``SUB`` of each packed word as the exact fp16 number 1024 + RAW * c (``RAW`` = 16 for 4-bit codes, 1 for
     8-bit): the bits 0x6400 with the code or-ed into the mantissa, at bit 4 or bit 0. The kernel folds 1/RAW into
@@ -160,13 +139,12 @@ def _block_scales(
 
 @triton.jit
 def _attn_codes_kernel(
-    q_ptr, k_desc, ks_ptr, kz_ptr, v_desc, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_desc, ks_ptr, kz_ptr, v_desc, vs_ptr, vz_ptr, o_ptr, lse_ptr, len_ptr,
     n_rows, blocks_per_split, n_blocks, qk_scale,
     s_qt, s_qh, s_ksh, s_vsh,
     s_oh, s_os, s_ot, s_og, s_lh, s_ls, s_lt, s_lg,
     G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr, ROPE: tl.constexpr,
-    ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, LEN_FROM_PTR: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head, split, row tile): online softmax over the split's tokens for rows ``t * G + g``.
     The 4 codes of a word form 4 sub-tiles of W = D/4 channels each, so every dot has K or N = W. The codes come
@@ -175,9 +153,6 @@ def _attn_codes_kernel(
 
     The key dots are transposed: a block's tokens are their M (64 or 128, no padding) and the query rows their N
     (padded to 8, not 16), which halves their tensor-core work and their softmax inputs.
-
-    ``ROPE``: q arrives before RoPE and each program rotates its rows (the decode step runs this kernel beside the
-    one that attends the fp tail, which used to rotate q for it).
 
     ``LEN_FROM_PTR``: the token count is read from ``len_ptr`` (int32, on the device: CUDA-graph replays) and
     split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf.
@@ -199,14 +174,13 @@ def _attn_codes_kernel(
     j = tl.arange(0, W)
     c0, c1 = _channels(j, 0, BITS, D), _channels(j, 1, BITS, D)
     c2, c3 = _channels(j, 2, BITS, D), _channels(j, 3, BITS, D)
-    src = tl.minimum(rows, n_rows - 1)  # padded rows repeat the last real one; they are not stored
-    q_rows = (q_ptr + (src // G) * s_qt + (h * G + src % G) * s_qh)[:, None]
+    q_rows = (q_ptr + t * s_qt + (h * G + g) * s_qh)[:, None]
     qm = row_ok[:, None]
     q_scale = qk_scale / RAW
-    q0 = _load_q(q_rows, c0, cos_ptr, sin_ptr, D, ROPE).to(tl.float32) * q_scale
-    q1 = _load_q(q_rows, c1, cos_ptr, sin_ptr, D, ROPE).to(tl.float32) * q_scale
-    q2 = _load_q(q_rows, c2, cos_ptr, sin_ptr, D, ROPE).to(tl.float32) * q_scale
-    q3 = _load_q(q_rows, c3, cos_ptr, sin_ptr, D, ROPE).to(tl.float32) * q_scale
+    q0 = tl.load(q_rows + c0[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
+    q1 = tl.load(q_rows + c1[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
+    q2 = tl.load(q_rows + c2[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
+    q3 = tl.load(q_rows + c3[None, :], mask=qm, other=0.0).to(tl.float32) * q_scale
 
     qT0, qT1, qT2, qT3 = tl.trans(q0), tl.trans(q1), tl.trans(q2), tl.trans(q3)  # [W, BLOCK_M]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -389,17 +363,15 @@ def code_partials(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
     po: torch.Tensor, plse: torch.Tensor, num_splits: int,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3, block_m: int | None = None,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """The split-K code kernel writing row r of split s of kv head h to ``po[h, s, r]`` and ``plse[h, s, r]``
-    (``po`` [>= Hkv, >= num_splits, T * G, D] float32, contiguous): the partials for ``merge_partials``. With
-    ``rope`` (the cos/sin tables [1, D/2] of the one position of T = 1), q is rotated in the kernel."""
+    (``po`` [>= Hkv, >= num_splits, T * G, D] float32, contiguous): the partials for ``merge_partials``."""
     g = q.shape[1] // k_data.shape[0]
     so = (po.stride(0), po.stride(1), g * po.stride(2), po.stride(2))
     sl = (plse.stride(0), plse.stride(1), g * plse.stride(2), plse.stride(2))
     _launch_codes(
         q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse,
-        so, sl, num_splits, block_n, num_warps, num_stages, block_m, rope,
+        so, sl, num_splits, block_n, num_warps, num_stages, block_m,
     )  # fmt: skip
 
 
@@ -437,7 +409,7 @@ def _words(data: torch.Tensor, bits: int, block_n: int) -> TensorDescriptor:
 
 def _launch_codes(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse, so, sl,
-    num_splits, block_n, num_warps, num_stages, block_m, rope=None,
+    num_splits, block_n, num_warps, num_stages, block_m,
 ) -> None:  # fmt: skip
     """One launch of the code kernel: split s of kv head h at ``po + h * so[0] + s * so[1]`` (``sl`` for lse)."""
     t, hq, d = q.shape
@@ -452,11 +424,11 @@ def _launch_codes(
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16
     _attn_codes_kernel[(hkv, num_splits, triton.cdiv(n_rows, block_m))](
         q, _words(k_data, bits, block_n), k_scale, k_zero, _words(v_data, bits, block_n), v_scale, v_zero, po, plse,
-        len_arg, *(rope or (q, q)), n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
+        len_arg, n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
         q.stride(0), q.stride(1), k_scale.stride(0), v_scale.stride(0),
         *so, *sl,
         G=hq // hkv, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
-        ROPE=rope is not None, ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 
