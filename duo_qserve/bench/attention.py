@@ -38,8 +38,8 @@ CONTEXTS = (32 << 10, 256 << 10, 1 << 20, 2 << 20)
 PREFILL_T, PREFILL_N = 8192, 256 << 10
 ROTATE_BYTES = 512 << 20  # > 10x the H100's 50 MB L2
 # (block_n, warps, stages, waves): programs of 2 warps x 128 tokens, 4 per SM (registers and shared memory allow 4
-# with 3 stages, 5 with 2), or of 1 warp x 64 tokens, up to 9 per SM
-DECODE_CONFIGS = [(128, 2, 3, 4.0), (128, 2, 2, 5.0), (64, 1, 3, 8.0), (64, 1, 2, 8.0), (64, 1, 2, 9.0)]
+# with 3 stages, 5 with 2), or of 1 warp x 64 tokens, up to 12 per SM
+DECODE_CONFIGS = [(128, 2, 3, 4.0), (128, 2, 2, 5.0), (64, 1, 3, 8.0), (64, 1, 3, 12.0), (64, 1, 2, 12.0)]
 LONG_CHECK = 1 << 20  # tokens of the long-context accuracy check
 
 

@@ -14,9 +14,11 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
   ``p @ v = (p * s_v) @ codes + (p . z_v)``. Codes enter the dots as the fp16 numbers 1024 + RAW * c that a bit
   trick makes of them (``_raw``); 1/RAW rides on the other operand, and the 1024's share, 1024 * sum(operand),
   comes off exactly: through the keys' per-row bias, and from each block's value sums before they join the
-  running sums in fp32. The codes arrive through tensor descriptors (TMA), and the key dots are transposed
-  (a block's tokens as their M, the few query rows as their N), which took the kernel on an H200 from 59-61%, 66-69%
-  and 71-74% of copy bandwidth at 256K, 1M and 2M tokens to 67-71%, 80% and 86-87%.
+  running sums in fp32. The codes arrive through tensor descriptors (TMA), and every dot is transposed so that the
+  few query rows are its N (padded to 8) rather than its M (padded to 16): the key dots' M is a block's tokens, the
+  value dots' M the channels. On an H200 the descriptors and transposed key dots took the kernel from 59-61%, 66-69%
+  and 71-74% of copy bandwidth at 256K, 1M and 2M tokens to 67-71%, 80% and 86-87%; the transposed value dots
+  (168 instead of 219 registers, so 12 programs per SM instead of 8) to 70-74%, 89% and 95-96%.
   A second tiny kernel merges the splits by their log-sum-exp.
 - pre-fill: slabs of the prefix are de-quantized into one bounded fp16 buffer (``_dequant_kernel``) and go
   through the fused flash/cuDNN attention with log-sum-exp, merged across slabs. The de-quantization traffic is
@@ -36,7 +38,7 @@ from duo_qserve.kernels.kv_quantize import backend
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, qmax
 
 # Splits of the split-K code kernel, all held in one tile by the merge: enough that a layer with a single retrieval
-# head still fills the GPU (8 programs per SM, 132 SMs on an H100/H200).
+# head still gets 7-8 programs per SM (132 SMs on an H100/H200).
 MAX_SPLITS = 1024
 DECODE_MAX_T = 16  # queries per call that go through the split-K code kernel; more go through the slab path
 SLAB_BYTES = 256 << 20  # bound on the pre-fill path's fp K+V buffer
@@ -151,8 +153,9 @@ def _attn_codes_kernel(
     in through tensor descriptors (``k_desc``/``v_desc``, words [Hkv, N, W]): the copy engine computes the addresses
     that the programs spent about a tenth of their instructions on.
 
-    The key dots are transposed: a block's tokens are their M (64 or 128, no padding) and the query rows their N
-    (padded to 8, not 16), which halves their tensor-core work and their softmax inputs.
+    The dots are transposed so the query rows are their N (padded to 8, not 16): keys as codes [BLOCK_N, W] @
+    q [W, rows], values as codes^T [W, BLOCK_N] @ p [BLOCK_N, rows]. That halves their tensor-core work, and the
+    scores, softmax and accumulators stay [tokens or channels, rows] with no transpose between the two dots.
 
     ``LEN_FROM_PTR``: the token count is read from ``len_ptr`` (int32, on the device: CUDA-graph replays) and
     split evenly over the fixed grid; a program with no tokens writes zeros and lse = -inf.
@@ -185,10 +188,10 @@ def _attn_codes_kernel(
     qT0, qT1, qT2, qT3 = tl.trans(q0), tl.trans(q1), tl.trans(q2), tl.trans(q3)  # [W, BLOCK_M]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    a0 = tl.zeros([BLOCK_M, W], tl.float32)
-    a1 = tl.zeros([BLOCK_M, W], tl.float32)
-    a2 = tl.zeros([BLOCK_M, W], tl.float32)
-    a3 = tl.zeros([BLOCK_M, W], tl.float32)
+    a0 = tl.zeros([W, BLOCK_M], tl.float32)
+    a1 = tl.zeros([W, BLOCK_M], tl.float32)
+    a2 = tl.zeros([W, BLOCK_M], tl.float32)
+    a3 = tl.zeros([W, BLOCK_M], tl.float32)
     az = tl.zeros([BLOCK_M], tl.float32)  # sum_t p_t * z_t, the value zeros' share
     offs_n = tl.arange(0, BLOCK_N)
     ks_h, kz_h = ks_ptr + h * s_ksh, kz_ptr + h * s_ksh
@@ -224,36 +227,39 @@ def _attn_codes_kernel(
         qk = tl.dot(k1.to(DOT), qs1, qk, input_precision=PREC)
         qk = tl.dot(k2.to(DOT), qs2, qk, input_precision=PREC)
         qk = tl.dot(k3.to(DOT), qs3, qk, input_precision=PREC)
-        qk = tl.trans(qk + bias[None, :])
+        qk = qk + bias[None, :]  # [BLOCK_N, BLOCK_M]
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 0))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p = tl.exp2(qk - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
 
-        # Values: fold the per-token scale into p and the per-token zero into az. Each block's p @ codes starts
+        # Values: fold the per-token scale into p and the per-token zero into az. Each block's codes^T @ p starts
         # from zero and loses its 1024s before it joins the running sums in fp32: accumulating in the tensor cores
         # over thousands of blocks measured 500x the error with one split over 1M tokens.
         vs = tl.load(vs_h + tok).to(tl.float32)
-        ps = (p * vs[None, :]).to(DOT)
-        az = az * alpha + tl.sum(p * vzb.to(tl.float32)[None, :], 1)
+        ps = (p * vs[:, None]).to(DOT)
+        az = az * alpha + tl.sum(p * vzb.to(tl.float32)[:, None], 0)
         words = v_desc.load([h, b * BLOCK_N, 0]).reshape(BLOCK_N, W)
         v0, v1, v2, v3 = _offset(_unpack(words, BITS, ASM), OFFSET)
-        ones = (OFFSET / RAW * tl.sum(ps.to(tl.float32), 1))[:, None]
-        a0 = a0 * alpha[:, None] + (tl.dot(ps, v0.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
-        a1 = a1 * alpha[:, None] + (tl.dot(ps, v1.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
-        a2 = a2 * alpha[:, None] + (tl.dot(ps, v2.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
-        a3 = a3 * alpha[:, None] + (tl.dot(ps, v3.to(DOT), input_precision=PREC) * (1.0 / RAW) - ones)
+        ones = (OFFSET / RAW * tl.sum(ps.to(tl.float32), 0))[None, :]
+        vt0, vt1 = tl.trans(v0.to(DOT)), tl.trans(v1.to(DOT))  # [W, BLOCK_N]
+        vt2, vt3 = tl.trans(v2.to(DOT)), tl.trans(v3.to(DOT))
+        a0 = a0 * alpha[None, :] + (tl.dot(vt0, ps, input_precision=PREC) * (1.0 / RAW) - ones)
+        a1 = a1 * alpha[None, :] + (tl.dot(vt1, ps, input_precision=PREC) * (1.0 / RAW) - ones)
+        a2 = a2 * alpha[None, :] + (tl.dot(vt2, ps, input_precision=PREC) * (1.0 / RAW) - ones)
+        a3 = a3 * alpha[None, :] + (tl.dot(vt3, ps, input_precision=PREC) * (1.0 / RAW) - ones)
 
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # an empty split (device lengths) contributes nothing
-    zs = (az * inv_l)[:, None]
-    o_rows = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[:, None]
+    zs = (az * inv_l)[None, :]
+    o_cols = (o_ptr + h * s_oh + split * s_os + t * s_ot + g * s_og)[None, :]
     ty = o_ptr.dtype.element_ty
-    tl.store(o_rows + c0[None, :], (a0 * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c1[None, :], (a1 * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c2[None, :], (a2 * inv_l[:, None] + zs).to(ty), mask=qm)
-    tl.store(o_rows + c3[None, :], (a3 * inv_l[:, None] + zs).to(ty), mask=qm)
+    qmT = row_ok[None, :]
+    tl.store(o_cols + c0[:, None], (a0 * inv_l[None, :] + zs).to(ty), mask=qmT)
+    tl.store(o_cols + c1[:, None], (a1 * inv_l[None, :] + zs).to(ty), mask=qmT)
+    tl.store(o_cols + c2[:, None], (a2 * inv_l[None, :] + zs).to(ty), mask=qmT)
+    tl.store(o_cols + c3[:, None], (a3 * inv_l[None, :] + zs).to(ty), mask=qmT)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(lse_ptr + h * s_lh + split * s_ls + t * s_lt + g * s_lg, lse, mask=row_ok)
 
@@ -289,7 +295,7 @@ def _merge_splits_kernel(
 
 
 def _block_m(n_rows: int, block_m: int | None) -> int:
-    """Query rows per program: as few as there are (at least 4). The dots pad the rows to the tensor cores' 16
+    """Query rows per program: as few as there are (at least 4). The dots pad the rows to the tensor cores' 8
     anyway, but the softmax and rescaling run on the real rows only: a decode step's 4 rows per kv head
     (Llama-3-8B) measured 57-63% of copy bandwidth on an H200 from 1M tokens up, against 49-52% with 16 rows."""
     return block_m or max(4, triton.next_power_of_2(min(n_rows, 64)))
@@ -298,13 +304,13 @@ def _block_m(n_rows: int, block_m: int | None) -> int:
 def _program(block_m: int) -> tuple[int, int, float]:
     """The code kernel's default (block_n, num_warps, waves) for row tiles of ``block_m`` query rows.
 
-    A decode step's 4 rows per kv head: one warp over 64-token blocks, 8 programs per SM (219 registers and 17 KB
-    of shared memory each on Hopper; 9 per SM measured as a second wave). Against 2 warps over 128 tokens, 4 per SM
-    (the most that fit), this measured 71% of copy bandwidth instead of 62% at 1M tokens on an H200, before the
-    descriptors: one warp needs no barriers nor cross-warp reductions, and padding its rows to the tensor cores'
-    16 costs fewer register moves. More rows (several queries, or more query heads per kv head) keep 2 warps over
-    128 tokens, 4 programs per SM."""
-    return (64, 1, 8.0) if block_m <= 4 else (128, 2, 4.0)
+    A decode step's 4 rows per kv head: one warp over 64-token blocks, 12 programs per SM: on Hopper each takes 168
+    registers (12 x 168 x 32 of the SM's 65,536) and 17 KB of shared memory, so the grid is exactly one full wave
+    (at 10 or 11 per SM some SMs got 12 and others fewer, which measured 5-10 points of copy bandwidth lower).
+    Against 2 warps over 128 tokens, 4 per SM (the most that fit), one warp measured 71% of copy bandwidth instead
+    of 62% at 1M tokens on an H200, before the descriptors: it needs no barriers nor cross-warp reductions. More
+    rows (several queries, or more query heads per kv head) keep 2 warps over 128 tokens, 4 programs per SM."""
+    return (64, 1, 12.0) if block_m <= 4 else (128, 2, 4.0)
 
 
 def code_kernel_fits(d: int) -> bool:
