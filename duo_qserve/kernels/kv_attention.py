@@ -301,16 +301,17 @@ def _block_m(n_rows: int, block_m: int | None) -> int:
     return block_m or max(4, triton.next_power_of_2(min(n_rows, 64)))
 
 
-def _program(block_m: int) -> tuple[int, int, float]:
-    """The code kernel's default (block_n, num_warps, waves) for row tiles of ``block_m`` query rows.
+def _program(block_m: int) -> tuple[int, int, int, float]:
+    """The code kernel's default (block_n, num_warps, num_stages, waves) for row tiles of ``block_m`` query rows.
 
     A decode step's 4 rows per kv head: one warp over 64-token blocks, 12 programs per SM: on Hopper each takes 168
-    registers (12 x 168 x 32 of the SM's 65,536) and 17 KB of shared memory, so the grid is exactly one full wave
-    (at 10 or 11 per SM some SMs got 12 and others fewer, which measured 5-10 points of copy bandwidth lower).
+    registers (12 x 168 x 32 of the SM's 65,536), so the grid is exactly one full wave (at 10 or 11 per SM some SMs
+    got 12 and others fewer, which measured 5-10 points of copy bandwidth lower). Two pipeline stages (8 KB of
+    shared memory) measured 74% of copy bandwidth at 256K tokens against 64-70% with three, and the same from 1M.
     Against 2 warps over 128 tokens, 4 per SM (the most that fit), one warp measured 71% of copy bandwidth instead
     of 62% at 1M tokens on an H200, before the descriptors: it needs no barriers nor cross-warp reductions. More
     rows (several queries, or more query heads per kv head) keep 2 warps over 128 tokens, 4 programs per SM."""
-    return (64, 1, 12.0) if block_m <= 4 else (128, 2, 4.0)
+    return (64, 1, 2, 12.0) if block_m <= 4 else (128, 2, 3, 4.0)
 
 
 def code_kernel_fits(d: int) -> bool:
@@ -356,7 +357,7 @@ def decode_splits(
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
-    default_n, _, default_waves = _program(block_m)
+    default_n, _, _, default_waves = _program(block_m)
     block_n, waves = block_n or default_n, waves or default_waves
     n_blocks = (k_data.shape[1] if isinstance(n_quant, torch.Tensor) else n_quant) // min(block_n, group)
     if num_splits is None:
@@ -368,7 +369,7 @@ def decode_splits(
 def code_partials(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
     po: torch.Tensor, plse: torch.Tensor, num_splits: int,
-    block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3, block_m: int | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None, block_m: int | None = None,
 ) -> None:  # fmt: skip
     """The split-K code kernel writing row r of split s of kv head h to ``po[h, s, r]`` and ``plse[h, s, r]``
     (``po`` [>= Hkv, >= num_splits, T * G, D] float32, contiguous): the partials for ``merge_partials``."""
@@ -422,8 +423,9 @@ def _launch_codes(
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
-    default_n, default_warps, _ = _program(block_m)
+    default_n, default_warps, default_stages, _ = _program(block_m)
     block_n, num_warps = min(block_n or default_n, group), num_warps or default_warps
+    num_stages = num_stages or default_stages
     on_device = isinstance(n_quant, torch.Tensor)
     len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
     n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
@@ -440,7 +442,7 @@ def _launch_codes(
 
 def decode_attention(
     q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
-    block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3, waves: float | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None, waves: float | None = None,
     num_splits: int | None = None, block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The split-K code kernel (same arguments and result as ``reference``; ``n_quant > 0``).
