@@ -89,15 +89,21 @@ def _interpreter_problem(env: tuple) -> str | None:
     return res.stderr.strip().splitlines()[-1]
 
 
-def run_in_interpreter_child(test_file: str) -> None:
-    """Run a test module again in a fresh pytest process with Triton's interpreter on: Triton reads
-    TRITON_INTERPRET when first imported, and an earlier module of this session may have imported it already."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DUO_QSERVE_TRITON": "1"}
+def skip_if_interpreter_broken(env: dict) -> None:
+    """Skip, with the reason, where a child process with ``env`` could not run our kernels in Triton's
+    interpreter (``_interpreter_problem``)."""
     broken = _interpreter_problem(tuple(env.items()))
     if broken:
         import triton
 
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels here ({broken})")
+
+
+def run_in_interpreter_child(test_file: str) -> None:
+    """Run a test module again in a fresh pytest process with Triton's interpreter on: Triton reads
+    TRITON_INTERPRET when first imported, and an earlier module of this session may have imported it already."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DUO_QSERVE_TRITON": "1"}
+    skip_if_interpreter_broken(env)
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True,

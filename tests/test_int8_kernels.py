@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import skip_if_interpreter_broken
 
 from duo_qserve import kernels
 from duo_qserve.kernels import int8_gemm, quantize_act
@@ -136,6 +137,7 @@ def interpreted(cases, tmp_path_factory) -> dict[str, object]:
         "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    skip_if_interpreter_broken(env)
     proc = subprocess.run(
         [sys.executable, __file__, str(d / "cases.pt"), str(d / "out.pt")],
         env=env,
