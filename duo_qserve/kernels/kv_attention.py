@@ -18,7 +18,7 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
   few query rows are its N (padded to 8) rather than its M (padded to 16): the key dots' M is a block's tokens, the
   value dots' M the channels. On an H200 the descriptors and transposed key dots took the kernel from 59-61%, 66-69%
   and 71-74% of copy bandwidth at 256K, 1M and 2M tokens to 67-71%, 80% and 86-87%; the transposed value dots
-  (168 instead of 219 registers, so 12 programs per SM instead of 8) to 68-74%, 80-89% and 85-95%.
+  (168 instead of 219 registers, so 12 programs per SM instead of 8) to 68-75%, 80-89% and 85-95%.
   A second tiny kernel merges the splits by their log-sum-exp.
 - pre-fill: slabs of the prefix are de-quantized into one bounded fp16 buffer (``_dequant_kernel``) and go
   through the fused flash/cuDNN attention with log-sum-exp, merged across slabs. The de-quantization traffic is
