@@ -141,8 +141,7 @@ def test_decode_splits_fill_one_wave(hkv):
     second, nearly empty wave) and leaves fewer than one program per kv head of the wave unused."""
     q = torch.zeros(1, hkv * 4, 128)  # CPU: decode_splits counts 4 SMs
     k_data = torch.zeros(hkv, 1 << 20, 64, dtype=torch.uint8)
-    # the default programs of a decode step's 4 rows per kv head
-    slots = int(kv_attention._program(4)[-1] * 4)
+    slots = int(kv_attention._program(4).waves * 4)  # default programs of a decode step's 4 rows per kv head
     splits = kv_attention.decode_splits(q, k_data, 1 << 20, 128)
     assert slots - hkv < hkv * splits <= slots
 

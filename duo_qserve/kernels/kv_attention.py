@@ -27,6 +27,8 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -301,8 +303,15 @@ def _block_m(n_rows: int, block_m: int | None) -> int:
     return block_m or max(4, triton.next_power_of_2(min(n_rows, 64)))
 
 
-def _program(block_m: int) -> tuple[int, int, int, float]:
-    """The code kernel's default (block_n, num_warps, num_stages, waves) for row tiles of ``block_m`` query rows.
+class _Program(NamedTuple):
+    block_n: int  # tokens per block
+    num_warps: int
+    num_stages: int
+    waves: float  # programs per SM the split count aims at
+
+
+def _program(block_m: int) -> _Program:
+    """The code kernel's default launch config for row tiles of ``block_m`` query rows.
 
     A decode step's 4 rows per kv head: one warp over 64-token blocks, 12 programs per SM: on Hopper each takes 168
     registers (12 x 168 x 32 of the SM's 65,536), so the grid is exactly one full wave (at 10 or 11 per SM some SMs
@@ -311,7 +320,7 @@ def _program(block_m: int) -> tuple[int, int, int, float]:
     Against 2 warps over 128 tokens, 4 per SM (the most that fit), one warp measured 71% of copy bandwidth instead
     of 62% at 1M tokens on an H200, before the descriptors: it needs no barriers nor cross-warp reductions. More
     rows (several queries, or more query heads per kv head) keep 2 warps over 128 tokens, 4 programs per SM."""
-    return (64, 1, 2, 12.0) if block_m <= 4 else (128, 2, 3, 4.0)
+    return _Program(64, 1, 2, 12.0) if block_m <= 4 else _Program(128, 2, 3, 4.0)
 
 
 def code_kernel_fits(d: int) -> bool:
@@ -357,8 +366,8 @@ def decode_splits(
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
-    default_n, _, _, default_waves = _program(block_m)
-    block_n, waves = block_n or default_n, waves or default_waves
+    default = _program(block_m)
+    block_n, waves = block_n or default.block_n, waves or default.waves
     n_blocks = (k_data.shape[1] if isinstance(n_quant, torch.Tensor) else n_quant) // min(block_n, group)
     if num_splits is None:
         num_splits = int(waves * _sm_count(q.device)) // (hkv * triton.cdiv(n_rows, block_m))
@@ -423,9 +432,9 @@ def _launch_codes(
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
-    default_n, default_warps, default_stages, _ = _program(block_m)
-    block_n, num_warps = min(block_n or default_n, group), num_warps or default_warps
-    num_stages = num_stages or default_stages
+    default = _program(block_m)
+    block_n, num_warps = min(block_n or default.block_n, group), num_warps or default.num_warps
+    num_stages = num_stages or default.num_stages
     on_device = isinstance(n_quant, torch.Tensor)
     len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
     n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
