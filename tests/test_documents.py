@@ -1,4 +1,4 @@
-"""Tests for app.documents: every fixture is generated into tmp_path, nothing is downloaded."""
+"""Tests for duo_qserve.documents: every fixture is generated into tmp_path, nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from ebooklib import epub
 from pypdf import PdfReader, PdfWriter
 
-from app.documents import (
+from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
     DocumentError,
