@@ -62,7 +62,8 @@ class ReadLimits:
     max_zip_members: int = 10_000
     max_unzipped_bytes: int = 512 * MiB  # all members of one archive, decompressed
     max_member_bytes: int = 64 * MiB  # one member, decompressed
-    max_compression_ratio: float = 100.0  # decompressed total / archive size
+    max_compression_ratio: float = 100.0  # decompressed total / archive size, books reach ~10
+    ratio_floor_bytes: int = 16 * MiB  # archives expanding to less are harmless whatever their ratio
 
 
 class DocumentError(ValueError):
@@ -368,9 +369,11 @@ def _wide_encoding(data: bytes) -> str | None:
     if len(sample) < 4:
         return None
     if len(data) % 4 == 0:
-        if sample[3::4].count(0) == len(sample[3::4]) and sample[0::4].count(0) < len(sample[0::4]) // 2:
+        units = [sample[i::4] for i in range(4)]
+        zeros = [unit.count(0) for unit in units]
+        if zeros[3] == len(units[3]) and zeros[2] >= len(units[2]) // 2 and zeros[0] < len(units[0]) // 2:
             return "utf-32-le"
-        if sample[0::4].count(0) == len(sample[0::4]) and sample[3::4].count(0) < len(sample[3::4]) // 2:
+        if zeros[0] == len(units[0]) and zeros[1] >= len(units[1]) // 2 and zeros[3] < len(units[3]) // 2:
             return "utf-32-be"
     if len(data) % 2 == 0:
         odd, even = sample[1::2], sample[0::2]
@@ -820,7 +823,10 @@ class _Archive:
                 f"{name!r} holds {len(infos):,} files, more than the {limits.max_zip_members:,} accepted; {refuse}."
             )
         total = sum(info.file_size for info in infos)
-        if total > limits.max_unzipped_bytes or total > limits.max_compression_ratio * max(len(data), 1):
+        expands_too_far = total > limits.ratio_floor_bytes and total > limits.max_compression_ratio * len(
+            data
+        )
+        if total > limits.max_unzipped_bytes or expands_too_far:
             raise DocumentError(
                 f"{name!r} would expand to {total / MiB:,.1f} MiB, {total / max(len(data), 1):,.0f} times its "
                 f"size (at most {limits.max_unzipped_bytes / MiB:,.0f} MiB and "
