@@ -565,6 +565,7 @@ class _Tag(NamedTuple):
 
 
 _TAG_NAME = re.compile(r"[A-Za-z][^\s/>]*")
+_SIMPLE_TAG = re.compile(r"<(/?)([A-Za-z][^\s/>]*)[ \t\n\r\f]*(/?)>")  # disjoint classes: no backtracking
 _TAG_GAP = re.compile(r"[\s/]*")
 # An unclosed quote makes the quoted alternative scan to the end once; it can only fail when no such quote
 # follows, so it fails at most once per quote character and the scan stays linear overall.
@@ -609,6 +610,15 @@ def _read_tag(markup: str, name: re.Match[str], closing: bool) -> tuple[_Tag, st
     return _Tag(raw_name.rpartition(":")[2], attrs, closing, self_closing), raw_name, pos
 
 
+def _raw_text(markup: str, raw_name: str, pos: int) -> Iterator[str]:
+    """The raw text of a script, style, title or textarea element; returns where its end tag starts."""
+    close_tag = _RAW_TEXT_END[raw_name].search(markup, pos)
+    stop = close_tag.start() if close_tag else len(markup)
+    content = markup[pos:stop]
+    yield content if raw_name in ("script", "style") else _unescape(content)
+    return stop
+
+
 def _markup_events(markup: str, warn: Callable[[str], None]) -> Iterator[str | _Tag]:
     """Tags and unescaped text of HTML, XHTML or XML, in one linear pass with no tree and no recursion.
 
@@ -640,15 +650,19 @@ def _markup_events(markup: str, warn: Callable[[str], None]) -> Iterator[str | _
         ):
             close = markup.find(">", lt + 2)
             pos = end if close < 0 else close + 1
+        elif simple := _SIMPLE_TAG.match(markup, lt):  # most tags: no attributes, read in one match
+            closing, raw_name, slash = simple.groups()
+            raw_name = raw_name.lower()
+            tag = _Tag(raw_name.rpartition(":")[2], {}, bool(closing), bool(slash))
+            pos = simple.end()
+            yield tag
+            if not tag.closing and not tag.self_closing and raw_name in _RAW_TEXT_END:
+                pos = yield from _raw_text(markup, raw_name, pos)
         elif name := _TAG_NAME.match(markup, lt + 2 if markup.startswith("</", lt) else lt + 1):
             tag, raw_name, pos = _read_tag(markup, name, markup.startswith("</", lt))
             yield tag
             if not tag.closing and not tag.self_closing and raw_name in _RAW_TEXT_END:
-                close_tag = _RAW_TEXT_END[raw_name].search(markup, pos)
-                stop = close_tag.start() if close_tag else end
-                content = markup[pos:stop]
-                yield content if raw_name in ("script", "style") else _unescape(content)
-                pos = stop
+                pos = yield from _raw_text(markup, raw_name, pos)
         else:  # "a < b": a literal "<"
             yield "<"
             pos = lt + 1
