@@ -4,11 +4,14 @@ DocumentError that says what is wrong. Nothing is committed as a file and nothin
 
 from __future__ import annotations
 
+import atexit
 import io
 import multiprocessing
 import os
 import random
 import resource
+import shutil
+import tempfile
 import traceback
 import zipfile
 import zlib
@@ -213,7 +216,6 @@ def wrap(suffix: str, text: str) -> str:
 
 def cases(tmp: Path) -> list[Case]:
     found: list[Case] = []
-    tmp.mkdir(parents=True, exist_ok=True)
 
     def add(
         id_: str, name: str, build: Callable[[], bytes], expect, limits: ReadLimits = DEFAULT_LIMITS
@@ -714,7 +716,9 @@ def _child(case: Case, path: Path, connection) -> None:
         connection.send(traceback.format_exc(limit=6))
 
 
-ALL_CASES = cases(Path(os.environ.get("TMPDIR", "/tmp")) / f"hostile-{os.getpid()}")
+_BUILD_DIR = Path(tempfile.mkdtemp(prefix="hostile-documents-"))  # where write_pdf puts its file
+atexit.register(shutil.rmtree, _BUILD_DIR, True)
+ALL_CASES = cases(_BUILD_DIR)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[case.id for case in ALL_CASES])
