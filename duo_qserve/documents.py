@@ -384,11 +384,15 @@ def _wide_encoding(data: bytes) -> str | None:
     return None
 
 
-def _decode_text(data: bytes, what: str, reading: _Reading, declared: str | None = None) -> str:
+def _decode_text(
+    data: bytes, reading: _Reading, member: str | None = None, declared: str | None = None
+) -> str:
     """Decode text bytes by the module's rule; refuse binary data; warn about replaced or guessed bytes.
 
-    ``what`` names the bytes in messages ("'book.txt'", "'ch1.xhtml' in 'book.epub'").
+    ``member`` names the bytes inside an archive, for messages; None for the uploaded file itself.
     """
+    what = f"{member!r} in {reading.name!r}" if member else repr(reading.name)
+    subject = repr(member) if member else "it"
     binary = (
         f"{what} looks like binary data, not text; upload the book's text as .txt, .md or .html "
         "(or an .epub or .pdf file)."
@@ -401,7 +405,7 @@ def _decode_text(data: bytes, what: str, reading: _Reading, declared: str | None
         encoding = _wide_encoding(data)
         if encoding:
             text = data.decode(encoding, errors="replace")
-            reading.warn(f"{what} has no byte-order mark and was read as {encoding.upper()}.")
+            reading.warn(f"{subject} has no byte-order mark and was read as {encoding.upper()}.")
         elif b"\x00" in data:
             raise DocumentError(binary)
         else:
@@ -418,7 +422,7 @@ def _decode_text(data: bytes, what: str, reading: _Reading, declared: str | None
                 except UnicodeDecodeError:
                     encoding, text = "latin-1", data.decode("latin-1")
                 reading.warn(
-                    f"{what} is not UTF-8 and was read as {encoding.upper()}; if its text looks garbled, "
+                    f"{subject} is not UTF-8 and was read as {encoding.upper()}; if its text looks garbled, "
                     "save it as UTF-8 and upload it again."
                 )
     unreadable = len(text) - len(_UNREADABLE_CHARS.sub("", text))
@@ -426,7 +430,7 @@ def _decode_text(data: bytes, what: str, reading: _Reading, declared: str | None
         raise DocumentError(binary)
     if replaced := text.count("\ufffd"):
         reading.warn(
-            f"{what}: {replaced:,} byte sequence(s) that are not valid {encoding.upper()} were replaced "
+            f"{member + ': ' if member else ''}{replaced:,} byte sequence(s) that are not valid {encoding.upper()} were replaced "
             "with \ufffd."
         )
     return text
@@ -545,12 +549,12 @@ def _markdown_chapters(text: str) -> list[Chapter]:
 
 
 def _read_txt(data: bytes, reading: _Reading) -> tuple[str, str, list[Chapter]]:
-    text = _normalise(reading.take(_decode_text(data, repr(reading.name), reading)))
+    text = _normalise(reading.take(_decode_text(data, reading)))
     return "", text, _text_chapters(text)
 
 
 def _read_md(data: bytes, reading: _Reading) -> tuple[str, str, list[Chapter]]:
-    text = _normalise(reading.take(_decode_text(data, repr(reading.name), reading)))
+    text = _normalise(reading.take(_decode_text(data, reading)))
     return "", text, _markdown_chapters(text)
 
 
@@ -806,7 +810,7 @@ class _HtmlText:
 
 
 def _read_html(data: bytes, reading: _Reading) -> tuple[str, str, list[Chapter]]:
-    markup = _decode_text(data, repr(reading.name), reading, _declared_charset(data))
+    markup = _decode_text(data, reading, declared=_declared_charset(data))
     collector = _HtmlText(reading, heading_tags=frozenset({"h1", "h2", "h3"}))
     collector.feed(markup)
     return collector.title, *_assemble(collector.segments())
@@ -1008,9 +1012,9 @@ class _Epub:
             self.reading.warn(f"{path!r} could not be decompressed ({type(exc).__name__}); it was left out.")
             return None
         try:
-            return _decode_text(data, repr(path), self.reading, _declared_charset(data))
-        except DocumentError as exc:
-            self.reading.warn(f"{exc} It was left out.")
+            return _decode_text(data, self.reading, path, _declared_charset(data))
+        except DocumentError:
+            self.reading.warn(f"{path!r} looks like binary data, not text; it was left out.")
             return None
 
     def package(self) -> tuple[_Package, str]:
