@@ -25,7 +25,8 @@ import gradio as gr
 import torch
 
 from app import ui_render as render
-from app.documents import (
+from duo_qserve import library
+from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
     DocumentError,
@@ -33,7 +34,6 @@ from app.documents import (
     document_from_text,
     read_documents,
 )
-from duo_qserve import library
 from duo_qserve.engine import (
     ANSWER_RESERVE,
     Cancelled,

@@ -49,7 +49,7 @@ def _engine(a):
 
 
 def cmd_ask(a) -> int:
-    from app.documents import read_documents
+    from duo_qserve.documents import read_documents
 
     doc = read_documents(a.doc)
     engine = _engine(a)

@@ -682,7 +682,7 @@ def _print_progress(what: str, unit: str = "tokens") -> Progress:
 
 
 def _cmd_save(a: argparse.Namespace) -> int:
-    from app.documents import read_documents
+    from duo_qserve.documents import read_documents
 
     doc = read_documents(a.doc)
     engine = _engine_from(a)

@@ -1,4 +1,4 @@
-"""Tests for app.documents: every fixture is generated into tmp_path, nothing is downloaded."""
+"""Tests for duo_qserve.documents: every fixture is generated into tmp_path, nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 from ebooklib import epub
 from pypdf import PdfReader, PdfWriter
 
-from app.documents import (
+from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
     DocumentError,
+    DocumentTooLong,
+    ReadLimits,
     chapter_token_offsets,
     document_from_text,
     read_document,
@@ -356,3 +358,38 @@ def test_chapter_token_offsets_match_whole_text_tokenization(tmp_path: Path) -> 
     for (title, index), chapter in zip(offsets, doc.chapters, strict=True):
         decoded = tokenizer.decode(ids[index:], clean_up_tokenization_spaces=False)
         assert decoded.startswith(doc.text[chapter.char_offset :][:15]), (title, decoded[:30])
+
+
+# --- limits and warnings -----------------------------------------------------------------------------------
+
+
+def test_max_chars_stops_a_read_and_counts_all_files_together(tmp_path: Path) -> None:
+    first = tmp_path / "a.txt"
+    first.write_text("Alpha. " * 100, encoding="utf-8")
+    second = write_pdf(tmp_path / "b.pdf", pages=[["Beta. " * 30]] * 3, outline=[], title=None)
+    with pytest.raises(DocumentTooLong, match=r"'a\.txt' has more than 500 characters") as error:
+        read_document(first, ReadLimits(max_chars=500))
+    assert error.value.max_chars == 500
+    both = len(read_documents([first, second]).text)
+    with pytest.raises(DocumentTooLong, match=r"files together have more than .* \(reached in 'b\.pdf'\)"):
+        read_documents([first, second], ReadLimits(max_chars=both - 100))
+    assert read_documents([first, second], ReadLimits(max_chars=both)).text.endswith("Beta.")
+
+
+def test_upload_size_limit(tmp_path: Path) -> None:
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"x" * 2048)
+    with pytest.raises(DocumentError, match=r"'big\.txt' is 0\.0 MiB; the most one upload may be is 0 MiB"):
+        read_document(path, ReadLimits(max_file_bytes=1024))
+
+
+def test_warnings_name_their_file_and_survive_joining(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("Clean text.", encoding="utf-8")
+    damaged = tmp_path / "damaged.txt"
+    damaged.write_bytes("Caf\u00e9 one. ".encode() * 30 + b"\xff" + " Caf\u00e9 two.".encode())
+    doc = read_documents([good, damaged])
+    assert "Caf\u00e9 one. \ufffd Caf\u00e9 two." in doc.text
+    assert doc.warnings == [
+        "damaged.txt: 1 byte sequence(s) that are not valid UTF-8 were replaced with \ufffd."
+    ]
