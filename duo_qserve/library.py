@@ -22,6 +22,10 @@ checksum before copying it in. When the engine already holds a document, the who
 streaming pass and copied in a second, so a damaged book leaves that document answering (the second read usually
 comes from the page cache). With no document to protect, one pass verifies each block just before copying it, and
 a failure leaves the engine empty.
+
+A save writes a staged copy beside the book and swaps it in under the library's lock (``_write_book``); a save
+killed at any step leaves the old or the new complete book, which ``recover`` (run by ``scan``/``list_books`` and by
+every save) puts in place. ``scan`` lists the books and, apart, the directories that are not loadable books.
 """
 
 from __future__ import annotations
@@ -1000,7 +1004,9 @@ def _cmd_load(a: argparse.Namespace) -> int:
 
 
 def _cmd_list(a: argparse.Namespace) -> int:
-    books = list_books(a.dir)
+    books, broken = scan(a.dir)
+    for b in broken:
+        print(f"not a loadable book: {b.path}: {b.error}", file=sys.stderr)
     if a.json:
         print(json.dumps([dataclasses.asdict(b) for b in books], indent=1))
         return 0
