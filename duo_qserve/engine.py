@@ -9,10 +9,12 @@ the question).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,17 @@ ANSWER_RESERVE = 1024  # tokens kept free after the document for a question and 
 
 class Cancelled(RuntimeError):
     """A running pre-fill or answer was stopped by ``Engine.cancel()``."""
+
+
+class QuestionTooLong(ValueError):
+    def __init__(self, question: str, tokens: int, room: int, document_tokens: int):
+        shown = question if len(question) <= 60 else question[:57] + "..."
+        super().__init__(
+            f"the question {shown!r} has {tokens:,} tokens but only {room:,} are left in the cache after the "
+            f"document's {document_tokens:,} (for the question and at least one answer token): shorten the "
+            f"question, or load the document into an engine with a larger max_tokens"
+        )
+        self.tokens, self.room = tokens, room
 
 
 class DocumentTooLarge(ValueError):
@@ -117,7 +130,10 @@ class Engine:
         self.last = GenerationStats()
         self.prefilled_tokens = 0  # every token that went through a forward pass, for accounting and tests
         self._cancel = threading.Event()
-        self.lock = threading.Lock()  # one GPU job at a time
+        self._jobs = 0  # nesting depth of the job holding ``lock`` (read and written under it)
+        self.lock = (
+            threading.RLock()
+        )  # one GPU job at a time; re-entrant so a caller can hold it around calls
         self._doc_prefix, self._question_suffix = self._template_parts()
         self._stop_ids = self._eos_ids()
 
@@ -220,13 +236,32 @@ class Engine:
 
     # ---- work ------------------------------------------------------------------------------------------------
     def cancel(self) -> None:
+        """Stop the job that holds the engine now (at its next chunk or token), or, when none does, the next job
+        to start: a cancel that comes just before a job starts is not lost.
+
+        A job is one ``ingest`` or ``ask`` (from the call until the answer stream ends or is closed), or everything
+        done inside ``with engine.job():`` (as ``duo_qserve.library`` does around its calls). The cancel
+        flag is cleared when the outermost job ends, so a cancel never reaches past the job it came during; a
+        cancelled ``ingest`` raises ``Cancelled``, a cancelled ``ask`` ends its answer early.
+        """
         self._cancel.set()
+
+    @contextmanager
+    def job(self) -> Iterator[None]:
+        """Hold the engine for one GPU job: other threads wait; the outermost job's end clears ``cancel``."""
+        with self.lock:
+            self._jobs += 1
+            try:
+                yield
+            finally:
+                self._jobs -= 1
+                if self._jobs == 0:
+                    self._cancel.clear()
 
     def reset(self) -> None:
         self.cache.reset()
         self.document = None
 
-    @torch.inference_mode()
     def ingest(
         self,
         document: str | Sequence[int],
@@ -237,48 +272,64 @@ class Engine:
     ) -> DocumentInfo:
         """Pre-fill the document (text, or ids from ``document_ids``) and checkpoint the cache at its end.
 
-        A document that does not fit is refused before any work; a cancelled pre-fill leaves no document loaded.
-        ``resume=True`` continues from the tokens the cache already holds (a partial pre-fill restored by
-        ``duo_qserve.library``, which checks that they are this document's first tokens).
+        Safe from any thread: it runs as one job (see ``cancel``). A document that does not fit is refused before
+        any work; a cancelled pre-fill leaves no document loaded. ``resume=True`` continues from the tokens the
+        cache already holds (a partial pre-fill restored by ``duo_qserve.library``, which checks that they are
+        this document's first tokens).
         """
-        ids = self.document_ids(document) if isinstance(document, str) else list(document)
-        if len(ids) > self.max_document_tokens:
-            raise DocumentTooLarge(len(ids), self.max_document_tokens)
-        self._cancel.clear()
-        first = self.cache.seq_len if resume else 0
-        if not resume:
-            self.reset()
-        self.document = None
-        t0 = time.perf_counter()
+        with self.job(), torch.inference_mode():
+            ids = self.document_ids(document) if isinstance(document, str) else list(document)
+            if len(ids) > self.max_document_tokens:
+                raise DocumentTooLarge(len(ids), self.max_document_tokens)
+            first = self.cache.seq_len if resume else 0
+            if not resume:
+                self.reset()
+            self.document = None
+            t0 = time.perf_counter()
+            try:
+                self._prefill(ids, first, on_progress, then="no document is loaded")
+            except BaseException:
+                self.reset()
+                raise
+            self.cache.checkpoint()
+            seconds = time.perf_counter() - t0
+            self.document = DocumentInfo(
+                title, len(ids), token_sha256(ids), seconds, loaded_by, prefilled=len(ids) - first
+            )
+            return self.document
+
+    def _prefill(
+        self,
+        ids: Sequence[int],
+        first: int = 0,
+        on_progress: Callable[[int, int], None] | None = None,
+        then: str = "",
+    ) -> torch.Tensor:
+        """Run ``ids[first:]`` through the model in chunks of ``chunk_size`` after what the cache holds; returns
+        the last token's logits. Raises ``Cancelled`` between chunks once ``cancel`` was called, and a
+        RuntimeError on GPU out-of-memory, their messages ending with ``then`` (what the caller does about it:
+        it puts the cache back)."""
         tensor = torch.tensor(ids, dtype=torch.long, device=self.device)
+        logits = None
         for start in range(first, len(ids), self.chunk_size):
             if self._cancel.is_set():
-                self.reset()
-                raise Cancelled(
-                    f"pre-fill stopped after {start:,} of {len(ids):,} tokens; no document is loaded"
-                )
+                raise Cancelled(f"pre-fill stopped after {start:,} of {len(ids):,} tokens; {then}")
             chunk = tensor[start : start + self.chunk_size]
             try:
-                self.model(chunk, self.cache, last_only=True)
+                logits = self.model(chunk, self.cache, last_only=True)
             except torch.OutOfMemoryError:
-                self.reset()
                 torch.cuda.empty_cache()
                 raise RuntimeError(
                     f"the GPU ran out of memory pre-filling tokens {start:,}+ of {len(ids):,}: lower chunk_size "
-                    f"(now {self.chunk_size:,}) or max_tokens and load the document again; no document is loaded"
+                    f"(now {self.chunk_size:,}) or max_tokens; {then}"
                 ) from None
             self.prefilled_tokens += chunk.numel()
             if on_progress:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 on_progress(start + chunk.numel(), len(ids))
-        self.cache.checkpoint()
-        digest = token_sha256(ids)
-        seconds = time.perf_counter() - t0
-        self.document = DocumentInfo(title, len(ids), digest, seconds, loaded_by, prefilled=len(ids) - first)
-        return self.document
+        return logits
 
-    @torch.inference_mode()
     def ask(
         self,
         question: str,
@@ -288,51 +339,76 @@ class Engine:
         stop: Sequence[str] = (),
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Stream the answer to ``question`` about the ingested document as text pieces."""
-        if self.document is None:
-            raise RuntimeError("no document is loaded: ingest one first")
-        self._cancel.clear()
-        t0 = time.perf_counter()
-        self.cache.restore()
-        q_ids = self.encode(question + self._question_suffix)
-        room = self.cache.max_tokens - self.cache.seq_len - len(q_ids)
-        if room <= 0:
-            raise DocumentTooLarge(self.cache.seq_len + len(q_ids), self.cache.max_tokens)
-        max_new_tokens = min(max_new_tokens, room)
-        gen = torch.Generator(device=self.device)
-        if seed is not None:
-            gen.manual_seed(seed)
-        stats = GenerationStats(question_tokens=len(q_ids))
-        self.last = stats
-        logits = self.model(torch.tensor(q_ids, device=self.device), self.cache, last_only=True)
-        self.prefilled_tokens += len(q_ids)
-        out_ids: list[int] = []
-        text_so_far = ""
-        t_first = None
-        for _ in range(max_new_tokens):
-            if self._cancel.is_set():
-                break
-            token = sample(logits[-1], temperature, top_p, gen)
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.ttft_s = t_first - t0
-            if token in self._stop_ids:
-                break
-            out_ids.append(token)
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            cut = _first_stop(text, stop)
-            piece_end = cut if cut is not None else len(text)
-            if not text.endswith("\ufffd") or cut is not None:  # wait for the rest of a multi-byte character
-                if piece_end > len(text_so_far):
-                    yield text[len(text_so_far) : piece_end]
-                    text_so_far = text[:piece_end]
-            if cut is not None or len(out_ids) == max_new_tokens:
-                break
-            logits = self._decode_step(token)
+        """Stream the answer to ``question`` about the ingested document as text pieces.
+
+        The sampling parameters are checked here (ValueError). The stream is one job (see ``cancel``): it holds
+        the engine from its first piece until it ends or is closed, so consume it on one thread and close it
+        (``close()``, or a ``with contextlib.closing(...)``) when stopping early. A question that does not fit in
+        the room the document leaves is refused (``QuestionTooLong``) before any work; the document's checkpoint
+        is restored before every question, so nothing an answer does reaches the next one.
+        """
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a sequence of strings, got {stop!r}")
+        return self._answer(question, max_new_tokens, temperature, top_p, tuple(stop), seed)
+
+    def _answer(
+        self,
+        question: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: tuple,
+        seed: int | None,
+    ) -> Iterator[str]:
+        with self.job(), torch.inference_mode():
+            if self.document is None:
+                raise RuntimeError("no document is loaded: ingest one first")
+            t0 = time.perf_counter()
+            q_ids = self.encode(question + self._question_suffix)
+            room = self.cache.max_tokens - self.document.tokens
+            if len(q_ids) >= room:
+                raise QuestionTooLong(question, len(q_ids), room, self.document.tokens)
+            max_new_tokens = min(max_new_tokens, room - len(q_ids))
+            self.cache.restore()
+            gen = torch.Generator(device=self.device)
+            if seed is not None:
+                gen.manual_seed(seed)
+            stats = GenerationStats(question_tokens=len(q_ids))
+            self.last = stats
+            try:
+                logits = self._prefill(q_ids, then="the document is kept")
+            except Cancelled:
+                return
+            out_ids: list[int] = []
+            text_so_far = ""
+            t_first = None
+            for _ in range(max_new_tokens):
+                if self._cancel.is_set():
+                    break
+                token = sample(logits[-1], temperature, top_p, gen)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t0
+                if token in self._stop_ids:
+                    break
+                out_ids.append(token)
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                cut = _first_stop(text, stop)
+                piece_end = cut if cut is not None else len(text)
+                if (
+                    not text.endswith("\ufffd") or cut is not None
+                ):  # wait for the rest of a multi-byte character
+                    if piece_end > len(text_so_far):
+                        yield text[len(text_so_far) : piece_end]
+                        text_so_far = text[:piece_end]
+                if cut is not None or len(out_ids) == max_new_tokens:
+                    break
+                logits = self._decode_step(token)
+                stats.answer_tokens = len(out_ids)
             stats.answer_tokens = len(out_ids)
-        stats.answer_tokens = len(out_ids)
-        if t_first is not None and len(out_ids) > 1:
-            stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
+            if t_first is not None and len(out_ids) > 1:
+                stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
 
     def _decode_step(self, token: int) -> torch.Tensor:
         """Logits [1, vocab] after one more token: a CUDA-graph replay where it can (the logits are then a
@@ -404,6 +480,22 @@ class Engine:
 def token_sha256(ids: Sequence[int]) -> str:
     """Identity of a tokenized document (sha256 of its int64 token ids): the library and the app match on it."""
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    """Raise ValueError, saying what is allowed, for sampling parameters ``ask`` cannot use."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1: no nucleus cut), got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -22,6 +22,10 @@ checksum before copying it in. When the engine already holds a document, the who
 streaming pass and copied in a second, so a damaged book leaves that document answering (the second read usually
 comes from the page cache). With no document to protect, one pass verifies each block just before copying it, and
 a failure leaves the engine empty.
+
+A save writes a staged copy beside the book and swaps it in under the library's lock (``_write_book``); a save
+killed at any step leaves the old or the new complete book, which ``recover`` (run by ``scan``/``list_books`` and by
+every save) puts in place. ``scan`` lists the books and, apart, the directories that are not loadable books.
 """
 
 from __future__ import annotations
@@ -30,16 +34,21 @@ import argparse
 import bisect
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import secrets
 import shutil
+import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +67,11 @@ BLOCK_BYTES = 64 << 20  # one checksum per block; a write or read is one block
 # Blocks hashed and moved at once, one thread each; the host buffer is SLOTS * BLOCK_BYTES.
 SLOTS = min(8, max(2, os.cpu_count() or 2))
 MAX_BLOCK_BYTES = 1 << 30  # a manifest asking for larger blocks would make the host buffer unbounded
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest (one line per 64 MB block and cache tensor)
+LOCK = ".lock"  # in the library directory: held by a save, and by start-up recovery
+# Stages of a save beside its book: .<book>.writing-<tag> (being written), .<book>.new-<tag> (complete, not yet
+# in place), .<book>.old-<tag> (the replaced copy, being deleted); see _write_book and recover.
+_STAGED = re.compile(r"\.(?P<book>.+)\.(?P<stage>writing|new|old)-(?P<tag>\d+-[0-9a-f]{8})")
 # Per weight tensor, this many evenly spaced windows of bytes go into the weight checksum: cheap even for 8B.
 WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 16, 4096
 
@@ -92,6 +106,15 @@ class BookInfo:
     partial: bool = False  # a checkpoint of an unfinished pre-fill (``ingest_resumable``)
 
 
+@dataclass
+class BrokenBook:
+    """A directory of the library that is not a loadable book, and why (``scan``)."""
+
+    id: str
+    path: str
+    error: str
+
+
 def library_dir(directory: str | Path | None = None) -> Path:
     """The argument, else ``$DUO_QSERVE_LIBRARY``, else ``<repo>/library``."""
     return Path(directory or os.environ.get("DUO_QSERVE_LIBRARY") or REPO_ROOT / "library")
@@ -106,16 +129,17 @@ def save(
 ) -> BookInfo:
     """Save the engine's document (its state right after the pre-fill) as a book; the same document saved with the
     same model and settings replaces the earlier book."""
-    doc = engine.document
-    if doc is None:
-        raise LibraryError("no document is loaded: ingest one before saving it")
-    engine.cache.restore()  # a question and its answer may have moved the tails and rings on
-    identity = _identity(engine)
-    book_id = _book_id(doc.title, doc.sha256, identity)
-    meta = {"title": doc.title, "files": [Path(f).name for f in files], "partial": False,
-            "tokens": doc.tokens, "token_sha256": doc.sha256, "prefill_seconds": doc.prefill_seconds}  # fmt: skip
-    manifest = _write_book(engine, library_dir(directory) / book_id, book_id, identity, meta, on_progress)
-    return _info(manifest, library_dir(directory) / book_id)
+    with engine.job():
+        doc = engine.document
+        if doc is None:
+            raise LibraryError("no document is loaded: ingest one before saving it")
+        engine.cache.restore()  # a question and its answer may have moved the tails and rings on
+        identity = _identity(engine)
+        book_id = _book_id(doc.title, doc.sha256, identity)
+        meta = {"title": doc.title, "files": [Path(f).name for f in files], "partial": False,
+                "tokens": doc.tokens, "token_sha256": doc.sha256, "prefill_seconds": doc.prefill_seconds}  # fmt: skip
+        manifest = _write_book(engine, library_dir(directory) / book_id, book_id, identity, meta, on_progress)
+        return _info(manifest, library_dir(directory) / book_id)
 
 
 def load(
@@ -135,27 +159,47 @@ def load(
             f"{path} holds an unfinished pre-fill ({manifest['tokens']:,} of {manifest['total_tokens']:,} tokens): "
             f"resume it with ingest_resumable, or save the document again"
         )
-    _check_compatible(engine, manifest, path)
-    _load_data(engine, path, manifest, protect=engine.document is not None, on_progress=on_progress)
-    engine.cache.checkpoint()
-    engine.document = DocumentInfo(
-        manifest["title"], manifest["tokens"], manifest["token_sha256"], time.perf_counter() - t0, loaded_by
-    )
-    return engine.document
+    with engine.job():
+        _check_compatible(engine, manifest, path)
+        _load_data(engine, path, manifest, protect=engine.document is not None, on_progress=on_progress)
+        engine.cache.checkpoint()
+        engine.document = DocumentInfo(
+            manifest["title"],
+            manifest["tokens"],
+            manifest["token_sha256"],
+            time.perf_counter() - t0,
+            loaded_by,
+        )
+        return engine.document
 
 
-def list_books(directory: str | Path | None = None) -> list[BookInfo]:
-    """Saved books, newest first. Directories without a readable manifest are skipped (with a log line)."""
+def scan(directory: str | Path | None = None) -> tuple[list[BookInfo], list[BrokenBook]]:
+    """The saved books, newest first, and the directories that are not loadable books (each with the reason):
+    one damaged book never hides the others. Interrupted saves are recovered first (``recover``)."""
     root = library_dir(directory)
-    books = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if d.name.startswith(".") or not (d / MANIFEST).is_file():
+    if not root.is_dir():
+        return [], []
+    try:
+        recover(root, wait=False)
+    except OSError as e:  # e.g. a read-only library: list what is there
+        log.warning("cannot recover interrupted saves in %s: %s", root, e)
+    books, broken = [], []
+    for d in sorted(root.iterdir()):
+        if d.name.startswith("."):  # staged saves, resume checkpoints, the lock
             continue
         try:
             books.append(_info(_read_manifest(d), d))
-        except LibraryError as e:
-            log.warning("skipping %s: %s", d, e)
-    return sorted(books, key=lambda b: b.created, reverse=True)
+        except (LibraryError, OSError) as e:
+            broken.append(BrokenBook(d.name, str(d), str(e)))
+    return sorted(books, key=lambda b: b.created, reverse=True), broken
+
+
+def list_books(directory: str | Path | None = None) -> list[BookInfo]:
+    """The loadable saved books, newest first; the others are skipped with a log line (``scan`` lists them)."""
+    books, broken = scan(directory)
+    for b in broken:
+        log.warning("skipping %s: %s", b.path, b.error)
+    return books
 
 
 def find_by_hash(
@@ -165,7 +209,14 @@ def find_by_hash(
     found = [b for b in list_books(directory) if b.token_sha256 == token_sha256]
     if engine is None:
         return found
-    return [b for b in found if not _mismatches(engine, _read_manifest(Path(b.path)))]
+    fits = []
+    for b in found:
+        try:
+            if not _mismatches(engine, _read_manifest(Path(b.path))):
+                fits.append(b)
+        except LibraryError as e:  # changed since it was listed
+            log.warning("skipping %s: %s", b.path, e)
+    return fits
 
 
 def remove(book_id: str, directory: str | Path | None = None) -> None:
@@ -205,7 +256,8 @@ def ingest_resumable(
         if on_progress:
             on_progress(done, total)
 
-    info = engine.ingest(ids, on_progress=progress, title=title, loaded_by=loaded_by, resume=done > 0)
+    with engine.job():
+        info = engine.ingest(ids, on_progress=progress, title=title, loaded_by=loaded_by, resume=done > 0)
     shutil.rmtree(ckpt, ignore_errors=True)
     return info
 
@@ -517,67 +569,299 @@ def _write_book(
     meta: dict,
     on_progress: Progress | None,
 ) -> dict:
-    """Write into a temporary directory beside ``target`` and swap it in: a crash mid-save leaves the previous
-    book (or checkpoint) whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.writing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        layout = _layout(engine.cache, meta["tokens"])
-        digests = _write_data(engine.cache, layout, tmp / DATA, on_progress)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "book_id": book_id,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **meta,
-            "chunk_size": engine.chunk_size,
-            **identity,
-            "data": {
-                "file": DATA,
-                "bytes": sum(e["nbytes"] for e in layout),
-                "block_bytes": BLOCK_BYTES,
-                "blocks": digests,
-                "tensors": layout,
-            },
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    """Write the book beside ``target`` and swap it in, so that at every instant a complete copy (the previous
+    one or the new one) is at ``target`` or staged where ``recover`` puts it back:
+
+    1. write ``.<id>.writing-<tag>/`` (data, then the manifest; each synced): a kill here leaves the old book;
+    2. rename it to ``.<id>.new-<tag>``: complete from now on, recovery installs it;
+    3. rename the old book (if any) to ``.<id>.old-<tag>``;
+    4. rename the new copy to ``<id>``;
+    5. delete the old copy.
+
+    The library's lock is held throughout (another save waits; recovery skips a library being saved to).
+    """
+    root = target.parent
+    with _library_lock(root, wait=True):
+        recover(root, locked=True)
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        writing, new, old = (root / f".{target.name}.{stage}-{tag}" for stage in ("writing", "new", "old"))
+        writing.mkdir()
+        try:
+            layout = _layout(engine.cache, meta["tokens"])
+            digests = _write_data(engine.cache, layout, writing / DATA, on_progress)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "book_id": book_id,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **meta,
+                "chunk_size": engine.chunk_size,
+                **identity,
+                "data": {
+                    "file": DATA,
+                    "bytes": sum(e["nbytes"] for e in layout),
+                    "block_bytes": BLOCK_BYTES,
+                    "blocks": digests,
+                    "tensors": layout,
+                },
+            }
+            with open(writing / MANIFEST, "w") as f:
+                f.write(json.dumps(manifest, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(writing)
+        except BaseException:
+            shutil.rmtree(writing, ignore_errors=True)
+            raise
+        os.rename(writing, new)
         if target.exists():
-            target.rename(old)
-        tmp.rename(target)
+            os.rename(target, old)
+        os.rename(new, target)
+        _fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
-_MANIFEST_KEYS = "title created partial tokens token_sha256 model settings pattern data".split()
+def recover(directory: str | Path | None = None, wait: bool = False, locked: bool = False) -> None:
+    """Finish or undo the saves that were interrupted (killed) in ``directory``: a complete new copy is put in
+    place of its book, a replaced copy is deleted once its book is back (or put back if it is not), and partly
+    written copies are deleted. Runs only when no save holds the library's lock (``wait``: wait for it;
+    ``locked``: the caller holds it), so a save in progress in any process is never touched."""
+    root = library_dir(directory)
+    if not locked:
+        with _library_lock(root, wait) as held:
+            if held:
+                recover(root, locked=True)
+        return
+    staged = sorted(
+        (m["stage"] != "writing", m["stage"] == "old", m["book"], d)
+        for d in root.iterdir()
+        if (m := _STAGED.fullmatch(d.name)) and d.is_dir() and not d.is_symlink()
+    )  # writing first, then new, then old
+    for _, _, book, d in staged:
+        target, stage = root / book, _STAGED.fullmatch(d.name)["stage"]
+        if stage == "writing":
+            log.warning("deleting %s: a save of %s that was stopped before it was complete", d, book)
+            shutil.rmtree(d, ignore_errors=True)
+        elif stage == "new":
+            log.warning("installing %s as %s: a save that was stopped just before it was swapped in", d, book)
+            old = d.with_name(d.name.replace(".new-", ".old-", 1))
+            if target.exists():
+                os.rename(target, old)
+            os.rename(d, target)
+            shutil.rmtree(old, ignore_errors=True)
+        elif target.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            log.warning("putting %s back as %s: its replacement never arrived", d, book)
+            os.rename(d, target)
+    if staged:
+        _fsync_dir(root)
+
+
+@contextmanager
+def _library_lock(root: Path, wait: bool) -> Iterator[bool]:
+    """Hold the library's exclusive lock (an flock on ``<root>/.lock``, released by the kernel if the process
+    dies); yields False instead when ``wait`` is False and another save holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_manifest(path: Path) -> dict:
+    """The book's manifest, every field checked for type, range and consistency with the data layout; any
+    problem is a LibraryError naming the book and the field."""
+    _check_files(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise LibraryError(f"{path} is not a book: it has no {MANIFEST}") from None
     except (OSError, ValueError) as e:
-        raise BookCorrupt(f"{path / MANIFEST} cannot be read ({e}): save the document again") from None
+        raise BookCorrupt(
+            f"book {path.name}: {MANIFEST} cannot be read ({e}): save the document again"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BookCorrupt(f"{path / MANIFEST} is not a duo-qserve book manifest")
+        raise BookCorrupt(f"book {path.name}: {MANIFEST} is not a duo-qserve book manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BookMismatch(
-            f"{path.name} was written in book format {manifest.get('format_version')}; this duo_qserve reads "
+            f"{path.name} was written in book format {manifest.get('format_version')!r}; this duo_qserve reads "
             f"format {FORMAT_VERSION}: save the document again"
         )
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise BookCorrupt(f"{path / MANIFEST} lacks {', '.join(missing)}: save the document again")
-    block = manifest["data"]["block_bytes"]
-    if not 0 < block <= MAX_BLOCK_BYTES:
-        raise BookCorrupt(f"{path / MANIFEST}: block size {block:,} is out of range")
+    for name, (ok, expected) in _FIELDS.items():
+        _check_field(path, manifest, name, ok, expected)
+    if manifest["partial"]:
+        _check_field(
+            path,
+            manifest,
+            "total_tokens",
+            lambda v: _int(v) and v > manifest["tokens"],
+            "an integer above tokens",
+        )
+    else:
+        _check_field(path, manifest, "prefill_seconds", _seconds, "a finite number >= 0")
+    _check_data(path, manifest)
     return manifest
+
+
+def _check_files(path: Path) -> None:
+    """A book is a real directory holding exactly its two regular files (no links, nothing else)."""
+    if path.is_symlink() or not path.is_dir():
+        raise LibraryError(f"{path} is not a book: a book is a directory (not a link) holding {MANIFEST}")
+    names = {p.name for p in path.iterdir()}
+    if MANIFEST not in names:
+        raise LibraryError(f"{path} is not a book: it has no {MANIFEST}")
+    extra, missing = sorted(names - {MANIFEST, DATA}), sorted({MANIFEST, DATA} - names)
+    if extra or missing:
+        found = ", ".join([f"unexpected {n}" for n in extra] + [f"no {n}" for n in missing])
+        raise BookCorrupt(f"book {path.name} should hold {MANIFEST} and {DATA} only, but has {found}: "
+                          f"save the document again")  # fmt: skip
+    for name in (MANIFEST, DATA):
+        mode = os.lstat(path / name).st_mode
+        if not stat.S_ISREG(mode):
+            raise BookCorrupt(f"book {path.name}: {name} is not a regular file (a link or a device): save the "
+                              f"document again")  # fmt: skip
+    if (path / MANIFEST).stat().st_size > MAX_MANIFEST_BYTES:
+        raise BookCorrupt(f"book {path.name}: {MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB, far larger than a "
+                          f"manifest: save the document again")  # fmt: skip
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _count(v: object) -> bool:
+    return _int(v) and v >= 0
+
+
+def _sha(v: object) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _seconds(v: object) -> bool:
+    return (_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0
+
+
+def _iso_time(v: object) -> bool:
+    try:
+        return isinstance(v, str) and datetime.datetime.fromisoformat(v).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def _dtype_name(v: object) -> bool:
+    return isinstance(v, str) and isinstance(getattr(torch, v, None), torch.dtype)
+
+
+_STR = (lambda v: isinstance(v, str), "a string")
+_COUNT = (_count, "an integer >= 0")
+_SHA = (_sha, "a sha256 (64 lowercase hex digits)")
+_FIELDS = {  # dotted path: (test, what it should be)
+    "book_id": _STR,
+    "created": (_iso_time, "an ISO 8601 time with a time zone"),
+    "title": _STR,
+    "files": (lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v), "a list of file names"),
+    "partial": (lambda v: isinstance(v, bool), "true or false"),
+    "tokens": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "token_sha256": _SHA,
+    "chunk_size": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "model.name": _STR,
+    "model.source": _STR,
+    "model.args": (lambda v: isinstance(v, dict), "an object"),
+    "model.weights_sha256": _SHA,
+    "settings.dtype": (_dtype_name, "a torch dtype name"),
+    "settings.w8a8": (lambda v: isinstance(v, bool), "true or false"),
+    "settings.kv_bits": (lambda v: _int(v) and v in (4, 8, 16), "4, 8 or 16"),
+    "settings.key_group": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "settings.sink_tokens": _COUNT,
+    "settings.recent_tokens": _COUNT,
+    "pattern.name": _STR,
+    "pattern.gates_sha256": _SHA,
+    "pattern.sparsity": (lambda v: _seconds(v) and v <= 1, "a number in [0, 1]"),
+    "pattern.retrieval_heads": (
+        lambda v: isinstance(v, list) and all(_count(h) for h in v),
+        "a list of counts",
+    ),
+    "data.file": (lambda v: v == DATA, repr(DATA)),
+    "data.bytes": _COUNT,
+    "data.block_bytes": (
+        lambda v: _int(v) and 0 < v <= MAX_BLOCK_BYTES,
+        f"an integer in [1, {MAX_BLOCK_BYTES:,}]",
+    ),
+    "data.blocks": (lambda v: isinstance(v, list) and all(_sha(d) for d in v), "a list of sha256s"),
+    "data.tensors": (
+        lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
+        "a list of objects",
+    ),
+}
+_TENSOR_FIELDS = {
+    "layer": _COUNT,
+    "name": _STR,
+    "dtype": (_dtype_name, "a torch dtype name"),
+    "heads": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "row_shape": (lambda v: isinstance(v, list) and all(_int(n) and n > 0 for n in v), "a list of sizes"),
+    "valid": _COUNT,
+    "offset": _COUNT,
+    "nbytes": _COUNT,
+}
+
+
+def _check_field(path: Path, manifest: dict, name: str, ok: Callable[[object], bool], expected: str) -> None:
+    value: object = manifest
+    for key in name.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise BookCorrupt(f"book {path.name}: its manifest lacks {name}: save the document again")
+        value = value[key]
+    if not ok(value):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise BookCorrupt(
+            f"book {path.name}: manifest field {name} is {shown}, expected {expected}: save the document again"
+        )
+
+
+def _check_data(path: Path, manifest: dict) -> None:
+    """The data section agrees with itself: contiguous tensors whose sizes add up to ``data.bytes``, one
+    checksum per block, and one layer of retrieval heads per layer the tensors name."""
+    data = manifest["data"]
+    offset = 0
+    for i, entry in enumerate(data["tensors"]):
+        for key, (ok, expected) in _TENSOR_FIELDS.items():
+            if key not in entry or not ok(entry[key]):
+                raise BookCorrupt(f"book {path.name}: manifest field data.tensors[{i}].{key} is "
+                                  f"{entry.get(key)!r}, expected {expected}: save the document again")  # fmt: skip
+        itemsize = getattr(torch, entry["dtype"]).itemsize
+        size = entry["heads"] * entry["valid"] * math.prod(entry["row_shape"]) * itemsize
+        if entry["nbytes"] != size or entry["offset"] != offset:
+            raise BookCorrupt(
+                f"book {path.name}: manifest field data.tensors[{i}] ({entry['name']} of layer {entry['layer']}) "
+                f"says {entry['nbytes']:,} bytes at offset {entry['offset']:,}, but its shape makes {size:,} bytes "
+                f"at offset {offset:,}: save the document again"
+            )
+        if entry["layer"] >= len(manifest["pattern"]["retrieval_heads"]):
+            raise BookCorrupt(f"book {path.name}: manifest field data.tensors[{i}].layer is {entry['layer']}, but "
+                              f"pattern.retrieval_heads has {len(manifest['pattern']['retrieval_heads'])} layers")  # fmt: skip
+        offset += size
+    if data["bytes"] != offset:
+        raise BookCorrupt(f"book {path.name}: manifest field data.bytes is {data['bytes']:,}, but its tensors "
+                          f"hold {offset:,} bytes: save the document again")  # fmt: skip
+    blocks = -(-data["bytes"] // data["block_bytes"])
+    if len(data["blocks"]) != blocks:
+        raise BookCorrupt(f"book {path.name}: manifest field data.blocks has {len(data['blocks'])} checksums, but "
+                          f"{data['bytes']:,} bytes make {blocks} blocks: save the document again")  # fmt: skip
 
 
 def _book_dir(book: BookInfo | str | Path, directory: str | Path | None, ids_only: bool = False) -> Path:
@@ -720,7 +1004,9 @@ def _cmd_load(a: argparse.Namespace) -> int:
 
 
 def _cmd_list(a: argparse.Namespace) -> int:
-    books = list_books(a.dir)
+    books, broken = scan(a.dir)
+    for b in broken:
+        print(f"not a loadable book: {b.path}: {b.error}", file=sys.stderr)
     if a.json:
         print(json.dumps([dataclasses.asdict(b) for b in books], indent=1))
         return 0

@@ -1,11 +1,12 @@
 import random
 import re
+import threading
 
 import pytest
 import torch
 from conftest import haystack_text
 
-from duo_qserve.engine import Cancelled, DocumentTooLarge, Engine
+from duo_qserve.engine import Cancelled, DocumentTooLarge, Engine, QuestionTooLong
 from duo_qserve.patterns import random_pattern, save_pattern
 
 pytestmark = pytest.mark.slow
@@ -109,3 +110,97 @@ def test_w8a8_smooths_the_default_model_with_its_shipped_statistics():
     assert smoothed.stats()["smoothquant"] and not plain.stats()["smoothquant"]
     norm = [e.model.layers[0].input_layernorm.weight for e in (smoothed, plain)]
     assert not torch.equal(*norm)
+
+
+def test_two_threads_asking_at_once_get_the_answers_asked_in_turn(engine):
+    doc, _ = planted_document(seed=8)
+    engine.ingest(doc)
+    questions = [QUESTION, "Who wrote this text?"]
+    in_turn = [engine.answer(q, max_new_tokens=12) for q in questions]
+    together = [None, None]
+    start = threading.Barrier(2)
+
+    def ask(i):
+        start.wait()
+        together[i] = engine.answer(questions[i], max_new_tokens=12)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == in_turn
+
+
+def test_an_answer_stream_holds_the_engine_until_closed(engine):
+    doc, _ = planted_document(seed=8)
+    engine.ingest(doc)
+    pieces = engine.ask("Summarize the document.", max_new_tokens=50)
+    next(pieces)
+    other = threading.Thread(target=lambda: engine.lock.acquire() and engine.lock.release())
+    other.start()
+    other.join(timeout=1.0)
+    assert other.is_alive()  # the stream holds the engine lock
+    pieces.close()
+    other.join(timeout=10)
+    assert not other.is_alive()
+
+
+def test_long_question_is_refused_naming_it_and_the_document_still_answers(engine):
+    doc, number = planted_document(seed=9)
+    engine.ingest(doc)
+    before = engine.prefilled_tokens
+    question = "Please read this: " + haystack_text(100_000)
+    with pytest.raises(
+        QuestionTooLong, match=r"the question 'Please read this: .* tokens but only [\d,]+ are left"
+    ):
+        engine.answer(question)
+    assert engine.prefilled_tokens == before
+    assert number in engine.answer(QUESTION, max_new_tokens=16)
+
+
+def test_long_question_is_prefilled_in_chunks(engine):
+    doc, number = planted_document(seed=9, n_chars=3000)
+    engine.ingest(doc)
+    question = haystack_text(4000, start_file=3) + "\n\n" + QUESTION
+    sizes = []
+    hook = engine.model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].numel()))
+    try:
+        engine.answer(question, max_new_tokens=4)
+    finally:
+        hook.remove()
+    n, chunk = engine.last.question_tokens, engine.chunk_size
+    assert n > chunk
+    passes = -(-n // chunk)
+    assert sizes[:passes] == [chunk] * (passes - 1) + [n - (passes - 1) * chunk]
+    assert set(sizes[passes:]) <= {1}  # then one token per decode step
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_p=0), "top_p must be a number in \\(0, 1\\]"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(stop="x"), "stop must be a sequence of strings"),
+    ],
+)
+def test_invalid_sampling_parameters_raise_value_error(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.ask(QUESTION, **kwargs)
+
+
+def test_a_cancel_before_a_job_starts_is_kept_for_it_and_only_for_it(engine):
+    doc, _ = planted_document(seed=10)
+    engine.cancel()
+    with pytest.raises(Cancelled, match="stopped after 0 of"):
+        engine.ingest(doc)
+    engine.ingest(doc)  # the cancel was for the job that observed it
+    engine.cancel()
+    assert engine.answer(QUESTION, max_new_tokens=8) == ""
+    assert engine.answer(QUESTION, max_new_tokens=8) != ""
