@@ -20,16 +20,13 @@ import torch
 from duo_qserve.kernels import kv_attention, kv_quantize
 from duo_qserve.kernels.attention import dense_attention, merge
 from duo_qserve.model import ModelArgs
-
-SCALE_DTYPE = torch.float16
+from duo_qserve.quant.kv_quant import SCALE_DTYPE
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     kv_bits: int = 4  # retrieval heads: 4 or 8 (quantized) or 16 (the model's dtype)
-    key_group: int = (
-        128  # tokens per per-channel key scale (see docs/architecture.md for the measured choice)
-    )
+    key_group: int = 128  # tokens per per-channel key scale
     sink_tokens: int = 64
     recent_tokens: int = 256
 
@@ -240,10 +237,6 @@ class DuoKVCache:
         for layer, saved in zip(self.layers, small, strict=True):
             for name, t in saved.items():
                 layer[name].copy_(t)
-
-    @property
-    def checkpoint_len(self) -> int | None:
-        return None if self._saved is None else self._saved[0]
 
 
 class FullKVCache(DuoKVCache):

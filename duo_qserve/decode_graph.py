@@ -124,10 +124,6 @@ class GraphedDecoder:
             if n_r:
                 cache._append_quantized(layer, layer["k_tail"], layer["v_tail"], n_quant)
 
-    def reset(self) -> None:
-        """Drop the captured graph (the next graph-safe step captures again)."""
-        self.graph, self.logits = None, None
-
 
 # ---------------------------------------------------------------------------------------------------- device check
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from duo_qserve.cache import CacheConfig, CacheSpec
+from duo_qserve.kernels.kv_attention import SLAB_BYTES
 from duo_qserve.model import ModelArgs
 
 RUNTIME_RESERVE = 1 << 30  # CUDA context, allocator fragmentation, kernels' small buffers
-PREFIX_SLAB_BYTES = 256 << 20  # de-quantized prefix tiles of the pre-fill attention
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -54,7 +54,7 @@ def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2) -> i
     per_token = dtype_bytes * (4 * args.dim + qkv + args.n_heads * hd + 3 * args.intermediate_size)
     per_token += args.intermediate_size + args.dim + 8  # int8 activations + per-token scales
     per_token += dtype_bytes * 3 * args.n_heads * hd  # repeated K/V + output of the flash call
-    return t * per_token + PREFIX_SLAB_BYTES + args.vocab_size * 4 + RUNTIME_RESERVE
+    return t * per_token + SLAB_BYTES + args.vocab_size * 4 + RUNTIME_RESERVE
 
 
 @dataclass

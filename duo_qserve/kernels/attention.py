@@ -60,8 +60,8 @@ def fused_attention(
     q, k, v, causal: bool, sm_scale: float, kernel: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[1, H, T, D] inputs -> (out [1, H, T, D], lse [1, H, T] float32, natural log), through PyTorch's fused
-    kernels: cuDNN for pre-fill-sized query counts (about 1.7x the flash kernel's FLOP rate on H100 pre-fill
-    shapes, benchmarks/results/attention-*.json), flash for a few queries. ``kernel``: "auto", "cudnn", "flash"."""
+    kernels: cuDNN for pre-fill-sized query counts (the faster one there), flash for a few queries. ``kernel``:
+    "auto", "cudnn", "flash"."""
     if kernel == "auto":
         big = q.shape[2] >= CUDNN_MIN_QUERIES and q.shape[-1] <= 128
         kernel = "cudnn" if big and torch.backends.cudnn.is_available() else "flash"

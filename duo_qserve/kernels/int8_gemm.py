@@ -3,14 +3,10 @@
 Three regimes, each tuned separately:
 
 - pre-fill (M > 16): 128/256-row tiles on the int8 tensor cores, grouped tile order so row tiles reuse each
-  weight tile from L2, both scales applied in the epilogue so the int32 accumulator never reaches memory.
-  H100, Llama-3-8B shapes (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23-explore.json),
-  M = 4096..32768: 1020-1175 TOPS, vs 790-910 for cuBLAS ``torch._int_mm`` alone (int32 out, no scales),
-  690-860 for ``_int_mm`` + a Triton scale epilogue (so that path was dropped) and 600-720 for bf16 ``torch.mm``;
+  weight tile from L2, both scales applied in the epilogue so the int32 accumulator never reaches memory;
 - decode, M = 1 (batch-1 decode steps): ``_w8a8_gemv_kernel``, no tensor cores: weight rows read as int32 words and
-  reduced with ``dp4a``; under CUDA graphs on an H100 it reads 72-95% of copy bandwidth per Llama-3-8B shape, 89%
-  over a layer (benchmarks/results/gemm-nvidia-h100-80gb-hbm3-2026-11-23.json), where 16-row tensor-core tiles
-  reached 37-68%; one launch serves up to three weights that read the same x (``w8a8_matmul_group``: q/k/v,
+  reduced with ``dp4a``, since at one row the step is bound by streaming the weight, which 16-row tensor-core
+  tiles do poorly; one launch serves up to three weights that read the same x (``w8a8_matmul_group``: q/k/v,
   gate/up), since a 4 MB weight alone is too small to stream at full speed;
 - 2 <= M <= 16 (which ``torch._int_mm`` refuses): the tile kernel with 16-row tiles and narrow N tiles,
   memory-bound, so the redundant MMA rows are free.
@@ -150,7 +146,7 @@ _DECODE_CONFIGS = [
     _cfg(16, 64, 128, 1, 4, 4),
     _cfg(16, 128, 256, 1, 3, 8),
 ]
-_GEMV_CONFIGS = [  # the H100 sweep's best per Llama-3-8B shape (o/qkv: 2-8 rows; gate_up/down: 1 row, long K)
+_GEMV_CONFIGS = [  # the best per Llama-3-8B shape in a sweep (o/qkv: 2-8 rows; gate_up/down: 1 row, long K)
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
     for bn, bk, w in [(2, 128, 1), (1, 256, 2), (1, 512, 1), (2, 256, 1), (4, 256, 8), (8, 128, 8)]
 ]

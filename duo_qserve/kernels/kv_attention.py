@@ -16,13 +16,11 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
   comes off exactly: through the keys' per-row bias, and from each block's value sums before they join the
   running sums in fp32. The codes arrive through tensor descriptors (TMA), and every dot is transposed so that the
   few query rows are its N (padded to 8) rather than its M (padded to 16): the key dots' M is a block's tokens, the
-  value dots' M the channels. On an H200 the descriptors and transposed key dots took the kernel from 59-61%, 66-69%
-  and 71-74% of copy bandwidth at 256K, 1M and 2M tokens to 67-71%, 80% and 86-87%; the transposed value dots
-  (168 instead of 219 registers, so 12 programs per SM instead of 8) to 68-75%, 80-89% and 85-95%.
-  A second tiny kernel merges the splits by their log-sum-exp.
+  value dots' M the channels: the kernel is bound by instruction issue, and both cut the instructions and
+  registers per block. A second tiny kernel merges the splits by their log-sum-exp.
 - pre-fill: slabs of the prefix are de-quantized into one bounded fp16 buffer (``_dequant_kernel``) and go
-  through the fused flash/cuDNN attention with log-sum-exp, merged across slabs. The de-quantization traffic is
-  ~1 % of the attention time at 8K queries, so this runs at the library kernel's FLOP rate.
+  through the fused flash/cuDNN attention with log-sum-exp, merged across slabs: at pre-fill query counts the
+  de-quantization is small beside the attention, so this runs at the library kernel's FLOP rate.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ MAX_SPLITS = 1024
 DECODE_MAX_T = 16  # queries per call that go through the split-K code kernel; more go through the slab path
 SLAB_BYTES = 256 << 20  # bound on the pre-fill path's fp K+V buffer
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def reference(
@@ -238,8 +235,8 @@ def _attn_codes_kernel(
         m_i = m_new
 
         # Values: fold the per-token scale into p and the per-token zero into az. Each block's codes^T @ p starts
-        # from zero and loses its 1024s before it joins the running sums in fp32: accumulating in the tensor cores
-        # over thousands of blocks measured 500x the error with one split over 1M tokens.
+        # from zero and loses its 1024s before it joins the running sums in fp32: accumulated in the tensor cores
+        # over thousands of blocks, the 1024s' share would swamp the values' small differences.
         vs = tl.load(vs_h + tok).to(tl.float32)
         ps = (p * vs[:, None]).to(DOT)
         az = az * alpha + tl.sum(p * vzb.to(tl.float32)[:, None], 0)
@@ -298,8 +295,8 @@ def _merge_splits_kernel(
 
 def _block_m(n_rows: int, block_m: int | None) -> int:
     """Query rows per program: as few as there are (at least 4). The dots pad the rows to the tensor cores' 8
-    anyway, but the softmax and rescaling run on the real rows only: a decode step's 4 rows per kv head
-    (Llama-3-8B) measured 57-63% of copy bandwidth on an H200 from 1M tokens up, against 49-52% with 16 rows."""
+    anyway, but the softmax and rescaling run on the real rows only, which is what a decode step's 4 rows per kv
+    head need."""
     return block_m or max(4, triton.next_power_of_2(min(n_rows, 64)))
 
 
@@ -314,12 +311,9 @@ def _program(block_m: int) -> _Program:
     """The code kernel's default launch config for row tiles of ``block_m`` query rows.
 
     A decode step's 4 rows per kv head: one warp over 64-token blocks, 12 programs per SM: on Hopper each takes 168
-    registers (12 x 168 x 32 of the SM's 65,536), so the grid is exactly one full wave (at 10 or 11 per SM some SMs
-    got 12 and others fewer, which measured 5-10 points of copy bandwidth lower). Two pipeline stages (8 KB of
-    shared memory) measured 74% of copy bandwidth at 256K tokens against 64-70% with three, and the same from 1M.
-    Against 2 warps over 128 tokens, 4 per SM (the most that fit), one warp measured 71% of copy bandwidth instead
-    of 62% at 1M tokens on an H200, before the descriptors: it needs no barriers nor cross-warp reductions. More
-    rows (several queries, or more query heads per kv head) keep 2 warps over 128 tokens, 4 programs per SM."""
+    registers (12 x 168 x 32 of the SM's 65,536), so the grid is exactly one full wave, and two pipeline stages
+    suffice; one warp needs no barriers nor cross-warp reductions. More rows (several queries, or more query heads
+    per kv head) keep 2 warps over 128 tokens, 4 programs per SM. (Measurements: docs/experiments.md.)"""
     return _Program(64, 1, 2, 12.0) if block_m <= 4 else _Program(128, 2, 3, 4.0)
 
 
@@ -359,9 +353,8 @@ def decode_splits(
 ) -> int:  # fmt: skip
     """How many splits ``decode_attention`` cuts the tokens into: at most ``waves`` (kv head, split, row tile)
     programs per SM, so one long sequence at batch 1 fills the GPU in one wave (``num_splits``: asked for,
-    clamped). A few programs more than an SM holds at once would run as a second, nearly empty wave, which
-    measured 47% of copy bandwidth instead of 69% at 1M tokens on an H100. ``block_n``, ``waves``: see
-    ``_program``."""
+    clamped): a few programs more than an SM holds at once would run as a second, nearly empty wave.
+    ``block_n``, ``waves``: see ``_program``."""
     t, hq, _ = q.shape
     hkv = k_data.shape[0]
     n_rows = t * hq // hkv
