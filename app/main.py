@@ -209,6 +209,10 @@ class Server:
         pending = Pending(doc, self.engine.document_ids(doc.text), self.generation)
         chapters = [[title, offset] for title, offset in chapter_token_offsets(doc, self.engine.tokenizer)]
         summary, ratio_button, load_button = self._summary(pending)
+        if doc.warnings:  # what the reader could not read faithfully: said, never dropped silently
+            shown = "\n".join(f"- {w}" for w in doc.warnings[:10])
+            more = f"\n- … and {len(doc.warnings) - 10} more" if len(doc.warnings) > 10 else ""
+            summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
 
     def prefill(self, pending: Pending | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
