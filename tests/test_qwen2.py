@@ -55,6 +55,16 @@ def save_tiny_qwen2(path, args: ModelArgs, seed: int = 0):
     return hf
 
 
+def fp32_order_bound(args: ModelArgs, ref: torch.Tensor) -> float:
+    """How far two fp32 computations of the same logits may differ by summation order alone. Each logit is a
+    chain of dot products of at most K = max(dim, intermediate_size) terms, about 4 per layer (q/k/v, scores,
+    o, MLP); the rounding errors of a K-term sum add like a random walk, ~sqrt(K) * eps of its magnitude.
+    Relative to the largest logit: 4 * n_layers * sqrt(K) * eps * max|logit|. A lost bias or a wrong RoPE
+    moves logits by whole units, far above it."""
+    depth = max(args.dim, args.intermediate_size)
+    return 4 * args.n_layers * depth**0.5 * EPS32 * ref.abs().max().item()
+
+
 def chunked_logits(model: Transformer, ids: torch.Tensor, cache) -> torch.Tensor:
     """Uneven pre-fill chunks then token-by-token decode: every cache path the engine uses."""
     n = ids.shape[0]
@@ -75,12 +85,7 @@ def test_tiny_qwen2_checkpoint_matches_transformers(tmp_path):
     ids = torch.randint(0, args.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
     ref = hf(ids[None]).logits[0]
     out = chunked_logits(loaded.model, ids, FullKVCache(loaded.model.args, 48, "cpu", torch.float32))
-    # Both sides compute in fp32 with different summation orders. Each output is a chain of dot products of at
-    # most K = max(dim, intermediate, tokens) terms, ~2 per sub-layer over n_layers, each off by <= K * eps of
-    # its magnitude; relative to the largest logit that bounds the difference by 4 * n_layers * K * eps.
-    depth = max(args.dim, args.intermediate_size, ids.shape[0])
-    tol = 4 * args.n_layers * depth * EPS32 * ref.abs().max().item()
-    assert (out - ref).abs().max().item() <= tol
+    assert (out - ref).abs().max().item() <= fp32_order_bound(args, ref)
 
 
 def test_qwen2_config_round_trip():
@@ -228,9 +233,7 @@ def test_real_qwen_logits_match_transformers_from_the_gguf(name, tmp_path):
     print(
         f"{name}: max |logit diff| {diff:.2e} over {ids.shape[0]} tokens, max |logit| {ref.abs().max():.1f}"
     )
-    # as the tiny test's bound: fp32 summation order, 4 * n_layers * K * eps relative to the largest logit
-    args = loaded.model.args
-    assert diff <= 4 * args.n_layers * args.intermediate_size * EPS32 * ref.abs().max().item()
+    assert diff <= fp32_order_bound(loaded.model.args, ref)
 
 
 @pytest.mark.slow
@@ -247,9 +250,7 @@ def test_real_qwen_engine_finds_a_planted_fact():
     engine = Engine.from_pretrained(
         "qwen2.5-coder-0.5b", max_tokens=4096, kv_bits=16, pattern=None, device="cpu"
     )
-    assert engine._stop_ids >= {
-        engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
-    }
+    assert engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in engine._stop_ids  # the end of a chat turn
     start = time.perf_counter()
     info = engine.ingest(doc)
     answer = engine.answer("According to the document, what is the secret number?", max_new_tokens=16)
