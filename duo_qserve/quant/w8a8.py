@@ -59,18 +59,26 @@ def _quantized(x: torch.Tensor | QuantizedActivation) -> QuantizedActivation:
 
 
 class W8A8Linear(nn.Module):
-    """nn.Linear (no bias) with int8 weight ``[out, in]`` and fp32 per-output-channel ``dequant_scale``.
+    """nn.Linear with int8 weight ``[out, in]``, fp32 per-output-channel ``dequant_scale`` and an optional bias
+    in ``compute_dtype`` (Qwen2's q/k/v), added after the int8 GEMM.
 
     Accepts a QuantizedActivation, or a float tensor that it quantizes per token itself (o_proj's input comes
     from attention). The output dtype is ``compute_dtype``, fixed at construction: quantize a model after casting
     it to the dtype it will serve in.
     """
 
-    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype = torch.float16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        compute_dtype: torch.dtype = torch.float16,
+        bias: bool = False,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("dequant_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=compute_dtype) if bias else None)
 
     @classmethod
     def from_linear(
@@ -79,14 +87,16 @@ class W8A8Linear(nn.Module):
         smooth_scale: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> W8A8Linear:
-        """Quantize ``linear``; ``smooth_scale`` [in] multiplies the weight columns first (SmoothQuant)."""
-        if linear.bias is not None:
-            raise ValueError("W8A8Linear has no bias (Llama-family linears have none)")
+        """Quantize ``linear``; ``smooth_scale`` [in] multiplies the weight columns first (SmoothQuant; the bias
+        is unchanged by it)."""
         w = linear.weight.detach().float()
         if smooth_scale is not None:
             w = w * smooth_scale.float()[None, :]
-        mod = cls(linear.in_features, linear.out_features, compute_dtype or linear.weight.dtype)
+        dtype = compute_dtype or linear.weight.dtype
+        mod = cls(linear.in_features, linear.out_features, dtype, bias=linear.bias is not None)
         mod.weight, mod.dequant_scale = quantize_weight_per_channel(w)
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().to(dtype)
         return mod.to(linear.weight.device)
 
     adds_residual = True  # ``model.add_linear``: forward(x, residual) adds it in the GEMM epilogue
@@ -94,30 +104,41 @@ class W8A8Linear(nn.Module):
     def forward(
         self, x: torch.Tensor | QuantizedActivation, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``self(x)``, plus ``residual`` [..., out_features] if given (summed in fp32, rounded once)."""
+        """``self(x)``, plus ``residual`` [..., out_features] if given (summed in fp32, rounded once; with a bias,
+        the biased output is rounded before the residual joins it)."""
         x = _quantized(x)
         lead = x.q.shape[:-1]
         res = None if residual is None else residual.reshape(-1, self.out_features)
         out = w8a8_matmul(
             x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight, self.dequant_scale,
-            self.compute_dtype, residual=res,
+            self.compute_dtype, residual=None if self.bias is not None else res,
         )  # fmt: skip
+        if self.bias is not None:
+            out = out + self.bias
+            if res is not None:
+                out = out + res
         return out.reshape(*lead, self.out_features)
 
     @staticmethod
     def forward_group(x: torch.Tensor | QuantizedActivation, linears: list[W8A8Linear]) -> list[torch.Tensor]:
         """``[linear(x) for linear in linears]``, x quantized once and, at batch 1 on the GPU, one GEMV launch
-        for up to three weights (``model.project``: q/k/v, gate/up)."""
+        for up to three weights (``model.project``: q/k/v, gate/up); biases are added after it."""
         x = _quantized(x)
         lead, k = x.q.shape[:-1], linears[0].in_features
         weights = [(lin.weight, lin.dequant_scale) for lin in linears]
         outs = w8a8_matmul_group(
             x.q.reshape(-1, k), x.scale.reshape(-1, 1), weights, linears[0].compute_dtype
         )
-        return [out.reshape(*lead, lin.out_features) for out, lin in zip(outs, linears, strict=True)]
+        return [
+            (out if lin.bias is None else out + lin.bias).reshape(*lead, lin.out_features)
+            for out, lin in zip(outs, linears, strict=True)
+        ]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"compute_dtype={self.compute_dtype}, bias={self.bias is not None}"
+        )
 
 
 class RMSNormQuant(nn.Module):
