@@ -201,7 +201,7 @@ class Engine:
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tok.eos_token_id is not None:
             ids.add(tok.eos_token_id)
-        for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"):
+        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>"):
             tid = tok.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid != tok.unk_token_id:
                 ids.add(tid)
