@@ -30,6 +30,8 @@ from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
     DocumentError,
+    DocumentTooLong,
+    ReadLimits,
     chapter_token_offsets,
     document_from_text,
     read_documents,
@@ -48,6 +50,9 @@ from duo_qserve.patterns import PatternError, load_pattern
 
 GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
 _DONE = object()
+
+
+CHARS_PER_TOKEN_BOUND = 16
 
 
 @dataclasses.dataclass
@@ -191,6 +196,13 @@ class Server:
         return text, ratio_button, gr.update(interactive=n <= fits)
 
     # ---- documents -------------------------------------------------------------------------------------------
+    def _max_chars(self) -> int:
+        """Characters past which no setting could hold a document: reading stops there instead of tokenizing it.
+        The largest room any streaming-head ratio offers, at a generous 16 characters per token (English prose
+        takes about 4)."""
+        tokens = max(self.engine.max_document_tokens, self.engine.document_tokens_at(1.0))
+        return int(CHARS_PER_TOKEN_BOUND * tokens)
+
     def read(self, files: list[str] | None, text: str) -> tuple[Any, ...]:
         """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
@@ -199,13 +211,19 @@ class Server:
             )
         try:
             if files:
-                doc = read_documents(files)
+                doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
             elif text and text.strip():
                 doc = document_from_text(text)
             else:
                 raise DocumentError(
                     f"Nothing to read: upload {', '.join(SUPPORTED_SUFFIXES)} files or paste text first."
                 )
+        except DocumentTooLong:
+            message = (
+                f"**Not read:** the text is longer than {self._max_chars():,} characters, more than this model "
+                f"can hold at any streaming-head ratio.\n\n{self._loaded_note()}"
+            )
+            return message, [], None, gr.update(visible=False), gr.update(interactive=False)
         except DocumentError as e:
             message = f"**Not read:** {e}\n\n{self._loaded_note()}"
             return message, [], None, gr.update(visible=False), gr.update(interactive=False)

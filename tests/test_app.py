@@ -162,3 +162,19 @@ def test_too_large_document_offers_the_ratio_that_fits(app_url, tmp_path):
     _status, headline, summary, ratio = client.predict(api_name="/apply_ratio")
     assert "Fits" in summary and ratio == pytest.approx(int(match.group(1)) / 100)
     assert f"{match.group(1)}% streaming heads" in headline
+
+
+def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, monkeypatch):
+    """Reading stops at the characters no streaming-head ratio could hold; the tokenizer never sees the text."""
+    import app.main as app_main
+
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    tokens = max(server.engine.max_document_tokens, server.engine.document_tokens_at(1.0))
+    monkeypatch.setattr(app_main, "CHARS_PER_TOKEN_BOUND", 10_000 / tokens)  # a 10K-character limit
+    limit = server._max_chars()
+    assert 9_000 <= limit <= 10_000
+    book = tmp_path / "long.txt"
+    book.write_text("word " * (limit // 5 + 100))
+    monkeypatch.setattr(server.engine, "document_ids", lambda text: pytest.fail("the text was tokenized"))
+    summary, *_ = server.read([str(book)], "")
+    assert summary.startswith("**Not read:**") and f"{limit:,} characters" in summary
