@@ -92,6 +92,8 @@ STEP_CASES = [  # (hkv, g, n_retrieval, d, group, sink, recent, pos)
     (3, 3, 0, 16, 16, 4, 40, 50),  # streaming heads only
     (3, 3, 3, 64, 16, 4, 40, 50),  # retrieval heads only
     (2, 4, 1, 128, 32, 0, 40, 75),  # no sinks, G = 4, D = 128
+    *[(2, 7, n_r, 64, 32, 4, 40, 95) for n_r in (0, 1, 2)],  # Qwen2.5-Coder-0.5B's 7 query heads per KV head
+    *[(2, 6, n_r, 128, 32, 4, 40, 95) for n_r in (0, 1, 2)],  # and the 1.5B's 6: groups not a power of two
 ]
 
 

@@ -1,9 +1,10 @@
 """Query groups that are not powers of two (Qwen2.5-Coder: 7 query heads per KV head at 0.5B, 6 at 1.5B) through
-the quantized-KV kernels and the fused decode step, against their torch references in Triton's interpreter.
+the quantized-KV kernels, against their torch references in Triton's interpreter (the fused decode step's cases
+for these groups are in ``test_decode_graph.STEP_CASES``).
 
 As in ``test_kv_kernels``: the interpreter must be on before triton's first import, so when an earlier module
 imported triton these tests run in a child pytest process. Inputs are fp32; the same bounds as there: out within
-2e-5 * max|ref| (accumulated fp32 rounding), lse within 1e-5, cache writes bit-identical.
+2e-5 * max|ref| (accumulated fp32 rounding), lse within 1e-5.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ if IN_PROCESS:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import random_cache_layer, run_in_interpreter_child  # noqa: E402
+from conftest import run_in_interpreter_child  # noqa: E402
 
-from duo_qserve.cache import CacheConfig, CacheSpec  # noqa: E402
-from duo_qserve.kernels import decode_step, kv_attention, kv_quantize  # noqa: E402
-from duo_qserve.model import ModelArgs, rope_cos_sin, rope_inv_freq  # noqa: E402
+from duo_qserve.kernels import kv_attention, kv_quantize  # noqa: E402
 
 OUT_TOL, LSE_TOL = 2e-5, 1e-5
 QWEN_GROUPS = [(7, 64), (6, 128)]  # (q_per_kv, head_dim): Qwen2.5-Coder 0.5B and 1.5B
@@ -61,27 +60,3 @@ def test_quantized_prefix_attention_with_qwen_groups(g, d, t, interpreted):
     _check(*kv_attention.quantized_prefix_attention(q, *cache, n_quant, bits, group, d**-0.5), *ref)
     if t == 1:  # the split-K kernel with several splits and the merge kernel
         _check(*kv_attention.decode_attention(q, *cache, n_quant, bits, group, d**-0.5, num_splits=3), *ref)
-
-
-@pytest.mark.parametrize("g,d", QWEN_GROUPS)
-@pytest.mark.parametrize("n_retrieval", [0, 1, 2])
-def test_fused_decode_step_with_qwen_groups(g, d, n_retrieval, interpreted):
-    gen = torch.Generator().manual_seed(g * 10 + n_retrieval)
-    hkv, bits, group, sink, recent, pos = 2, 4, 32, 4, 40, 95
-    args = ModelArgs(vocab_size=8, dim=hkv * g * d, n_layers=1, n_heads=hkv * g, n_kv_heads=hkv, head_dim=d,
-                     intermediate_size=8, rope_theta=1e6)  # fmt: skip
-    config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
-    want_layer = random_cache_layer(CacheSpec(args, [n_retrieval], config, 4 * group, torch.float32), gen)
-    got_layer = {name: t.clone() for name, t in want_layer.items()}
-    q = torch.randn(1, hkv * g, d, generator=gen)
-    k, v = torch.randn(1, hkv, d, generator=gen), torch.randn(1, hkv, d, generator=gen)
-    rope = rope_cos_sin(rope_inv_freq(args), torch.tensor([pos]))
-    p = torch.tensor([pos])
-    tail, ring = p % group, (p - sink) % recent
-    step = (n_retrieval, tail, ring, (p - tail).to(torch.int32), bits, d**-0.5)
-    want = decode_step.reference(q, k, v, rope, want_layer, *step)
-    got = decode_step.fused(q, k, v, rope, got_layer, *step)
-    assert got.shape == want.shape and torch.isfinite(got).all()
-    assert (got - want).abs().max() <= OUT_TOL * want.abs().max()
-    for name, t in want_layer.items():
-        assert torch.equal(got_layer[name], t), name
