@@ -131,9 +131,8 @@ class Engine:
         self.prefilled_tokens = 0  # every token that went through a forward pass, for accounting and tests
         self._cancel = threading.Event()
         self._jobs = 0  # nesting depth of the job holding ``lock`` (read and written under it)
-        self.lock = (
-            threading.RLock()
-        )  # one GPU job at a time; re-entrant so a caller can hold it around calls
+        # One GPU job at a time; re-entrant so a caller can hold it around calls (``job``).
+        self.lock = threading.RLock()
         self._doc_prefix, self._question_suffix = self._template_parts()
         self._stop_ids = self._eos_ids()
 
@@ -396,9 +395,8 @@ class Engine:
                 text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
                 cut = _first_stop(text, stop)
                 piece_end = cut if cut is not None else len(text)
-                if (
-                    not text.endswith("\ufffd") or cut is not None
-                ):  # wait for the rest of a multi-byte character
+                # A trailing U+FFFD is half a multi-byte character: wait for the rest.
+                if not text.endswith("\ufffd") or cut is not None:
                     if piece_end > len(text_so_far):
                         yield text[len(text_so_far) : piece_end]
                         text_so_far = text[:piece_end]
