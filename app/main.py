@@ -45,7 +45,7 @@ from duo_qserve.engine import (
     token_sha256,
 )
 from duo_qserve.loading import ModelLoadError
-from duo_qserve.models import known_names, named_model
+from duo_qserve.models import demo_model, known_names, named_model
 from duo_qserve.patterns import PatternError, load_pattern
 
 GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
@@ -689,8 +689,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", metavar="USER:PASS", help="require this login; answers then name the user")
     p.add_argument(
         "--model",
-        default="default",
-        help="a named model (python -m duo_qserve models list), a checkpoint dir or a .gguf",
+        default="demo",
+        help="a named model (python -m duo_qserve models list), a checkpoint dir or a .gguf; 'demo': "
+        "Qwen2.5-Coder-1.5B-Instruct on a GPU, -0.5B on a CPU",
     )
     p.add_argument(
         "--pattern", default="auto", help="attention pattern dir, 'auto' or 'none' (all retrieval heads)"
@@ -714,8 +715,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    model = demo_model(a.cpu) if a.model == "demo" else a.model
     settings = EngineSettings(
-        model=a.model,
+        model=model,
         device="cpu" if a.cpu else None,
         pattern=None if a.pattern.lower() == "none" else a.pattern,
         sparsity=a.sparsity,
@@ -723,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
         max_tokens=a.max_tokens,
         w8a8=a.w8a8,
     )
-    print(f"loading {a.model}…", flush=True)
+    print(f"loading {model}…", flush=True)
     try:
         server = Server(settings)
     except (ModelLoadError, PatternError, ValueError) as e:

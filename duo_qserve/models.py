@@ -91,12 +91,22 @@ NAMED_MODELS: dict[str, NamedModel] = {
         ),
     )
 }
-ALIASES = {"default": "smollm2-135m"}  # the default stays SmolLM2-135M for now
+ALIASES = {"default": "smollm2-135m"}  # the library's and the tests' default: small and fast
+# The demo's model: the strongest named model that answers at a usable speed on the machine (models/README.md
+# gives the measurements behind the choice). ``demo`` names it wherever a model is taken.
+DEMO_MODELS = {"gpu": "qwen2.5-coder-1.5b", "cpu": "qwen2.5-coder-0.5b"}
+
+
+def demo_model(cpu: bool = False) -> str:
+    """The demo's model for this machine: the GPU one when CUDA is available (and ``cpu`` is not asked)."""
+    import torch
+
+    return DEMO_MODELS["cpu" if cpu or not torch.cuda.is_available() else "gpu"]
 
 
 def named_model(name: str) -> NamedModel | None:
-    """The record for ``name`` (a name, an alias, or a converted directory's name), or None."""
-    key = ALIASES.get(name, name)
+    """The record for ``name`` (a name, an alias, ``demo``, or a converted directory's name), or None."""
+    key = demo_model() if name == "demo" else ALIASES.get(name, name)
     if key in NAMED_MODELS:
         return NAMED_MODELS[key]
     return next((m for m in NAMED_MODELS.values() if m.directory == name), None)
@@ -216,7 +226,7 @@ def install_model(name: str, log=print) -> Path:
 
 
 def known_names() -> list[str]:
-    return [*ALIASES, *NAMED_MODELS]
+    return [*ALIASES, "demo", *NAMED_MODELS]
 
 
 def list_models() -> list[dict]:
@@ -229,7 +239,7 @@ def list_models() -> list[dict]:
             "parts": len(m.parts),
             "parts_installed": sum(_part_path(p) is not None for p in m.parts),
             "converted": is_converted(models_dir() / m.directory),
-            "aliases": [a for a, target in ALIASES.items() if target == m.name],
+            "aliases": [a for a, target in {**ALIASES, "demo": demo_model()}.items() if target == m.name],
         }
         for m in NAMED_MODELS.values()
     ]

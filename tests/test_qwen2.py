@@ -190,9 +190,14 @@ def test_registry_names():
     assert models.named_model("default") is models.named_model("smollm2-135m")
     assert models.named_model("Qwen2.5-Coder-0.5B-Instruct").name == "qwen2.5-coder-0.5b"
     assert models.named_model("qwen9") is None
+    # the demo's model follows the machine
+    expected = models.DEMO_MODELS["gpu" if torch.cuda.is_available() else "cpu"]
+    assert models.named_model("demo").name == models.demo_model() == expected
+    assert models.demo_model(cpu=True) == "qwen2.5-coder-0.5b"
+    assert models.DEMO_MODELS["gpu"] == "qwen2.5-coder-1.5b"
     for m in models.NAMED_MODELS.values():
         assert len(m.sha256) == 64 and m.size > 0 and len({p.package for p in m.parts}) == len(m.parts)
-    with pytest.raises(ModelLoadError, match=r"a named model \(default, smollm2-135m"):
+    with pytest.raises(ModelLoadError, match=r"a named model \(default, demo, smollm2-135m"):
         load_model("qwen9")
 
 
