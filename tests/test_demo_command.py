@@ -21,7 +21,8 @@ from test_app import QUESTION, SECRET, answer_text, free_port
 from duo_qserve.loading import REPO_ROOT
 
 pytestmark = pytest.mark.slow
-START_TIMEOUT_S = 900  # set-up (done) + the demo model installed once (a 491 MB download) + its load + app start
+# set-up (done) + the demo model installed once (a 491 MB download) + its load + app start
+START_TIMEOUT_S = 900
 
 
 def _wait_until_serving(url: str, proc: subprocess.Popen) -> None:
