@@ -592,7 +592,7 @@ def results(header: dict, engines: dict, progress: Progress, grid: Grid, out: Pa
     )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m duo_qserve.eval.niah", description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--model", default="default", help="a named model, a checkpoint directory or a .gguf file")
@@ -619,6 +619,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--deadline", type=float, default=None, metavar="SECONDS",
         help="stop cleanly (results written) before a document that would end later than this")  # fmt: skip
     add("--out-dir", default=str(RESULTS_DIR))
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, checked, with the grid, the needle pools and the haystack texts (read now, so a bad file
+    fails before any model loads)."""
+    p = build_parser()
     a = p.parse_args(argv)
     a.configs, a.kinds = a.configs.split(","), a.kinds.split(",")
     if unknown := [n for n in a.configs if n not in CONFIGS]:
@@ -627,7 +634,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--kinds: unknown {unknown}; known: {', '.join(KINDS)}")
     a.grid = Grid([int(x) for x in a.lengths.split(",")], [float(x) for x in a.depths.split(",")], a.kinds,
                   a.trials, a.seed)  # fmt: skip
-    try:  # the needles and haystacks, read now so a bad file fails before any model loads
+    try:
         a.pools = needle_pools(load_needles(a.needles) if a.needles else BUILTIN_NEEDLES, a.kinds)
         a.texts = [haystack_text(spec, a.essays) for spec in a.haystack or ["essays", "pydocs"]]
     except (ValueError, FileNotFoundError) as e:

@@ -36,7 +36,7 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
     return math.exp(nll / count)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m duo_qserve.eval.perplexity", description=__doc__.split("\n\n")[0]
     )
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--alphas", default="0.3,0.5,0.7,0.85", help="SmoothQuant alphas, comma-separated")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
 
     texts = {"essays": data.essay_text("evaluation", a.essays), "pydocs": data.pydocs_text()}
     calib_files = data.essay_files("calibration", a.essays)
