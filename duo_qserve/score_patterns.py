@@ -20,7 +20,6 @@ import math
 import random
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from duo_qserve.loading import load_model
 from duo_qserve.model import Transformer
 from duo_qserve.patterns import save_pattern
-from duo_qserve.train_patterns import HAYSTACK_DIR, PasskeyRetrieval, Sample, SampleFn, TrainSettings
+from duo_qserve.train_patterns import PasskeyRetrieval, Sample, SampleFn, TrainSettings
 
 
 class NeedleMassProbe:
@@ -95,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passkeys", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--haystack-dir", default=str(HAYSTACK_DIR), help="directory of *.txt essays")
+    p.add_argument("--essays", default=None, help="directory of *.txt essays (default: $DUO_QSERVE_ESSAYS)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     loaded = load_model(a.model, a.device)
     task = TrainSettings(
         context_length_min=a.tokens, context_length_max=a.tokens, num_passkeys=a.passkeys, passkey_length=5
     )
-    make_sample = PasskeyRetrieval(loaded.tokenizer, task, Path(a.haystack_dir))
+    make_sample = PasskeyRetrieval(loaded.tokenizer, task, a.essays)
     gates = score_heads(loaded.model, make_sample, a.samples, a.sink, a.recent, a.seed)
     config = dict(
         model_name=loaded.name, method="needle attention mass of the answers (score_patterns)",

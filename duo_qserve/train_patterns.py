@@ -30,12 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from duo_qserve.data import essay_text
 from duo_qserve.loading import REPO_ROOT, load_model
 from duo_qserve.model import Transformer
 from duo_qserve.patterns import load_pattern, random_pattern, save_pattern, sparsify
 
-# The essays used as haystack by training, scoring and NIAH; a machine without the shared data dir passes its own.
-HAYSTACK_DIR = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
 NATO = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
     "quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
@@ -154,15 +153,12 @@ SampleFn = Callable[[random.Random], Sample]
 
 class PasskeyRetrieval:
     """Multi-passkey retrieval samples on real text: NATO-word passkeys at sorted random depths of a haystack slice,
-    then one question and answer per passkey (supervised)."""
+    then one question and answer per passkey (supervised). The haystack is the essays' evaluation split
+    (``duo_qserve.data``: never the calibration text) of ``essays`` (a directory; None: ``$DUO_QSERVE_ESSAYS``)."""
 
-    def __init__(self, tokenizer, settings: TrainSettings, haystack_dir: Path = HAYSTACK_DIR):
-        files = sorted(Path(haystack_dir).glob("*.txt"))
-        if not files:
-            raise FileNotFoundError(f"no haystack essays (*.txt) in {haystack_dir}")
-        text = "\n\n".join(f.read_text(errors="replace") for f in files)
+    def __init__(self, tokenizer, settings: TrainSettings, essays: str | Path | None = None):
         self.tok, self.s = tokenizer, settings
-        self.haystack = self._encode(text)
+        self.haystack = self._encode(essay_text("evaluation", essays))
         self.lengths = np.linspace(
             settings.context_length_min, settings.context_length_max, settings.context_lengths_num_intervals
         ).astype(int)
@@ -400,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--haystack-dir", default=str(HAYSTACK_DIR), help="directory of *.txt essays")
+    p.add_argument("--essays", default=None, help="directory of *.txt essays (default: $DUO_QSERVE_ESSAYS)")
     p.add_argument(
         "--validate-samples", type=int, default=16,
         help="held-out samples for the deployed loss written to config.json (0: skip)",
@@ -441,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(asdict(settings)), flush=True)
     t0 = time.perf_counter()
     log = lambda msg: print(msg, flush=True)
-    make_sample = PasskeyRetrieval(loaded.tokenizer, settings, Path(a.haystack_dir))
+    make_sample = PasskeyRetrieval(loaded.tokenizer, settings, a.essays)
     gates = train_gates(
         loaded.model,
         make_sample,

@@ -1,37 +1,20 @@
 #!/usr/bin/env bash
-# Needle in a haystack for the default model: full attention (fp32) vs DuoAttention at 50% streaming heads with the
-# trained, a random and the fast-scored pattern, all-streaming and all-retrieval (W8A8KV4 on a GPU, KV4 on a CPU),
-# plus the trained pattern without W8A8. Sink 16 / recent 64 / chunk 256, so streaming heads really drop context
-# during pre-fill. Results: $OUT_DIR/niah-smollm2-<date>.json (default benchmarks/results) + one heat map per
-# configuration. On a GPU the configurations run as 4 concurrent processes; on a CPU one after another, so pass a
-# smaller grid there (e.g. --lengths 1024 --depths 0,33,67,100 --trials 1). HAYSTACK_DIR overrides the essays'
-# directory. Extra arguments go to every NIAH run (e.g. --mode passkey --name passkey).
+# Needle in a haystack (duo_qserve/eval/niah.py) for one model: every configuration (full16, w8a8-kv16, kv4,
+# w8a8kv4, duo50, duo75, duo50-w8a8, duo75-w8a8, random50) on the same documents (numbers, words and two-fact
+# documents in the essays and in the Python documentation, 5 depths), in one process that builds each
+# configuration's engine once. Results: benchmarks/results/niah-<model>-<date>.json + one heat map per configuration,
+# and a markdown table printed at the end.
+#   MODEL    a named model (default: default = SmolLM2-135M-Instruct; qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)
+#   LENGTHS  context lengths (default: 2048,4096,7680 for SmolLM2's 8K context, 4096-32768 for the 32K Qwen models)
+#   DUO_QSERVE_ESSAYS  the essays directory (default: ../shared/data/haystack/paul_graham_essays)
+# Extra arguments go to the harness, e.g. --trials 2 --deadline 540 (seconds; stops cleanly, results written), or
+# on a CPU a smaller grid: --configs full16,duo50,random50 --depths 10,50,90.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-out_dir=${OUT_DIR:-benchmarks/results}
-hay=(${HAYSTACK_DIR:+--haystack-dir "$HAYSTACK_DIR"})
-scored=test-output/niah/scored-pattern
-mkdir -p test-output
-python -m duo_qserve.score_patterns --model default --out "$scored" --sink 16 --recent 64 --tokens 4000 \
-  --samples 8 --device "$device" "${hay[@]}"
-rm -f "$out_dir/niah-smollm2-$(date +%F).json"  # the runs below append to one fresh file
-run() {
-  python -m duo_qserve.eval.niah --device "$device" --name smollm2 --lengths 1024,2048,3072,4096 \
-    --depths 0,25,50,75,100 --trials 4 --sink 16 --recent 64 --chunk-size 256 --sparsity 0.5 \
-    --scored "$scored" --out-dir "$out_dir" --append "${hay[@]}" --configs "$@"
-}
-groups=(full,streaming duo-trained,duo-random full-quantized,duo-scored duo-trained-kv4)
-if [ "$device" = cuda ]; then
-  pids=()
-  for g in "${groups[@]}"; do
-    run "$g" "$@" > "test-output/niah-$g.log" 2>&1 &
-    pids+=($!)
-  done
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "NIAH ${groups[$i]} failed:"; tail -20 "test-output/niah-${groups[$i]}.log"; exit 1; }
-    tail -n 2 "test-output/niah-${groups[$i]}.log"
-  done
-else
-  for g in "${groups[@]}"; do run "$g" "$@"; done
-fi
+model=${MODEL:-default}
+case "$model" in
+  default | smollm2-135m) lengths=${LENGTHS:-2048,4096,7680} ;;
+  *) lengths=${LENGTHS:-4096,8192,16384,24576,32768} ;;
+esac
+export DUO_QSERVE_ESSAYS=${DUO_QSERVE_ESSAYS:-../shared/data/haystack/paul_graham_essays}
+python -m duo_qserve.eval.niah --model "$model" --lengths "$lengths" --depths 10,30,50,70,90 "$@"

@@ -5,9 +5,10 @@
 # distillation loss on held-out samples of the training task is installed in attn_patterns/SmolLM2-135M-Instruct
 # (config.json records every candidate's loss). On a CPU a step of these lengths takes minutes, so pass e.g.
 # REGS=0.05 and --steps 16 --context-min 256 --context-max 512. Extra arguments go to every run (e.g. --resume,
-# --haystack-dir DIR).
+# --essays DIR; default: $DUO_QSERVE_ESSAYS, else ../shared/data/haystack/paul_graham_essays).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export DUO_QSERVE_ESSAYS=${DUO_QSERVE_ESSAYS:-../shared/data/haystack/paul_graham_essays}
 device=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 runs=test-output/patterns
 mkdir -p "$runs"

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 SHARED = Path(os.environ.get("DUO_QSERVE_SHARED", REPO_ROOT.parent / "shared"))
 HAYSTACK = SHARED / "data" / "haystack" / "paul_graham_essays"
 UPSTREAM_PATTERNS = SHARED / "data" / "upstream_attn_patterns"
+os.environ.setdefault("DUO_QSERVE_ESSAYS", str(HAYSTACK))  # the library reads essays only from a given place
 
 
 def tiny_args(**overrides) -> ModelArgs:

@@ -3,14 +3,15 @@
 Commands are taken from the ```bash blocks of README.md, docs/*.md, benchmarks/README.md and models/README.md:
 scripts must exist (and run_demo.sh's flags parse with the app's own parser), ``python -m duo_qserve ...`` lines
 must parse with the real command line (a synopsis with ``[...]`` must name only options that exist), modules
-named with ``python -m`` must exist. The capacity table is recomputed cell by cell, and ``ask`` runs as users type
-it.
+named with ``python -m`` must exist, and parse with the module's own ``build_parser()`` where it has one. The
+capacity table is recomputed cell by cell, and ``ask`` runs as users type it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
@@ -69,6 +70,15 @@ def test_documented_command_matches_the_code(doc, command):
     module, rest = words[2], words[3:]
     if module != "duo_qserve":
         assert importlib.util.find_spec(module) is not None, f"{doc}: no module {module}"
+        build = getattr(importlib.import_module(module), "build_parser", None)
+        if build is None:
+            return
+        parser = build()  # a module with its own command line (e.g. duo_qserve.eval.niah)
+        if "[" in command or "..." in command:
+            for word in re.findall(r"--[a-z0-9-]+", command):
+                assert word in parser._option_string_actions, f"{doc}: {module} has no option {word}"
+        else:
+            parser.parse_args(rest)
         return
     if "[" in command or "..." in command:  # a synopsis: the sub-command and every option it names exist
         options = _subparser(rest[0])._option_string_actions

@@ -1,28 +1,29 @@
-"""Perplexity of the default model on held-out essays: float vs W8A8 vs W8A8 + SmoothQuant at several alphas.
+"""W8A8 perplexity against 16-bit on held-out text: what weight and activation quantization cost a named model.
 
-Calibration text and evaluation text come from disjoint essays of the shared haystack. Each evaluation window is
-scored independently (no context carried between windows), with every token after the first predicted.
+SmoothQuant is calibrated on the essays' calibration split (``duo_qserve.data``); perplexity is measured on text
+calibration never saw: the essays' evaluation split, and the pydocs haystack (technical text of another kind). Each
+evaluation window is scored on its own (no context carried between windows), every token after its first
+predicted. Rows: 16-bit (fp16 on CUDA, fp32 on CPU), W8A8 without smoothing, W8A8 with SmoothQuant calibrated here
+at each ``--alphas`` value, and W8A8 with the statistics shipped for the model (what the engine uses), if any.
 
-    python -m duo_qserve.eval.perplexity --out benchmarks/results [--alphas 0.3,0.5,0.7]
+    python -m duo_qserve.eval.perplexity --model qwen2.5-coder-1.5b --device cuda [--alphas 0.5,0.7,0.85]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from duo_qserve import data
 from duo_qserve.cache import FullKVCache
+from duo_qserve.engine import CALIBRATION_DIR
+from duo_qserve.eval.common import result_header, write_json
 from duo_qserve.loading import REPO_ROOT, load_model
-from duo_qserve.quant.w8a8 import quantize_model_w8a8
-
-HAYSTACK = REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
+from duo_qserve.quant.w8a8 import DEFAULT_ALPHA, load_activation_absmax, quantize_model_w8a8
 
 
 @torch.inference_mode()
@@ -35,63 +36,75 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
     return math.exp(nll / count)
 
 
-def split_text(haystack: Path, calib_files: int) -> tuple[str, str]:
-    files = sorted(haystack.glob("*.txt"))
-    if len(files) <= calib_files:
-        raise SystemExit(f"need more than {calib_files} essays in {haystack}")
-    read = lambda fs: "\n\n".join(f.read_text(errors="replace") for f in fs)  # noqa: E731
-    return read(files[:calib_files]), read(files[calib_files:])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m duo_qserve.eval.perplexity", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--model", default="default", help="a named model, a checkpoint directory or a .gguf file")
+    p.add_argument("--essays", default=None, help="essays directory (default: $DUO_QSERVE_ESSAYS)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--calib-tokens", type=int, default=8192, help="calibration tokens (the shipped statistics': 8192)"
+    )
+    p.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens per text")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--alphas", default="0.3,0.5,0.7,0.85", help="SmoothQuant alphas, comma-separated")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="directory")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--haystack", type=Path, default=HAYSTACK)
-    p.add_argument(
-        "--calib-files", type=int, default=8, help="the first N essays calibrate; the rest evaluate"
-    )
-    p.add_argument("--calib-tokens", type=int, default=4096)
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--alphas", default="0.3,0.5,0.7,0.85")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
 
-    calib_text, eval_text = split_text(a.haystack, a.calib_files)
-    base = load_model(a.model)
+    texts = {"essays": data.essay_text("evaluation", a.essays), "pydocs": data.pydocs_text()}
+    calib_files = data.essay_files("calibration", a.essays)
+    base = load_model(a.model, a.device)
     tok = base.tokenizer
-    ids = torch.tensor(tok(eval_text, add_special_tokens=False)["input_ids"][: a.eval_tokens])
-    windows = list(ids.split(a.window))
-    calib = torch.tensor(tok(calib_text, add_special_tokens=False)["input_ids"][: a.calib_tokens])
 
-    rows = [{"config": "fp32", "ppl": perplexity(base.model, windows)}]
-    print(rows[-1], flush=True)
-    configs = [("w8a8", None)] + [(f"w8a8+smoothquant(alpha={x})", float(x)) for x in a.alphas.split(",")]
-    for name, alpha in configs:
-        model = load_model(a.model).model
-        quantize_model_w8a8(model, calib if alpha is not None else None, alpha if alpha is not None else 0.5)
-        rows.append({"config": name, "ppl": perplexity(model, windows)})
-        rows[-1]["vs_fp32"] = rows[-1]["ppl"] / rows[0]["ppl"] - 1
-        print(rows[-1], flush=True)
+    def ids_of(text: str, n: int) -> torch.Tensor:
+        return torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:n], device=a.device)
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {
-        "device": "cpu",
-        "date": datetime.date.today().isoformat(),
-        "commit": commit or "unknown",
-        "command": " ".join(
-            ["python -m duo_qserve.eval.perplexity", *(argv if argv is not None else sys.argv[1:])]
-        ),
+    windows = {name: list(ids_of(text, a.eval_tokens).split(a.window)) for name, text in texts.items()}
+    calib = ids_of(data.read_texts(calib_files), a.calib_tokens)
+    shipped = CALIBRATION_DIR / f"{base.name}.safetensors"  # what the engine applies
+
+    def row(name: str, model, baseline: dict | None = None) -> dict:
+        r = {"config": name} | {f"ppl_{t}": perplexity(model, w) for t, w in windows.items()}
+        if baseline is not None:
+            r |= {f"vs_16bit_{t}": r[f"ppl_{t}"] / baseline[f"ppl_{t}"] - 1 for t in windows}
+        print(r, flush=True)
+        return r
+
+    dtype = str(base.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    rows = [row(f"16-bit ({dtype})", base.model)]
+    # quantize_model_w8a8's smoothing arguments for a model, per row
+    smoothings = {"w8a8": lambda model: {}}
+    for x in a.alphas.split(","):
+        smoothings[f"w8a8+smoothquant(alpha={x})"] = lambda model, x=x: {
+            "calibration_ids": calib,
+            "alpha": float(x),
+        }
+    if shipped.is_file():
+        smoothings[f"w8a8+shipped statistics (alpha={DEFAULT_ALPHA})"] = lambda model: {
+            "act_absmax": load_activation_absmax(shipped, model)
+        }
+    for name, smoothing in smoothings.items():
+        model = load_model(a.model, a.device).model
+        rows.append(row(name, quantize_model_w8a8(model, **smoothing(model)), rows[0]))
+
+    result = result_header("duo_qserve.eval.perplexity", argv, a.device) | {
         "model": base.name,
-        "eval_tokens": int(ids.numel()),
         "window": a.window,
-        "calibration": f"first {a.calib_files} essays, {calib.numel()} tokens",
-        "evaluation": "the remaining essays",
+        "calibration": {"files": [f.name for f in calib_files], "tokens": int(calib.numel())},
+        "evaluation": {
+            "essays": f"evaluation split of {data.essays_dir(a.essays)}",
+            "pydocs": f"pydoc of {len(data.PYDOC_MODULES)} stdlib modules",
+            "tokens": {t: sum(len(x) for x in w) for t, w in windows.items()},
+        },
+        "shipped_statistics": shipped.name if shipped.is_file() else None,
         "rows": rows,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"perplexity-w8a8-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_json(a.out / f"perplexity-w8a8-{base.name}-{result['date']}.json", result)
     print("wrote", path)
     return 0
 

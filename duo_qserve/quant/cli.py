@@ -1,6 +1,7 @@
 """``python -m duo_qserve quantize SRC DST``: quantize a checkpoint to W8A8 once, so later loads skip the work;
 with ``--stats-only``, write only the SmoothQuant activation statistics, which the engine applies when it
-quantizes on the fly (those shipped in ``duo_qserve/quant/calibration/`` are made this way)."""
+quantizes on the fly (those shipped in ``duo_qserve/quant/calibration/`` are made this way). The calibration text
+defaults to the essays' calibration split (``duo_qserve.data``), which no evaluation reads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from duo_qserve.data import essay_files, read_texts
 from duo_qserve.loading import load_model
 from duo_qserve.quant.w8a8 import (
     DEFAULT_ALPHA,
@@ -26,8 +28,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def calibration_ids(tokenizer, paths: list[Path], n_tokens: int) -> torch.Tensor:
     """Token ids of calibration text: files, and every .txt file of directories, in order, up to ``n_tokens``."""
     files = [f for p in paths for f in (sorted(p.glob("*.txt")) if p.is_dir() else [p])]
-    text = "\n\n".join(f.read_text(errors="replace") for f in files)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    ids = tokenizer(read_texts(files), add_special_tokens=False)["input_ids"][:n_tokens]
     if not ids:
         raise ValueError(f"{' '.join(map(str, paths))}: no calibration text found")
     return torch.tensor(ids)
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="'default', a checkpoint directory or a .gguf file")
     p.add_argument("dst", help="output directory")
     p.add_argument(
-        "--calibration", type=Path, nargs="+", default=None, help="text files or directories for SmoothQuant"
+        "--calibration", type=Path, nargs="+", default=None,
+        help="text files or directories for SmoothQuant (default: the calibration split of $DUO_QSERVE_ESSAYS)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-smoothing", action="store_true", help="W8A8 without SmoothQuant (no calibration text)"
     )
     p.add_argument(
         "--stats-only", action="store_true", help="write DST as activation statistics (.safetensors)"
@@ -47,17 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.no_smoothing and (a.stats_only or a.calibration):
+        p.error("--no-smoothing takes no calibration text, so neither --calibration nor --stats-only")
+    paths = [] if a.no_smoothing else a.calibration or essay_files("calibration")
     loaded = load_model(a.src, a.device)
     model = loaded.model
     if getattr(model, "w8a8", None) is not None:
         raise ValueError(f"{a.src} is already quantized")
-    calib = None
-    if a.calibration is not None:
-        calib = calibration_ids(loaded.tokenizer, a.calibration, a.calibration_tokens).to(a.device)
+    calib = calibration_ids(loaded.tokenizer, paths, a.calibration_tokens).to(a.device) if paths else None
     if a.stats_only:
-        if calib is None:
-            raise SystemExit("--stats-only needs --calibration")
-        text = " ".join(p.name for p in a.calibration)
+        text = " ".join(p.name for p in paths)
         save_activation_absmax(
             a.dst, activation_absmax(model, calib), {"text": text, "tokens": str(len(calib))}
         )
