@@ -22,9 +22,23 @@ from pathlib import Path
 
 from duo_qserve import library
 from duo_qserve.cache import DuoKVCache
+from duo_qserve.documents import DocumentError
 from duo_qserve.engine import DocumentInfo, DocumentTooLarge, Engine, token_sha256
 
 Progress = Callable[[int, int], None]
+
+
+class UploadRefused(DocumentError):
+    """Files over the per-upload or per-session size limit (nothing of them was read)."""
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bytes one uploaded file, and all the files one session reads, may have: they bound the disk and the
+    reading work one anonymous session can cost the machine."""
+
+    per_upload_bytes: int = 256 << 20
+    per_session_bytes: int = 2 << 30
 
 
 class NoBook(LookupError):
@@ -58,10 +72,16 @@ def owner_key(username: str | None, session_hash: str | None) -> str:
 class SessionStore:
     """The sessions, their books, and which books are resident within ``budget_bytes`` (LRU eviction)."""
 
-    def __init__(self, engine: Engine, budget_bytes: int, library_root: str | Path | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        budget_bytes: int,
+        library_root: str | Path | None = None,
+        uploads: UploadLimits = UploadLimits(),
+    ):
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
-        self.engine, self.budget_bytes = engine, budget_bytes
+        self.engine, self.budget_bytes, self.uploads = engine, budget_bytes, uploads
         self.root = library.library_dir(library_root) / ".sessions"
         self.max_document_tokens = self._largest_fitting(engine.max_document_tokens)
         self._sessions: dict[str, Session] = {}
@@ -85,6 +105,25 @@ class SessionStore:
     def library_of(self, key: str) -> Path:
         """The owner's private library directory (saved and evicted books); its name reveals nothing."""
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+    def take_uploads(self, key: str, paths: Sequence[str]) -> None:
+        """Count ``paths`` against the session's upload limit, or refuse them all (``UploadRefused``)."""
+        sizes = {Path(p).name: Path(p).stat().st_size for p in paths}
+        limits = self.uploads
+        for name, size in sizes.items():
+            if size > limits.per_upload_bytes:
+                raise UploadRefused(
+                    f"{name} has {size:,} bytes; one upload may have at most {limits.per_upload_bytes:,}"
+                )
+        session = self.session(key)
+        with self._lock:
+            total = session.upload_bytes + sum(sizes.values())
+            if total > limits.per_session_bytes:
+                raise UploadRefused(
+                    f"these files would bring this session's uploads to {total:,} bytes, over its limit of "
+                    f"{limits.per_session_bytes:,}: start a new session (reload the page) to read more"
+                )
+            session.upload_bytes = total
 
     def end(self, key: str) -> None:
         """Forget an anonymous session's books (a login's books stay in its library for the next visit)."""
@@ -139,6 +178,28 @@ class SessionStore:
             info = self._load(path, loaded_by, on_progress)
             self.session(key).books[info.sha256] = Book(info, self.engine.cache, str(path))
             return info
+
+    def save(self, key: str, sha256: str | None, on_progress: Progress | None = None) -> library.BookInfo:
+        """Save this session's book to its owner's library (where eviction finds it too)."""
+        book = self.book(key, sha256)
+        with self.engine.job():
+            self.activate(key, sha256)
+            saved = library.save(self.engine, self.library_of(key), on_progress=on_progress)
+            book.saved = saved.path
+            return saved
+
+    def remove(self, key: str, book_id: str) -> None:
+        """Delete a book of the owner's library; a book of the session evicted there is forgotten with it."""
+        path = library._book_dir(book_id, self.library_of(key), ids_only=True)
+        with self.engine.job():
+            shutil.rmtree(path)
+            books = self.session(key).books
+            for sha, book in list(books.items()):
+                if book.saved == str(path):
+                    if book.cache is None:
+                        del books[sha]
+                    else:
+                        book.saved = None
 
     def activate(self, key: str, sha256: str | None, on_progress: Progress | None = None) -> DocumentInfo:
         """Make this session's book the engine's, loading it back from the library if it was evicted."""
