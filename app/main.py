@@ -398,7 +398,8 @@ class Server:
             if not job.done.is_set():
                 job.cancel()
         if job.error is not None:
-            if "provenance" not in turn:  # it never reached the model (e.g. its book could not be loaded back)
+            # a turn that never reached the model (e.g. its book could not be loaded back) is not exported
+            if "provenance" not in turn:
                 turns.remove(turn)
             raise gr.Error(f"Could not answer: {job.error}")
         stats = job.result
