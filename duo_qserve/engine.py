@@ -122,7 +122,8 @@ class Engine:
         )
         cuda = self.device.type == "cuda"
         self.chunk_size = settings.chunk_size or (32768 if cuda else 512)
-        self.cache = DuoKVCache(self._cache_spec(settings.max_tokens), self.device)
+        self.capacity = self._cache_spec(settings.max_tokens)  # the largest cache one document may have
+        self.cache = DuoKVCache(self.capacity, self.device)
         # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step
         self.decode_graph = cuda and os.environ.get("DUO_QSERVE_DECODE_GRAPH", "1") != "0"
         self._decoder: GraphedDecoder | None = None
@@ -214,14 +215,31 @@ class Engine:
 
     @property
     def max_document_tokens(self) -> int:
-        return max(self.cache.max_tokens - ANSWER_RESERVE, 0)
+        """Document tokens the engine can hold (in a cache of ``capacity``)."""
+        return max(self.capacity.max_tokens - ANSWER_RESERVE, 0)
+
+    def cache_spec_for(self, document_tokens: int) -> CacheSpec:
+        """The cache for a document of ``document_tokens`` tokens and ``ANSWER_RESERVE`` more (at most
+        ``capacity``): several documents can then stay resident at once, each in a cache of its own size."""
+        tokens = min(document_tokens + ANSWER_RESERVE, self.capacity.max_tokens)
+        return CacheSpec(self.args, self.retrieval_heads, self.cache_config, tokens, self.dtype)
+
+    def new_cache(self, document_tokens: int) -> DuoKVCache:
+        """An empty cache of ``cache_spec_for(document_tokens)``, for ``use``."""
+        return DuoKVCache(self.cache_spec_for(document_tokens), self.device)
+
+    def use(self, cache: DuoKVCache, document: DocumentInfo | None) -> None:
+        """Make ``cache`` (from ``new_cache``, holding ``document`` or nothing) the one the engine pre-fills and
+        answers from; waits for the running job, so a switch never lands inside one."""
+        with self.job():
+            self.cache, self.document = cache, document
 
     def document_tokens_at(self, sparsity: float) -> int:
-        """Document tokens that would fit in the bytes of the current cache with ``sparsity`` streaming heads
+        """Document tokens that would fit in the bytes of ``capacity`` with ``sparsity`` streaming heads
         (what a re-load at that ratio would offer)."""
         mask, _ = self.pattern.retrieval_mask(sparsity)
         plan = max_tokens_for_budget(
-            self.args, [int(m.sum()) for m in mask], self.cache_config, self.cache.spec.nbytes,
+            self.args, [int(m.sum()) for m in mask], self.cache_config, self.capacity.nbytes,
             w8a8=False, chunk_size=0, dtype=self.dtype, include_fixed=False,
         )  # fmt: skip
         return max(plan.tokens - ANSWER_RESERVE, 0)
@@ -278,8 +296,9 @@ class Engine:
         """
         with self.job(), torch.inference_mode():
             ids = self.document_ids(document) if isinstance(document, str) else list(document)
-            if len(ids) > self.max_document_tokens:
-                raise DocumentTooLarge(len(ids), self.max_document_tokens)
+            fits = max(self.cache.max_tokens - ANSWER_RESERVE, 0)  # the cache in use (see ``use``)
+            if len(ids) > fits:
+                raise DocumentTooLarge(len(ids), fits)
             first = self.cache.seq_len if resume else 0
             if not resume:
                 self.reset()

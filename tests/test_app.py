@@ -11,6 +11,7 @@ import re
 import socket
 import time
 
+import gradio as gr
 import numpy as np
 import pytest
 from conftest import haystack_text
@@ -23,6 +24,7 @@ from duo_qserve.patterns import save_pattern
 pytestmark = pytest.mark.slow
 
 SECRET = "48213"
+ADMIN = "operator-token"
 QUESTION = "According to the document, what is the secret number?"
 
 
@@ -41,7 +43,7 @@ def needle_text() -> str:
 def app_url(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("DUO_QSERVE_LIBRARY", str(tmp_path_factory.mktemp("library")))
-    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128), admin_token=ADMIN)
     demo = build_app(server)
     port = free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
@@ -139,9 +141,17 @@ def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
     assert SECRET in answer
 
 
+def test_settings_are_for_the_operator_only(loaded):
+    for token in ("", "operator-toke", None):
+        with pytest.raises(Exception, match="for the operator"):
+            loaded.predict("default", "none", 0.5, "4", False, token, api_name="/apply")
+    _job, answer, _stats = ask(loaded)
+    assert SECRET in answer
+
+
 def test_bad_settings_keep_the_running_engine(loaded, tmp_path):
     status, _headline = loaded.predict(
-        "default", str(tmp_path / "missing"), 0.5, "4", False, api_name="/apply"
+        "default", str(tmp_path / "missing"), 0.5, "4", False, ADMIN, api_name="/apply"
     )
     assert status.startswith("**Error:**") and "no attention pattern" in status
     _job, answer, _stats = ask(loaded)
@@ -154,12 +164,12 @@ def test_too_large_document_offers_the_ratio_that_fits(app_url, tmp_path):
     pattern = save_pattern(
         tmp_path / "pattern", np.random.default_rng(0).random((30, 3)), {"sink_size": 32, "recent_size": 64}
     )
-    status, headline = client.predict("default", str(pattern), 0.0, "4", False, api_name="/apply")
+    status, headline = client.predict("default", str(pattern), 0.0, "4", False, ADMIN, api_name="/apply")
     assert status.startswith("Loaded") and "0% streaming heads" in headline
     summary, _chapters = client.predict([], haystack_text(6000), api_name="/read")
     match = re.search(r"would fit at \*\*(\d+)% streaming heads", summary)
     assert "Too large" in summary and match, summary
-    _status, headline, summary, ratio = client.predict(api_name="/apply_ratio")
+    _status, headline, summary, ratio = client.predict(ADMIN, api_name="/apply_ratio")
     assert "Fits" in summary and ratio == pytest.approx(int(match.group(1)) / 100)
     assert f"{match.group(1)}% streaming heads" in headline
 
@@ -176,5 +186,5 @@ def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, mon
     book = tmp_path / "long.txt"
     book.write_text("word " * (limit // 5 + 100))
     monkeypatch.setattr(server.engine, "document_ids", lambda text: pytest.fail("the text was tokenized"))
-    summary, *_ = server.read([str(book)], "")
+    summary, *_ = server.read([str(book)], "", None, gr.Request(session_hash="reader"))
     assert summary.startswith("**Not read:**") and f"{limit:,} characters" in summary
