@@ -32,6 +32,7 @@ import torch
 from app import ui_render as render
 from app.sessions import NoBook, SessionStore, UploadLimits, owner_key
 from duo_qserve import library
+from duo_qserve.conversation import Conversation
 from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
@@ -50,9 +51,11 @@ from duo_qserve.engine import (
     EngineSettings,
     token_sha256,
 )
+from duo_qserve.eta import PrefillClock
 from duo_qserve.loading import ModelLoadError
 from duo_qserve.models import demo_model, known_names, named_model
 from duo_qserve.patterns import PatternError, load_pattern
+from duo_qserve.sampling import Sampling
 
 GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
 _DONE = object()
@@ -278,35 +281,53 @@ class Server:
             summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
 
-    def prefill(self, pending: Pending | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Pre-fill the read document, streaming a progress bar; the previous document is dropped."""
+    def prefill(
+        self, pending: Pending | None, mine: str | None, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        """Pre-fill the read document into a book of this session, streaming a progress bar (``mine``: the
+        session's current book, named if the pre-fill is cancelled)."""
         if pending is None:
             raise gr.Error("Read a document first: upload files or paste text, then press Read.")
         engine, doc = self.engine, pending.document
         ids = self._ids(pending)
 
         def work(job: Job) -> Any:
+            job.put((0, time.perf_counter()))  # the engine is ours: the clock starts
             return self.store.prefill(
-                _key(request), ids, doc.title, _who(request), on_progress=lambda done, total: job.put(done)
+                _key(request),
+                ids,
+                doc.title,
+                _who(request),
+                on_progress=lambda done, total: job.put((done, time.perf_counter())),
             )
 
-        started, done = time.perf_counter(), 0
+        started, done, clock = time.perf_counter(), 0, None
         job = self._start(request.session_hash, work, engine)
         yield render.progress_html(0, len(ids), 0.0, "waiting for the model…"), "Pre-filling…", gr.skip()
         try:
             for batch in job.stream():
+                for done, at in batch:
+                    if clock is None:
+                        started, clock = at, PrefillClock(done, at)
+                    clock.done(done, at)
                 if batch:
-                    done = batch[-1]
+                    left = clock.seconds_left(len(ids))
                     yield (
-                        render.progress_html(done, len(ids), time.perf_counter() - started),
+                        render.progress_html(done, len(ids), time.perf_counter() - started, left=left),
                         gr.skip(),
                         gr.skip(),
                     )
         finally:
-            if not job.done.is_set():  # the event was cancelled or the page closed
+            if not job.done.is_set():  # the page was closed
                 job.cancel()
-        if isinstance(job.error, (Cancelled, DocumentTooLarge)):
-            yield render.progress_html(done, len(ids), 1.0, "stopped"), f"**Stopped:** {job.error}", None
+        if isinstance(job.error, Cancelled):
+            status = (
+                f"**Cancelled** after {done:,} of {len(ids):,} tokens. {self._loaded_note(mine, request)}"
+            )
+            yield render.progress_html(done, len(ids), 1.0, "cancelled"), status, mine  # its book stays
+            return
+        if isinstance(job.error, DocumentTooLarge):
+            yield render.progress_html(done, len(ids), 1.0, "stopped"), f"**Stopped:** {job.error}", mine
             return
         if job.error is not None:
             raise gr.Error(f"Pre-fill failed: {job.error}")
@@ -335,15 +356,19 @@ class Server:
         self,
         question: str,
         history: list[dict],
-        turns: list[dict],
+        conversation: Conversation,
         mine: str | None,
         temperature: float,
         top_p: float,
         max_new_tokens: float,
+        repetition_penalty: float,
+        no_repeat_ngram: float,
+        repeat_stop: float,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
         """Stream the answer about this session's document; its cache is restored (or loaded back from the
-        library, with progress, if it was evicted), so only the question is pre-filled."""
+        library, with progress, if it was evicted), so only the conversation's earlier turns and the question are
+        pre-filled. Stop ends the answer and keeps it (the event itself runs to its end)."""
         engine, question = self.engine, (question or "").strip()
         if not question:
             raise gr.Error("Type a question first.")
@@ -351,36 +376,30 @@ class Server:
             doc = self.store.book(_key(request), mine).info
         except NoBook as e:
             raise gr.Error(str(e)) from None
-        turn = {
-            "question": question,
-            "answer": "",
-            "document_title": doc.title,
-            "document_sha256": doc.sha256,
-        }
-        turns.append(turn)  # in place, so a stopped answer is kept for export too
+        sampling = dict(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram=int(no_repeat_ngram),
+            repeat_stop=int(repeat_stop),
+        )
+        answer = [""]
 
         def work(job: Job) -> Any:
             self.store.activate(_key(request), mine, on_progress=lambda d, t: job.put(d / t))
-            turn["provenance"] = render.provenance(engine)
             pieces = engine.ask(
                 question,
                 max_new_tokens=int(max_new_tokens),
-                temperature=float(temperature),
-                top_p=float(top_p),
+                conversation=conversation,
+                meta={"provenance": render.provenance(engine)},
+                **sampling,
             )
             try:
                 for piece in pieces:
-                    turn["answer"] += piece
+                    answer[0] += piece
                     job.put(piece)
             finally:
                 pieces.close()
-                turn.update(
-                    ttft_s=engine.last.ttft_s,
-                    decode_ms_per_token=engine.last.decode_ms_per_token,
-                    answer_tokens=engine.last.answer_tokens,
-                    question_tokens=engine.last.question_tokens,
-                    stopped=job.cancelled,
-                )
             return engine.last
 
         history = [*history, {"role": "user", "content": question}]
@@ -393,26 +412,37 @@ class Server:
                     note = f"Loading your book back from the library… {reloading[-1]:.0%}"
                     yield gr.skip(), gr.skip(), note
                 elif batch:
-                    yield [*history, {"role": "assistant", "content": turn["answer"]}], gr.skip(), gr.skip()
+                    yield [*history, {"role": "assistant", "content": answer[0]}], gr.skip(), gr.skip()
         finally:
-            if not job.done.is_set():
+            if not job.done.is_set():  # the page was closed
                 job.cancel()
         if job.error is not None:
-            # a turn that never reached the model (e.g. its book could not be loaded back) is not exported
-            if "provenance" not in turn:
-                turns.remove(turn)
+            # a turn that never reached the model (e.g. its book could not be loaded back) is not in the
+            # conversation: the engine adds a turn only once it has started answering
             raise gr.Error(f"Could not answer: {job.error}")
         stats = job.result
-        note = " (stopped)" if turn["stopped"] else ""
+        ending = render.ENDINGS[stats.ended_by]
+        if stats.ended_by == "cancel":
+            ending = f"stopped after {stats.answer_tokens} of at most {int(max_new_tokens)} tokens; ready"
+        turns = (
+            f"turn {stats.history_turns + 1} of this conversation ({stats.history_turns} earlier in context"
+        )
+        turns += f", {stats.history_tokens:,} tokens)"
+        if stats.dropped_turns:
+            turns += (
+                f" · **the oldest {stats.dropped_turns} turn{'s' if stats.dropped_turns > 1 else ''} no longer "
+                "fit after the document and left the model's context** (they stay in the export)"
+            )
         line = (
             f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
-            f"{stats.answer_tokens} answer tokens{note} · question {stats.question_tokens} tokens; "
+            f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
             f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
         )
-        yield [*history, {"role": "assistant", "content": turn["answer"] or "_(no answer)_"}], gr.skip(), line
+        yield [*history, {"role": "assistant", "content": answer[0] or "_(no answer)_"}], gr.skip(), line
 
-    def export(self, fmt: str, turns: list[dict]) -> str:
-        """Write the conversation with its provenance to a file for download."""
+    def export(self, fmt: str, conversation: Conversation) -> str:
+        """Write every turn of the conversation with its provenance to a file for download."""
+        turns = conversation.records()
         if not turns:
             raise gr.Error("Nothing to export yet: ask a question first.")
         for old in self.exports.iterdir():  # the temp files of earlier exports, once downloaded
@@ -595,7 +625,7 @@ def build_app(server: Server) -> gr.Blocks:
     with gr.Blocks(title="duo-qserve: ask a whole book", delete_cache=cleanup) as demo:
         pending = gr.State(None)
         mine = gr.State(None)  # sha256 of the document this session loaded
-        turns = gr.State([])
+        conversation = gr.State(Conversation())
         gr.Markdown("# duo-qserve: ask questions about a whole book")
         headline = gr.Markdown(render.capacity_headline(engine), elem_id="capacity")
         banner = gr.Markdown("No document loaded yet.", elem_id="banner")
@@ -627,7 +657,7 @@ def build_app(server: Server) -> gr.Blocks:
                     with gr.Row():
                         ask_button = gr.Button("Ask", variant="primary")
                         stop_button = gr.Button("Stop", variant="stop")
-                        clear_button = gr.Button("Clear chat")
+                        clear_button = gr.Button("New conversation")
                     answer_stats = gr.Markdown(elem_id="answer-stats")
                     with gr.Accordion("Sampling", open=False):
                         temperature = gr.Slider(
@@ -635,6 +665,18 @@ def build_app(server: Server) -> gr.Blocks:
                         )
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                         max_new = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
+                        repetition_penalty = gr.Slider(
+                            1.0, 2.0, value=Sampling.repetition_penalty, step=0.05,
+                            label="Repetition penalty on the answer's own tokens (1 = off)",
+                        )  # fmt: skip
+                        no_repeat_ngram = gr.Slider(
+                            0, 8, value=Sampling.no_repeat_ngram, step=1,
+                            label="No repeated n-grams of this length in the answer (0 = off)",
+                        )  # fmt: skip
+                        repeat_stop = gr.Slider(
+                            0, 128, value=Sampling.repeat_stop, step=4,
+                            label="Stop once the answer repeats this many tokens (0 = off)",
+                        )  # fmt: skip
                     with gr.Accordion(
                         "Export the conversation (with model, settings and document hash)", open=False
                     ):
@@ -684,27 +726,23 @@ def build_app(server: Server) -> gr.Blocks:
             [summary, chapters, pending, ratio_button, load_button],
             api_name="read",
         )
-        prefill_event = load_button.click(
-            server.prefill, pending, [progress, doc_status, mine], api_name="prefill", **gpu
+        load_button.click(
+            server.prefill, [pending, mine], [progress, doc_status, mine], api_name="prefill", **gpu
         )
-        cancel_button.click(
-            server.cancel, None, None, cancels=[prefill_event], api_name="cancel", concurrency_limit=None
-        )
+        cancel_button.click(server.cancel, None, None, api_name="cancel", concurrency_limit=None)
 
-        ask_inputs = [question, chatbot, turns, mine, temperature, top_p, max_new]
+        ask_inputs = [question, chatbot, conversation, mine, temperature, top_p, max_new]
+        ask_inputs += [repetition_penalty, no_repeat_ngram, repeat_stop]
         ask_outputs = [chatbot, question, answer_stats]
-        ask_event = ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **gpu)
-        submit_event = question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **gpu)
-        stop_button.click(
-            server.cancel,
-            None,
-            None,
-            cancels=[ask_event, submit_event],
-            api_name="stop",
-            concurrency_limit=None,
+        ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **gpu)
+        question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **gpu)
+        # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
+        # the event would leave its last status standing and show an error badge for the user's own action).
+        stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
+        clear_button.click(
+            lambda: ([], Conversation(), ""), None, [chatbot, conversation, answer_stats], api_name="clear"
         )
-        clear_button.click(lambda: ([], [], ""), None, [chatbot, turns, answer_stats], api_name="clear")
-        export_button.click(server.export, [export_format, turns], export_file, api_name="export")
+        export_button.click(server.export, [export_format, conversation], export_file, api_name="export")
 
         refresh_books_button.click(server.books, None, book, api_name="books")
         demo.load(server.books, None, book, api_visibility="undocumented")

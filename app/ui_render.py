@@ -23,6 +23,13 @@ COMPONENTS = (  # memory components in the order the bar stacks them, with their
     ("workspace", "Workspace", "#a3a3a3"),
 )
 RETRIEVAL_COLOUR, STREAMING_COLOUR = "#0ea5e9", "#f59e0b"
+ENDINGS = {  # GenerationStats.ended_by, for people
+    "eos": "the model finished",
+    "max_tokens": "cut at the token limit",
+    "repetition": "stopped: it started repeating itself",
+    "stop": "cut at a stop string",
+    "cancel": "stopped by the user",
+}
 
 
 def fmt_bytes(n: float) -> str:
@@ -88,11 +95,10 @@ def document_summary(
     return f"{head}\n\n**Too large:** only {fits:,} document tokens fit with these settings. {advice}"
 
 
-def progress_html(done: int, total: int, elapsed: float, note: str = "") -> str:
-    """Pre-fill progress: tokens done/total, tokens/s and time left."""
+def progress_html(done: int, total: int, elapsed: float, note: str = "", left: float = math.inf) -> str:
+    """Pre-fill progress: tokens done/total, tokens/s and the time ``left`` (from ``duo_qserve.eta``)."""
     frac = done / total if total else 0.0
     rate = done / elapsed if elapsed > 0 and done else 0.0
-    left = (total - done) / rate if rate else math.inf
     eta = fmt_seconds(left) if math.isfinite(left) else "estimating…"
     text = f"{done:,} / {total:,} tokens · " + (note or f"{rate:,.0f} tokens/s · {eta} left")
     return (
@@ -133,6 +139,8 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
         if last["answer_tokens"]
         else "no answer yet"
     )
+    turns, turn_tokens = engine.conversation_in_cache
+    conversation = f"conversation {turns} earlier turn{'s' if turns != 1 else ''}, {turn_tokens:,} tokens"
     clock = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
     return (
         f'<div class="memory-readout">'
@@ -141,7 +149,7 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
         f"{''.join(segments)}</div>"
         f'<div style="font-size:0.85em;margin-top:4px">{"".join(legend)}</div>'
         f'<div style="font-size:0.9em;margin-top:6px">Context held: {s["context_tokens"]:,} of '
-        f"{s['capacity_tokens']:,} tokens (document {s['document_tokens']:,}) · {speed} · "
+        f"{s['capacity_tokens']:,} tokens (document {s['document_tokens']:,}, {conversation}) · {speed} · "
         f"updated {clock}</div></div>"
     )
 
@@ -269,8 +277,7 @@ def export_markdown(turns: Sequence[dict]) -> str:
     for turn in turns:
         lines += [f"## Q: {turn['question']}", "", turn["answer"] or "_(no answer)_", ""]
         note = f"{turn.get('ttft_s', 0.0):.2f} s to first token, {turn.get('decode_ms_per_token', 0.0):.0f} ms/token"
-        if turn.get("stopped"):
-            note += ", stopped by the user"
+        note += f", {ENDINGS.get(turn.get('ended_by', ''), 'ended')}"
         if turn["provenance"] != meta:
             note += f"; {_settings_line(turn['provenance'])}"
         lines += [f"_{note}; document {turn['document_title']} (sha256 {turn['document_sha256'][:12]}…)_", ""]

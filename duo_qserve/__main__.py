@@ -77,9 +77,30 @@ def cmd_ask(a) -> int:
 def cmd_info(a) -> int:
     engine = _engine(a)
     s = engine.stats()
-    mem = {k: f"{v / 2**20:.1f} MiB" for k, v in s["memory"].items()}
-    print(json.dumps({**s, "memory": mem}, indent=2, default=str))
+    if a.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    print(info_summary(s))
     return 0
+
+
+def info_summary(s: dict) -> str:
+    """``Engine.stats()`` for people: the model and its precision, the cache's shape, memory by component."""
+    gib = 2**30
+    dev = s["device_memory"]
+    weights = (
+        "W8A8" + (" (SmoothQuant)" if s["smoothquant"] else "") if s["w8a8"] else f"{s['dtype']} weights"
+    )
+    heads = s["retrieval_heads"]
+    lines = [
+        f"model      {s['model']} on {s['device']} ({dev['name']}), {weights}, KV{s['kv_bits']}",
+        f"pattern    {s['pattern']}: {s['sparsity']:.0%} streaming heads, {sum(heads)} retrieval heads over "
+        f"{len(heads)} layers; sink {s['sink_tokens']}, recent {s['recent_tokens']} tokens",
+        f"capacity   {s['capacity_tokens']:,} tokens in the cache",
+        f"memory     {dev['used'] / gib:.2f} GiB used of {dev['total'] / gib:.2f} GiB",
+    ]
+    lines += [f"  {name:<13} {n / gib:9.3f} GiB" for name, n in s["memory"].items()]
+    return "\n".join(lines)
 
 
 def _model_args(spec: str):
@@ -194,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="model, device, memory")
     _engine_args(p)
+    p.add_argument("--json", action="store_true", help="the full stats as JSON (bytes), for machines")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plan", help="how many tokens fit in a memory budget")

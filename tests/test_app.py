@@ -73,7 +73,7 @@ def answer_text(history: list[dict]) -> str:
 
 
 def ask(client: Client, question: str = QUESTION, max_new_tokens: int = 32):
-    job = client.submit(question, [], 0.0, 1.0, max_new_tokens, api_name="/ask")
+    job = client.submit(question, [], 0.0, 1.0, max_new_tokens, 1.1, 0, 24, api_name="/ask")
     history, _question, stats = job.result(timeout=120)
     return job, answer_text(history), stats
 
@@ -100,7 +100,7 @@ def test_bad_file_is_refused_and_the_loaded_document_still_answers(loaded, tmp_p
 
 
 def test_stop_ends_a_running_answer(loaded):
-    job = loaded.submit("Retell the whole document in detail.", [], 0.0, 1.0, 400, api_name="/ask")
+    job = loaded.submit("Retell the whole document in detail.", [], 0.0, 1.0, 400, 1.0, 0, 0, api_name="/ask")
     deadline = time.monotonic() + 60
     while len(job.outputs()) < 3 and time.monotonic() < deadline:  # a few tokens have streamed
         time.sleep(0.1)
@@ -109,11 +109,27 @@ def test_stop_ends_a_running_answer(loaded):
     while not job.done() and time.monotonic() < stopped_at + 10:
         time.sleep(0.1)
     assert job.done(), "the answer kept going after Stop"
+    history, _question, stats = job.outputs()[-1]
+    assert "stopped after" in stats and "ready" in stats and answer_text(history)  # what was generated stays
     # the engine is free again: the next question runs at once
     _job, answer, _stats = ask(loaded)
     assert SECRET in answer
     turns = json.loads(open(loaded.predict("JSON", api_name="/export")).read())["turns"]
-    assert turns[-2]["stopped"] is True and turns[-2]["answer_tokens"] < 400
+    assert turns[-2]["ended_by"] == "cancel" and turns[-2]["answer_tokens"] < 400
+    assert len(turns) >= 2  # every turn of the conversation is exported
+
+
+def test_a_follow_up_follows_the_earlier_turns_and_new_conversation_clears_them(loaded):
+    _job, _answer, stats = ask(loaded)
+    assert re.search(r"turn \d+ of this conversation \(\d+ earlier in context", stats), stats
+    loaded.predict(api_name="/clear")
+    _job, _answer, stats = ask(loaded)
+    assert "turn 1 of this conversation (0 earlier" in stats
+    loaded.predict(api_name="/clear")
+    with pytest.raises(Exception, match="Nothing to export"):
+        loaded.predict("JSON", api_name="/export")
+    _job, answer, _stats = ask(loaded)  # the export test below reads this one
+    assert SECRET in answer
 
 
 def test_export_json_carries_provenance(loaded):
