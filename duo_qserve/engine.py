@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duo_qserve import environment
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
 from duo_qserve.decode_graph import GraphedDecoder
-from duo_qserve.loading import REPO_ROOT, LoadedModel, load_model
+from duo_qserve.environment import REPO_ROOT
+from duo_qserve.loading import LoadedModel, load_model
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
 
@@ -124,7 +125,7 @@ class Engine:
         self.chunk_size = settings.chunk_size or (32768 if cuda else 512)
         self.cache = DuoKVCache(self._cache_spec(settings.max_tokens), self.device)
         # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step
-        self.decode_graph = cuda and os.environ.get("DUO_QSERVE_DECODE_GRAPH", "1") != "0"
+        self.decode_graph = cuda and environment.decode_graph()
         self._decoder: GraphedDecoder | None = None
         self.document: DocumentInfo | None = None
         self.last = GenerationStats()

@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duo_qserve import environment
 from duo_qserve.cache import CacheConfig, DuoKVCache
 from duo_qserve.engine import DocumentInfo, Engine, token_sha256
-from duo_qserve.loading import REPO_ROOT
 
 FORMAT = "duo-qserve-book"
 FORMAT_VERSION = 1
@@ -117,7 +117,7 @@ class BrokenBook:
 
 def library_dir(directory: str | Path | None = None) -> Path:
     """The argument, else ``$DUO_QSERVE_LIBRARY``, else ``<repo>/library``."""
-    return Path(directory or os.environ.get("DUO_QSERVE_LIBRARY") or REPO_ROOT / "library")
+    return Path(directory) if directory else environment.library_dir()
 
 
 # ---- public API ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from conftest import UPSTREAM_PATTERNS, haystack_text
 from app.main import parse_args as app_args
 from duo_qserve.__main__ import build_parser
 from duo_qserve.__main__ import main as cli
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.environment import REPO_ROOT
 
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md", REPO_ROOT / "models" / "README.md"]
 DOCS += sorted((REPO_ROOT / "docs").glob("*.md"))

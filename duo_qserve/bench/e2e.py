@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from duo_qserve.bench.common import commit, copy_bandwidth_gbps
+from duo_qserve.bench.common import copy_bandwidth_gbps
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache, FullKVCache
 from duo_qserve.decode_graph import GraphedDecoder
+from duo_qserve.environment import commit
 from duo_qserve.kernels import kv_attention
 from duo_qserve.kernels.attention import dense_attention
 from duo_qserve.loading import load_model

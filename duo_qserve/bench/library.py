@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 from duo_qserve import library
-from duo_qserve.bench.common import commit
 from duo_qserve.engine import ANSWER_RESERVE, DocumentInfo, Engine
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.environment import REPO_ROOT, commit
 
 PATTERN = str(
     REPO_ROOT.parent / "shared" / "data" / "upstream_attn_patterns" / "Llama-3-8B-Instruct-Gradient-4194k"

@@ -75,8 +75,8 @@ from pathlib import Path
 import numpy as np
 
 from duo_qserve import data
+from duo_qserve.environment import REPO_ROOT
 from duo_qserve.eval.common import result_header, write_json
-from duo_qserve.loading import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 KINDS = ("number", "word", "two-facts")
