@@ -45,7 +45,8 @@ from duo_qserve.engine import (
     token_sha256,
 )
 from duo_qserve.loading import ModelLoadError
-from duo_qserve.models import demo_model, known_names, named_model
+from duo_qserve.models import known_names, named_model
+from duo_qserve.options import add_engine_args, parse_pattern, settings_from_args
 from duo_qserve.patterns import PatternError, load_pattern
 
 GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
@@ -127,10 +128,6 @@ def _who(request: gr.Request) -> str:
     return request.username or f"session {(request.session_hash or '?')[:6]}"
 
 
-def _create_engine(settings: EngineSettings) -> Engine:
-    return Engine.from_pretrained(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)})
-
-
 def _check_paths(settings: EngineSettings) -> None:
     """Refuse a missing model or a bad pattern before the running engine is touched."""
     model = settings.model
@@ -149,7 +146,7 @@ class Server:
 
     def __init__(self, settings: EngineSettings):
         self.settings = settings
-        self.engine: Engine = _create_engine(settings)
+        self.engine: Engine = Engine.from_settings(settings)
         self.generation = 0
         self.job: Job | None = None
 
@@ -458,12 +455,12 @@ class Server:
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                self.engine = _create_engine(settings)
+                self.engine = Engine.from_settings(settings)
             except Exception:
-                self.engine = _create_engine(self.settings)
+                self.engine = Engine.from_settings(self.settings)
                 raise
         else:
-            self.engine = _create_engine(settings)
+            self.engine = Engine.from_settings(settings)
         self.settings = settings
         self.generation += 1
 
@@ -486,11 +483,10 @@ class Server:
     def settings_from_ui(
         self, model: str, pattern: str, sparsity: float, kv_bits: str, w8a8: bool
     ) -> EngineSettings:
-        pattern = (pattern or "auto").strip()
         return dataclasses.replace(
             self.settings,
             model=(model or "default").strip(),
-            pattern=None if pattern.lower() == "none" else pattern,
+            pattern=parse_pattern(pattern),
             sparsity=float(sparsity),
             kv_bits=int(kv_bits),
             w8a8=bool(w8a8),
@@ -687,45 +683,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login; answers then name the user")
-    p.add_argument(
-        "--model",
-        default="demo",
-        help="a named model (python -m duo_qserve models list), a checkpoint dir or a .gguf; 'demo': "
-        "Qwen2.5-Coder-1.5B-Instruct on a GPU, -0.5B on a CPU",
-    )
-    p.add_argument(
-        "--pattern", default="auto", help="attention pattern dir, 'auto' or 'none' (all retrieval heads)"
-    )
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream (0..1)")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=4)
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        help="cache capacity in tokens (default: what fits on the GPU; 32768 on CPU)",
-    )
-    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    add_engine_args(p, defaults=EngineSettings(model="demo"))
     a = p.parse_args(argv)
     if a.auth and ":" not in a.auth:
         p.error("--auth wants USER:PASS, e.g. --auth alice:s3cret")
-    if not 0.0 <= a.sparsity <= 1.0:
-        p.error(f"--sparsity must be between 0 and 1, got {a.sparsity}")
     return a
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    model = demo_model(a.cpu) if a.model == "demo" else a.model
-    settings = EngineSettings(
-        model=model,
-        device="cpu" if a.cpu else None,
-        pattern=None if a.pattern.lower() == "none" else a.pattern,
-        sparsity=a.sparsity,
-        kv_bits=a.kv_bits,
-        max_tokens=a.max_tokens,
-        w8a8=a.w8a8,
-    )
-    print(f"loading {model}…", flush=True)
+    settings = settings_from_args(a)
+    print(f"loading {settings.model}…", flush=True)
     try:
         server = Server(settings)
     except (ModelLoadError, PatternError, ValueError) as e:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,6 @@ class GenerationStats:
     answer_tokens: int = 0
     ttft_s: float = 0.0  # restore + question pre-fill + first token
     decode_ms_per_token: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -138,10 +137,15 @@ class Engine:
         self._stop_ids = self._eos_ids()
 
     @classmethod
-    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
-        settings = EngineSettings(model=model, **kwargs)
+    def from_settings(cls, settings: EngineSettings) -> Engine:
+        """Load ``settings.model`` on ``settings.device`` (None: CUDA if available) and build the engine on it."""
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_model(model, device, settings.dtype), settings)
+        return cls(load_model(settings.model, device, settings.dtype), settings)
+
+    @classmethod
+    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
+        """``from_settings(EngineSettings(model, **kwargs))``."""
+        return cls.from_settings(EngineSettings(model=model, **kwargs))
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _resolve_pattern(self, pattern: str | None) -> AttentionPattern:
@@ -211,7 +215,12 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def document_ids(self, text: str) -> list[int]:
+        """The ids ``ingest`` puts in the cache for ``text``: the chat template's opening, the text, a break."""
         return self.encode(self._doc_prefix + text + "\n\n")
+
+    def question_ids(self, question: str) -> list[int]:
+        """The ids ``ask`` adds after the document for ``question``: the question and the template's close."""
+        return self.encode(question + self._question_suffix)
 
     @property
     def max_document_tokens(self) -> int:
@@ -261,6 +270,14 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
         self.document = None
+
+    def attach_document(self, info: DocumentInfo) -> DocumentInfo:
+        """Take the cache's current state, written in by ``duo_qserve.library`` from a saved book, as the
+        document ``info`` describes: checkpoint it, so every question starts from it, and return ``info``."""
+        with self.job():
+            self.cache.checkpoint()
+            self.document = info
+            return info
 
     def ingest(
         self,
@@ -365,7 +382,7 @@ class Engine:
             if self.document is None:
                 raise RuntimeError("no document is loaded: ingest one first")
             t0 = time.perf_counter()
-            q_ids = self.encode(question + self._question_suffix)
+            q_ids = self.question_ids(question)
             room = self.cache.max_tokens - self.document.tokens
             if len(q_ids) >= room:
                 raise QuestionTooLong(question, len(q_ids), room, self.document.tokens)

@@ -85,7 +85,7 @@ def test_documented_command_matches_the_code(doc, command):
         for word in re.findall(r"--[a-z0-9-]+", command):
             assert word in options, f"{doc}: `{rest[0]}` has no option {word}"
         return
-    if rest[0] in ("library", "quantize", "patterns"):  # forwarded to their own modules' parsers
+    if rest[0] in ("quantize", "patterns"):  # forwarded to their own modules' parsers
         build_parser().parse_args(rest)
         return
     build_parser().parse_args(rest)  # exits (fails the test) on anything the command line does not take
