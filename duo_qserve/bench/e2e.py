@@ -36,7 +36,6 @@ from duo_qserve.patterns import load_pattern, reorder_heads
 from duo_qserve.planner import workspace_bytes
 
 
-
 def fill_synthetic(cache: DuoKVCache, n_tokens: int) -> None:
     """Random codes, plausible scales (keys ~N(0, 1) per channel group, values ~N(0, 0.5)), fp tails and rings."""
     for layer in cache.layers:
