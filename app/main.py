@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import gc
 import hmac
-import os
 import queue
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ import torch
 
 from app import ui_render as render
 from app.sessions import NoBook, SessionStore, UploadLimits, owner_key
-from duo_qserve import library
+from duo_qserve import environment, library
 from duo_qserve.conversation import Conversation
 from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
@@ -53,7 +52,8 @@ from duo_qserve.engine import (
 )
 from duo_qserve.eta import PrefillClock
 from duo_qserve.loading import ModelLoadError
-from duo_qserve.models import demo_model, known_names, named_model
+from duo_qserve.models import known_names, named_model
+from duo_qserve.options import add_engine_args, parse_pattern, settings_from_args
 from duo_qserve.patterns import PatternError, load_pattern
 from duo_qserve.sampling import Sampling
 
@@ -152,10 +152,6 @@ def _delete_uploads(paths: list[str]) -> None:
             pass
 
 
-def _create_engine(settings: EngineSettings) -> Engine:
-    return Engine.from_pretrained(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)})
-
-
 def _check_paths(settings: EngineSettings) -> None:
     """Refuse a missing model or a bad pattern before the running engine is touched."""
     model = settings.model
@@ -177,7 +173,7 @@ class Server:
     ):
         self.settings, self.admin_token, self.uploads = settings, admin_token, uploads or UploadLimits()
         self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
-        self.engine: Engine = _create_engine(settings)
+        self.engine: Engine = Engine.from_settings(settings)
         self.store = self._new_store()
         self.generation = 0
         self.job: Job | None = None
@@ -551,13 +547,13 @@ class Server:
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                self.engine = _create_engine(settings)
+                self.engine = Engine.from_settings(settings)
             except Exception:
-                self.engine = _create_engine(self.settings)
+                self.engine = Engine.from_settings(self.settings)
                 self.store = self._new_store()
                 raise
         else:
-            self.engine = _create_engine(settings)
+            self.engine = Engine.from_settings(settings)
         self.store.drop_all()  # the books' caches were made for the old engine
         self.store = self._new_store()
         self.settings = settings
@@ -593,11 +589,10 @@ class Server:
     def settings_from_ui(
         self, model: str, pattern: str, sparsity: float, kv_bits: str, w8a8: bool
     ) -> EngineSettings:
-        pattern = (pattern or "auto").strip()
         return dataclasses.replace(
             self.settings,
             model=(model or "default").strip(),
-            pattern=None if pattern.lower() == "none" else pattern,
+            pattern=parse_pattern(pattern),
             sparsity=float(sparsity),
             kv_bits=int(kv_bits),
             w8a8=bool(w8a8),
@@ -811,27 +806,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login; answers then name the user")
-    p.add_argument(
-        "--model",
-        default="demo",
-        help="a named model (python -m duo_qserve models list), a checkpoint dir or a .gguf; 'demo': "
-        "Qwen2.5-Coder-1.5B-Instruct on a GPU, -0.5B on a CPU",
-    )
-    p.add_argument(
-        "--pattern", default="auto", help="attention pattern dir, 'auto' or 'none' (all retrieval heads)"
-    )
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream (0..1)")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=4)
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        help="cache capacity in tokens (default: what fits on the GPU; 32768 on CPU)",
-    )
-    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    add_engine_args(p, defaults=EngineSettings(model="demo"))
     p.add_argument(
         "--admin-token",
-        default=os.environ.get("DUO_QSERVE_ADMIN_TOKEN"),
+        default=environment.admin_token(),
         help="who knows it may change the model and its settings in the app (default: $DUO_QSERVE_ADMIN_TOKEN; "
         "without one nobody can)",
     )
@@ -846,24 +824,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.auth and ":" not in a.auth:
         p.error("--auth wants USER:PASS, e.g. --auth alice:s3cret")
-    if not 0.0 <= a.sparsity <= 1.0:
-        p.error(f"--sparsity must be between 0 and 1, got {a.sparsity}")
     return a
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    model = demo_model(a.cpu) if a.model == "demo" else a.model
-    settings = EngineSettings(
-        model=model,
-        device="cpu" if a.cpu else None,
-        pattern=None if a.pattern.lower() == "none" else a.pattern,
-        sparsity=a.sparsity,
-        kv_bits=a.kv_bits,
-        max_tokens=a.max_tokens,
-        w8a8=a.w8a8,
-    )
-    print(f"loading {model}…", flush=True)
+    settings = settings_from_args(a)
+    print(f"loading {settings.model}…", flush=True)
     try:
         uploads = UploadLimits(a.max_upload_mb << 20, a.max_session_upload_mb << 20)
         server = Server(settings, a.admin_token, uploads)

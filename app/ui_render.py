@@ -154,35 +154,6 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
     )
 
 
-def head_bytes(engine: Engine, layer: int, context: int) -> tuple[int, int]:
-    """Bytes one retrieval head and one streaming head of ``layer`` hold at ``context`` tokens.
-
-    Read from the cache's own tensor list: tensors along the token axis count for the tokens held, fixed ones
-    (the fp tail of the key group being filled) count whole; each is split evenly over the layer's heads.
-    """
-    spec = engine.cache.spec
-    n_r = spec.retrieval_heads[layer]
-    n_s = engine.args.n_kv_heads - n_r
-    group = spec.config.key_group
-    retrieval = streaming = 0.0
-    for t in spec.layers[layer]:
-        if t.component == "streaming_kv":
-            size = t.shape[1]
-            held = (
-                min(context, size)
-                if t.name.startswith("sink")
-                else min(max(context - spec.config.sink_tokens, 0), size)
-            )
-            streaming += t.nbytes * held / size / n_s
-        elif t.shape[1] == spec.capacity:
-            retrieval += t.nbytes * min(context, spec.capacity) / spec.capacity / n_r
-        elif t.name.startswith("k_") and t.shape[1] == spec.capacity // group:
-            retrieval += t.nbytes * math.ceil(min(context, spec.capacity) / group) / t.shape[1] / n_r
-        else:
-            retrieval += t.nbytes / n_r
-    return int(retrieval), int(streaming)
-
-
 def head_map_html(engine: Engine) -> str:
     """Layers x KV heads, retrieval vs streaming, with each head's bytes at the current context length."""
     args, context = engine.args, engine.cache.seq_len
@@ -194,7 +165,7 @@ def head_map_html(engine: Engine) -> str:
         original = [i for i, m in enumerate(mask[layer]) if m] + [
             i for i, m in enumerate(mask[layer]) if not m
         ]
-        r_bytes, s_bytes = head_bytes(engine, layer, context)
+        r_bytes, s_bytes = engine.cache.spec.head_bytes(layer, context)
         cells = []
         for slot in range(args.n_kv_heads):
             kind, colour, nbytes = (
@@ -215,7 +186,7 @@ def head_map_html(engine: Engine) -> str:
     axis = f'<div style="font-size:10px">columns: layers 0 → {args.n_layers - 1}; rows: KV-head slots</div>'
     n_retrieval = sum(engine.retrieval_heads)
     n_total = args.n_layers * args.n_kv_heads
-    per_layer = [head_bytes(engine, layer, context) for layer in range(args.n_layers)]
+    per_layer = [engine.cache.spec.head_bytes(layer, context) for layer in range(args.n_layers)]
     r0, s0 = max(b[0] for b in per_layer), max(b[1] for b in per_layer)
     legend = (
         f'<div style="font-size:0.85em;margin-top:6px">'

@@ -9,7 +9,6 @@ question of every conversation (the streaming/retrieval split does not depend on
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duo_qserve import environment
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
 from duo_qserve.conversation import Conversation, Turn
 from duo_qserve.decode_graph import GraphedDecoder
-from duo_qserve.loading import REPO_ROOT, LoadedModel, load_model
+from duo_qserve.environment import REPO_ROOT
+from duo_qserve.loading import LoadedModel, load_model
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
 from duo_qserve.sampling import AnswerGuard, Sampling, check_max_new_tokens, sample
@@ -129,7 +130,7 @@ class Engine:
         self.capacity = self._cache_spec(settings.max_tokens)  # the largest cache one document may have
         self.cache = DuoKVCache(self.capacity, self.device)
         # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step
-        self.decode_graph = cuda and os.environ.get("DUO_QSERVE_DECODE_GRAPH", "1") != "0"
+        self.decode_graph = cuda and environment.decode_graph()
         self._decoder: GraphedDecoder | None = None
         self.document: DocumentInfo | None = None
         self.last = GenerationStats()
@@ -143,10 +144,15 @@ class Engine:
         self._stop_ids = self._eos_ids()
 
     @classmethod
-    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
-        settings = EngineSettings(model=model, **kwargs)
+    def from_settings(cls, settings: EngineSettings) -> Engine:
+        """Load ``settings.model`` on ``settings.device`` (None: CUDA if available) and build the engine on it."""
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_model(model, device, settings.dtype), settings)
+        return cls(load_model(settings.model, device, settings.dtype), settings)
+
+    @classmethod
+    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
+        """``from_settings(EngineSettings(model, **kwargs))``."""
+        return cls.from_settings(EngineSettings(model=model, **kwargs))
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _resolve_pattern(self, pattern: str | None) -> AttentionPattern:
@@ -222,7 +228,12 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def document_ids(self, text: str) -> list[int]:
+        """The ids ``ingest`` puts in the cache for ``text``: the chat template's opening, the text, a break."""
         return self.encode(self._doc_prefix + text + "\n\n")
+
+    def question_ids(self, question: str) -> list[int]:
+        """The ids ``ask`` adds after the document for ``question``: the question and the template's close."""
+        return self.encode(question + self._question_suffix)
 
     @property
     def max_document_tokens(self) -> int:
@@ -291,6 +302,15 @@ class Engine:
         self.cache.reset()
         self.document = None
         self.conversation_in_cache = (0, 0)
+
+    def attach_document(self, info: DocumentInfo) -> DocumentInfo:
+        """Take the cache's current state, written in by ``duo_qserve.library`` from a saved book, as the
+        document ``info`` describes: checkpoint it, so every question starts from it, and return ``info``."""
+        with self.job():
+            self.cache.checkpoint()
+            self.document = info
+            self.conversation_in_cache = (0, 0)
+            return info
 
     def ingest(
         self,
@@ -426,7 +446,7 @@ class Engine:
                 raise RuntimeError("no document is loaded: ingest one first")
             doc = self.document
             t0 = time.perf_counter()
-            q_ids = self.encode(question + self._question_suffix)
+            q_ids = self.question_ids(question)
             dropped = conversation.dropped if conversation else 0
             history, max_new_tokens = self._context(question, q_ids, max_new_tokens, conversation)
             history_ids = [i for t in history for i in t.ids]

@@ -75,8 +75,8 @@ from pathlib import Path
 import numpy as np
 
 from duo_qserve import data
+from duo_qserve.environment import REPO_ROOT
 from duo_qserve.eval.common import result_header, write_json
-from duo_qserve.loading import REPO_ROOT
 from duo_qserve.sampling import Sampling
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -341,14 +341,6 @@ class Grid:
         return self.depths[(i + len(self.depths) // 2) % len(self.depths)]
 
 
-def question_tokens(engine, question: str) -> int:
-    """Tokens the question adds after the document (template included).
-
-    Merge note: this reads the engine's private ``_question_suffix``; a public Engine method for it is being added
-    elsewhere; swap it in here (the only place)."""
-    return len(engine.encode(question + engine._question_suffix))
-
-
 def make_document(
     engine, haystack: Haystack, pool: Sequence[Needle], grid: Grid, trial: int, kind: str, length: int,
     depth: float,
@@ -364,7 +356,7 @@ def make_document(
             answer = needle.draw(rng)
         facts.append(Fact(needle.kind, needle.template.format(answer=answer), needle.question, answer, d))
     needle_ids = [engine.encode(" " + f.needle) for f in facts]
-    overhead = len(engine.document_ids("")) + max(question_tokens(engine, f.question) for f in facts)
+    overhead = len(engine.document_ids("")) + max(len(engine.question_ids(f.question)) for f in facts)
     n_hay = length - overhead - sum(map(len, needle_ids))
     if n_hay <= 0:
         raise ValueError(f"context length {length} leaves no room for a haystack")
@@ -412,7 +404,7 @@ def ask_document(
         answer = short_answer(engine, fact.question, max_new_tokens, sampling)
         records.append(
             dict(trial=doc.trial, haystack=doc.haystack, kind=doc.kind, length=doc.length, depth=fact.depth,
-                 tokens=info.tokens + question_tokens(engine, fact.question), needle=fact.needle,
+                 tokens=info.tokens + len(engine.question_ids(fact.question)), needle=fact.needle,
                  question=fact.question, expected=fact.answer, answer=answer,
                  found=found(fact.kind, answer, fact.answer), ingest_s=round(ingest_s, 3),
                  answer_s=round(time.perf_counter() - t1, 3))
