@@ -1,9 +1,11 @@
 """The Gradio app: upload a book, watch it pre-fill, ask many questions, see answers stream and memory live.
 
-One process holds one engine and one document at a time. Every engine call runs in a worker thread under
-``engine.lock`` (see ``Job``) and every event that runs the model shares one Gradio concurrency slot, so other
-users wait in Gradio's queue and see their position. The loaded document names who loaded it, and a session that
-loaded its own document is refused an answer once someone else's document has replaced it.
+One process holds one engine; each browser session (or login) has its own books and conversation, kept by
+``app.sessions.SessionStore`` (books resident within one memory budget, the least recently used one in its owner's
+library until asked about again). Every engine call runs in a worker thread under ``engine.lock`` (see ``Job``) and
+every event that runs the model shares one Gradio concurrency slot, so other users wait in Gradio's queue and see
+their position. Changing the model or its settings drops every session's books, so only the operator may
+(``--admin-token``). Uploads are size-limited and deleted once read; exports are deleted after an hour.
 
 Run: ``python -m app.main [--host 127.0.0.1] [--port 7860] [--model default] [--cpu] ...`` (see ``--help``).
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hmac
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -25,7 +29,9 @@ import gradio as gr
 import torch
 
 from app import ui_render as render
-from duo_qserve import library
+from app.sessions import NoBook, SessionStore, UploadLimits, owner_key
+from duo_qserve import environment, library
+from duo_qserve.conversation import Conversation
 from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
@@ -44,12 +50,16 @@ from duo_qserve.engine import (
     EngineSettings,
     token_sha256,
 )
+from duo_qserve.eta import PrefillClock
 from duo_qserve.loading import ModelLoadError
-from duo_qserve.models import demo_model, known_names, named_model
+from duo_qserve.models import known_names, named_model
+from duo_qserve.options import add_engine_args, parse_pattern, settings_from_args
 from duo_qserve.patterns import PatternError, load_pattern
+from duo_qserve.sampling import Sampling
 
 GPU = "gpu"  # concurrency_id shared by every event that runs the model: one at a time, the rest queue
 _DONE = object()
+TEMP_FILE_SECONDS = 3600  # exports (and gradio's copies of files) are deleted this long after they were made
 
 
 CHARS_PER_TOKEN_BOUND = 16
@@ -122,13 +132,24 @@ class Job:
                 return
 
 
+def _key(request: gr.Request) -> str:
+    """Whose books a request reaches (see ``app.sessions.owner_key``)."""
+    return owner_key(request.username, request.session_hash)
+
+
 def _who(request: gr.Request) -> str:
     """The name shown next to a loaded document: the login when auth is on, else a short session id."""
     return request.username or f"session {(request.session_hash or '?')[:6]}"
 
 
-def _create_engine(settings: EngineSettings) -> Engine:
-    return Engine.from_pretrained(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)})
+def _delete_uploads(paths: list[str]) -> None:
+    """Remove uploaded files (and the folder gradio made for each, once empty)."""
+    for p in map(Path, paths):
+        p.unlink(missing_ok=True)
+        try:
+            p.parent.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
 
 
 def _check_paths(settings: EngineSettings) -> None:
@@ -147,11 +168,21 @@ def _check_paths(settings: EngineSettings) -> None:
 class Server:
     """The process-wide engine and the handlers of the UI's events."""
 
-    def __init__(self, settings: EngineSettings):
-        self.settings = settings
-        self.engine: Engine = _create_engine(settings)
+    def __init__(
+        self, settings: EngineSettings, admin_token: str | None = None, uploads: UploadLimits | None = None
+    ):
+        self.settings, self.admin_token, self.uploads = settings, admin_token, uploads or UploadLimits()
+        self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
+        self.engine: Engine = Engine.from_settings(settings)
+        self.store = self._new_store()
         self.generation = 0
         self.job: Job | None = None
+
+    def _new_store(self) -> SessionStore:
+        """The sessions' books for the current engine: its planned cache becomes their shared budget."""
+        budget = self.engine.capacity.nbytes
+        self.engine.use(self.engine.new_cache(0), None)  # free the planned cache: the books take its place
+        return SessionStore(self.engine, budget, uploads=self.uploads)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _start(self, owner: str, work: Callable[[Job], Any], engine: Engine) -> Job:
@@ -171,19 +202,22 @@ class Server:
             if batch:
                 yield f"{verb}… {batch[-1]:.0%}", gr.skip()
 
-    def _loaded_note(self) -> str:
-        doc = self.engine.document
-        return f"The model still holds **{doc.title}**." if doc else "No document is loaded."
+    def _loaded_note(self, mine: str | None, request: gr.Request) -> str:
+        """What this session still has loaded (never another session's book)."""
+        try:
+            return f"The model still holds **{self.store.book(_key(request), mine).info.title}**."
+        except NoBook:
+            return "No document is loaded."
 
-    def _summary(self, pending: Pending) -> tuple[str, Any, Any]:
+    def _summary(self, pending: Pending, request: gr.Request) -> tuple[str, Any, Any]:
         """Summary text, the apply-ratio button and the load button for a document read in this session."""
         engine, doc = self.engine, pending.document
         n = len(self._ids(pending))
-        fits = engine.max_document_tokens
+        fits = self.store.max_document_tokens
         ratio = engine.smallest_sparsity_for(n) if n > fits else None
         text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio)
         sha = token_sha256(pending.ids)
-        saved = library.find_by_hash(sha, engine=engine)
+        saved = library.find_by_hash(sha, self.store.library_of(_key(request)), engine=engine)
         if saved:
             text += (
                 f"\n\nA saved copy is in the **Library** ('{saved[0].title}', {saved[0].settings}): "
@@ -203,15 +237,22 @@ class Server:
         tokens = max(self.engine.max_document_tokens, self.engine.document_tokens_at(1.0))
         return int(CHARS_PER_TOKEN_BOUND * tokens)
 
-    def read(self, files: list[str] | None, text: str) -> tuple[Any, ...]:
-        """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work."""
+    def read(
+        self, files: list[str] | None, text: str, mine: str | None, request: gr.Request
+    ) -> tuple[Any, ...]:
+        """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work. The
+        uploaded files are deleted once read: nobody can fetch them afterwards."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
             raise gr.Error(
                 "The model is being reloaded with new settings; read the document again in a moment."
             )
         try:
             if files:
-                doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
+                try:
+                    self.store.take_uploads(_key(request), files)
+                    doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
+                finally:
+                    _delete_uploads(files)
             elif text and text.strip():
                 doc = document_from_text(text)
             else:
@@ -221,50 +262,68 @@ class Server:
         except DocumentTooLong:
             message = (
                 f"**Not read:** the text is longer than {self._max_chars():,} characters, more than this model "
-                f"can hold at any streaming-head ratio.\n\n{self._loaded_note()}"
+                f"can hold at any streaming-head ratio.\n\n{self._loaded_note(mine, request)}"
             )
             return message, [], None, gr.update(visible=False), gr.update(interactive=False)
         except DocumentError as e:
-            message = f"**Not read:** {e}\n\n{self._loaded_note()}"
+            message = f"**Not read:** {e}\n\n{self._loaded_note(mine, request)}"
             return message, [], None, gr.update(visible=False), gr.update(interactive=False)
         pending = Pending(doc, self.engine.document_ids(doc.text), self.generation)
         chapters = [[title, offset] for title, offset in chapter_token_offsets(doc, self.engine.tokenizer)]
-        summary, ratio_button, load_button = self._summary(pending)
+        summary, ratio_button, load_button = self._summary(pending, request)
         if doc.warnings:  # what the reader could not read faithfully: said, never dropped silently
             shown = "\n".join(f"- {w}" for w in doc.warnings[:10])
             more = f"\n- … and {len(doc.warnings) - 10} more" if len(doc.warnings) > 10 else ""
             summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
 
-    def prefill(self, pending: Pending | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Pre-fill the read document, streaming a progress bar; the previous document is dropped."""
+    def prefill(
+        self, pending: Pending | None, mine: str | None, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        """Pre-fill the read document into a book of this session, streaming a progress bar (``mine``: the
+        session's current book, named if the pre-fill is cancelled)."""
         if pending is None:
             raise gr.Error("Read a document first: upload files or paste text, then press Read.")
         engine, doc = self.engine, pending.document
         ids = self._ids(pending)
 
         def work(job: Job) -> Any:
-            return engine.ingest(
-                ids, on_progress=lambda done, total: job.put(done), title=doc.title, loaded_by=_who(request)
+            job.put((0, time.perf_counter()))  # the engine is ours: the clock starts
+            return self.store.prefill(
+                _key(request),
+                ids,
+                doc.title,
+                _who(request),
+                on_progress=lambda done, total: job.put((done, time.perf_counter())),
             )
 
-        started, done = time.perf_counter(), 0
+        started, done, clock = time.perf_counter(), 0, None
         job = self._start(request.session_hash, work, engine)
         yield render.progress_html(0, len(ids), 0.0, "waiting for the model…"), "Pre-filling…", gr.skip()
         try:
             for batch in job.stream():
+                for done, at in batch:
+                    if clock is None:
+                        started, clock = at, PrefillClock(done, at)
+                    clock.done(done, at)
                 if batch:
-                    done = batch[-1]
+                    left = clock.seconds_left(len(ids))
                     yield (
-                        render.progress_html(done, len(ids), time.perf_counter() - started),
+                        render.progress_html(done, len(ids), time.perf_counter() - started, left=left),
                         gr.skip(),
                         gr.skip(),
                     )
         finally:
-            if not job.done.is_set():  # the event was cancelled or the page closed
+            if not job.done.is_set():  # the page was closed
                 job.cancel()
-        if isinstance(job.error, (Cancelled, DocumentTooLarge)):
-            yield render.progress_html(done, len(ids), 1.0, "stopped"), f"**Stopped:** {job.error}", None
+        if isinstance(job.error, Cancelled):
+            status = (
+                f"**Cancelled** after {done:,} of {len(ids):,} tokens. {self._loaded_note(mine, request)}"
+            )
+            yield render.progress_html(done, len(ids), 1.0, "cancelled"), status, mine  # its book stays
+            return
+        if isinstance(job.error, DocumentTooLarge):
+            yield render.progress_html(done, len(ids), 1.0, "stopped"), f"**Stopped:** {job.error}", mine
             return
         if job.error is not None:
             raise gr.Error(f"Pre-fill failed: {job.error}")
@@ -293,54 +352,50 @@ class Server:
         self,
         question: str,
         history: list[dict],
-        turns: list[dict],
+        conversation: Conversation,
         mine: str | None,
         temperature: float,
         top_p: float,
         max_new_tokens: float,
+        repetition_penalty: float,
+        no_repeat_ngram: float,
+        repeat_stop: float,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
-        """Stream the answer; the document's cache is restored, so only the question is pre-filled."""
+        """Stream the answer about this session's document; its cache is restored (or loaded back from the
+        library, with progress, if it was evicted), so only the conversation's earlier turns and the question are
+        pre-filled. Stop ends the answer and keeps it (the event itself runs to its end)."""
         engine, question = self.engine, (question or "").strip()
-        doc = engine.document
         if not question:
             raise gr.Error("Type a question first.")
-        if doc is None:
-            raise gr.Error("No document is loaded: read one and press Load into model first.")
-        if mine and mine != doc.sha256:
-            raise gr.Error(
-                f"The model now holds '{doc.title}', loaded by {doc.loaded_by}, not the document you loaded: "
-                "load yours again to ask about it."
-            )
-        turn = {
-            "question": question,
-            "answer": "",
-            "document_title": doc.title,
-            "document_sha256": doc.sha256,
-            "provenance": render.provenance(engine),
-        }
-        turns.append(turn)  # in place, so a stopped answer is kept for export too
+        try:
+            doc = self.store.book(_key(request), mine).info
+        except NoBook as e:
+            raise gr.Error(str(e)) from None
+        sampling = dict(
+            temperature=float(temperature),
+            top_p=float(top_p),
+            repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram=int(no_repeat_ngram),
+            repeat_stop=int(repeat_stop),
+        )
+        answer = [""]
 
         def work(job: Job) -> Any:
+            self.store.activate(_key(request), mine, on_progress=lambda d, t: job.put(d / t))
             pieces = engine.ask(
                 question,
                 max_new_tokens=int(max_new_tokens),
-                temperature=float(temperature),
-                top_p=float(top_p),
+                conversation=conversation,
+                meta={"provenance": render.provenance(engine)},
+                **sampling,
             )
             try:
                 for piece in pieces:
-                    turn["answer"] += piece
+                    answer[0] += piece
                     job.put(piece)
             finally:
                 pieces.close()
-                turn.update(
-                    ttft_s=engine.last.ttft_s,
-                    decode_ms_per_token=engine.last.decode_ms_per_token,
-                    answer_tokens=engine.last.answer_tokens,
-                    question_tokens=engine.last.question_tokens,
-                    stopped=job.cancelled,
-                )
             return engine.last
 
         history = [*history, {"role": "user", "content": question}]
@@ -348,27 +403,48 @@ class Server:
         yield [*history, {"role": "assistant", "content": "…"}], "", "Answering…"
         try:
             for batch in job.stream():
-                if batch:
-                    yield [*history, {"role": "assistant", "content": turn["answer"]}], gr.skip(), gr.skip()
+                reloading = [u for u in batch if isinstance(u, float)]  # a fraction of the book's reload
+                if reloading:
+                    note = f"Loading your book back from the library… {reloading[-1]:.0%}"
+                    yield gr.skip(), gr.skip(), note
+                elif batch:
+                    yield [*history, {"role": "assistant", "content": answer[0]}], gr.skip(), gr.skip()
         finally:
-            if not job.done.is_set():
+            if not job.done.is_set():  # the page was closed
                 job.cancel()
         if job.error is not None:
+            # a turn that never reached the model (e.g. its book could not be loaded back) is not in the
+            # conversation: the engine adds a turn only once it has started answering
             raise gr.Error(f"Could not answer: {job.error}")
         stats = job.result
-        note = " (stopped)" if turn["stopped"] else ""
+        ending = render.ENDINGS[stats.ended_by]
+        if stats.ended_by == "cancel":
+            ending = f"stopped after {stats.answer_tokens} of at most {int(max_new_tokens)} tokens; ready"
+        turns = (
+            f"turn {stats.history_turns + 1} of this conversation ({stats.history_turns} earlier in context"
+        )
+        turns += f", {stats.history_tokens:,} tokens)"
+        if stats.dropped_turns:
+            turns += (
+                f" · **the oldest {stats.dropped_turns} turn{'s' if stats.dropped_turns > 1 else ''} no longer "
+                "fit after the document and left the model's context** (they stay in the export)"
+            )
         line = (
             f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
-            f"{stats.answer_tokens} answer tokens{note} · question {stats.question_tokens} tokens; "
+            f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
             f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
         )
-        yield [*history, {"role": "assistant", "content": turn["answer"] or "_(no answer)_"}], gr.skip(), line
+        yield [*history, {"role": "assistant", "content": answer[0] or "_(no answer)_"}], gr.skip(), line
 
-    def export(self, fmt: str, turns: list[dict]) -> str:
-        """Write the conversation with its provenance to a file for download."""
+    def export(self, fmt: str, conversation: Conversation) -> str:
+        """Write every turn of the conversation with its provenance to a file for download."""
+        turns = conversation.records()
         if not turns:
             raise gr.Error("Nothing to export yet: ask a question first.")
-        folder = Path(tempfile.mkdtemp(prefix="duo-qserve-export-"))
+        for old in self.exports.iterdir():  # the temp files of earlier exports, once downloaded
+            if time.time() - old.stat().st_mtime > TEMP_FILE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(dir=self.exports))
         if fmt == "JSON":
             path = folder / "conversation.json"
             path.write_text(render.export_json(turns))
@@ -378,23 +454,26 @@ class Server:
         return str(path)
 
     # ---- library ---------------------------------------------------------------------------------------------
-    def books(self) -> Any:
-        """The saved books for the dropdown, newest first (unfinished pre-fill checkpoints are not offered)."""
-        books = [b for b in library.list_books() if not b.partial]
+    def books(self, request: gr.Request) -> Any:
+        """This owner's saved books for the dropdown, newest first (unfinished pre-fill checkpoints are not
+        offered)."""
+        books = [b for b in library.list_books(self.store.library_of(_key(request))) if not b.partial]
         choices = [
             (f"{b.title} · {b.tokens:,} tokens · {b.model}, {b.settings} · {b.created[:16]}", b.id)
             for b in books
         ]
         return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
-    def save_book(self, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Save the loaded document's cache so it can be loaded later without a pre-fill."""
-        engine = self.engine
-        if engine.document is None:
-            raise gr.Error("No document is loaded: load one before saving it.")
+    def save_book(self, mine: str | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        """Save this session's document's cache so it can be loaded later without a pre-fill."""
+        engine, key = self.engine, _key(request)
+        try:
+            self.store.book(key, mine)
+        except NoBook as e:
+            raise gr.Error(str(e)) from None
         job = self._start(
             request.session_hash,
-            lambda job: library.save(engine, on_progress=lambda d, t: job.put(d / t)),
+            lambda job: self.store.save(key, mine, on_progress=lambda d, t: job.put(d / t)),
             engine,
         )
         yield from self._fraction_progress(job, "Saving")
@@ -402,23 +481,25 @@ class Server:
             yield f"**Not saved:** {job.error}", gr.skip()
             return
         book = job.result
-        yield f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`.", self.books()
+        yield f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`.", self.books(request)
 
-    def load_book(self, book_id: str | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        """Load a saved book into the cache (checked against this engine's model and settings first)."""
+    def load_book(
+        self, book_id: str | None, mine: str | None, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        """Load one of this owner's saved books (checked against this engine's model and settings first)."""
         if not book_id:
             raise gr.Error("Pick a saved book first.")
         engine = self.engine
 
         def work(job: Job) -> Any:
-            return library.load(
-                engine, book_id, on_progress=lambda d, t: job.put(d / t), loaded_by=_who(request)
+            return self.store.load_saved(
+                _key(request), book_id, _who(request), on_progress=lambda d, t: job.put(d / t)
             )
 
         job = self._start(request.session_hash, work, engine)
         yield from self._fraction_progress(job, "Loading")
         if job.error is not None:
-            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note()}", gr.skip()
+            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note(mine, request)}", gr.skip()
             return
         info = job.result
         yield (
@@ -427,25 +508,32 @@ class Server:
             info.sha256,
         )
 
-    def remove_book(self, book_id: str | None) -> tuple[Any, ...]:
+    def remove_book(self, book_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         if not book_id:
             raise gr.Error("Pick a saved book first.")
-        library.remove(book_id)
-        return f"Removed `{book_id}`.", self.books()
+        self.store.remove(_key(request), book_id)
+        return f"Removed `{book_id}`.", self.books(request)
+
+    def end_session(self, request: gr.Request) -> None:
+        """The tab was closed: an anonymous session's books and library go (a login's stay for its next visit)."""
+        if not request.username:
+            self.store.end(_key(request))
 
     # ---- live readouts ---------------------------------------------------------------------------------------
-    def banner(self, request: gr.Request) -> str:
-        doc = self.engine.document
-        if doc is None:
+    def banner(self, mine: str | None, request: gr.Request) -> str:
+        """This session's document (never another's)."""
+        try:
+            book = self.store.book(_key(request), mine)
+        except NoBook:
             return "No document loaded yet."
-        you = " (you)" if doc.loaded_by == _who(request) else ""
-        return f"Loaded: **{doc.title}**, {doc.tokens:,} tokens, by {doc.loaded_by}{you} · sha256 `{doc.sha256[:12]}`"
+        doc, where = book.info, "" if book.cache is not None else " (in the library until you ask)"
+        return f"Loaded: **{doc.title}**, {doc.tokens:,} tokens{where} · sha256 `{doc.sha256[:12]}`"
 
-    def tick(self, request: gr.Request) -> tuple[Any, ...]:
+    def tick(self, mine: str | None, request: gr.Request) -> tuple[Any, ...]:
         engine = self.engine
         if engine is None:  # being replaced
             return gr.skip(), gr.skip(), gr.skip()
-        return render.memory_html(engine), self.banner(request), render.head_map_html(engine)
+        return render.memory_html(engine), self.banner(mine, request), render.head_map_html(engine)
 
     # ---- settings --------------------------------------------------------------------------------------------
     def _replace_engine(self, settings: EngineSettings) -> None:
@@ -454,21 +542,36 @@ class Server:
         _check_paths(settings)
         if self.engine.device.type == "cuda" and settings.max_tokens is None:
             # the new cache is planned from free GPU memory, so the old engine must go first
+            self.store.drop_all()
             self.engine = None  # type: ignore[assignment]
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                self.engine = _create_engine(settings)
+                self.engine = Engine.from_settings(settings)
             except Exception:
-                self.engine = _create_engine(self.settings)
+                self.engine = Engine.from_settings(self.settings)
+                self.store = self._new_store()
                 raise
         else:
-            self.engine = _create_engine(settings)
+            self.engine = Engine.from_settings(settings)
+        self.store.drop_all()  # the books' caches were made for the old engine
+        self.store = self._new_store()
         self.settings = settings
         self.generation += 1
 
+    def check_operator(self, token: str | None) -> None:
+        """Engine-wide changes drop every session's books: only the operator (``--admin-token``) may make them."""
+        if self.admin_token is None or not hmac.compare_digest(
+            (token or "").encode(), self.admin_token.encode()
+        ):
+            raise gr.Error(
+                "Changing the model or its settings is for the operator of this server: give the admin token "
+                "(the app's --admin-token) in Settings."
+            )
+
     def apply(self, settings: EngineSettings, request: gr.Request) -> Iterator[str]:
-        """Re-create the engine, showing a message while it loads; errors leave the old engine in place."""
+        """Re-create the engine, showing a message while it loads; errors leave the old engine in place (the
+        caller has checked ``check_operator``)."""
         what = f"{settings.model}, pattern {settings.pattern}, {settings.sparsity:.0%} streaming heads, KV{settings.kv_bits}"
         # no cancel hook: the job must not keep the old engine alive while it is replaced
         job = self.job = Job(
@@ -486,11 +589,10 @@ class Server:
     def settings_from_ui(
         self, model: str, pattern: str, sparsity: float, kv_bits: str, w8a8: bool
     ) -> EngineSettings:
-        pattern = (pattern or "auto").strip()
         return dataclasses.replace(
             self.settings,
             model=(model or "default").strip(),
-            pattern=None if pattern.lower() == "none" else pattern,
+            pattern=parse_pattern(pattern),
             sparsity=float(sparsity),
             kv_bits=int(kv_bits),
             w8a8=bool(w8a8),
@@ -514,10 +616,11 @@ class Server:
 def build_app(server: Server) -> gr.Blocks:
     """The UI, wired to ``server``; every model-running event is in the one GPU concurrency group."""
     engine = server.engine
-    with gr.Blocks(title="duo-qserve: ask a whole book") as demo:
+    cleanup = (TEMP_FILE_SECONDS // 4, TEMP_FILE_SECONDS)  # gradio deletes its copies of files on this timer
+    with gr.Blocks(title="duo-qserve: ask a whole book", delete_cache=cleanup) as demo:
         pending = gr.State(None)
         mine = gr.State(None)  # sha256 of the document this session loaded
-        turns = gr.State([])
+        conversation = gr.State(Conversation())
         gr.Markdown("# duo-qserve: ask questions about a whole book")
         headline = gr.Markdown(render.capacity_headline(engine), elem_id="capacity")
         banner = gr.Markdown("No document loaded yet.", elem_id="banner")
@@ -549,7 +652,7 @@ def build_app(server: Server) -> gr.Blocks:
                     with gr.Row():
                         ask_button = gr.Button("Ask", variant="primary")
                         stop_button = gr.Button("Stop", variant="stop")
-                        clear_button = gr.Button("Clear chat")
+                        clear_button = gr.Button("New conversation")
                     answer_stats = gr.Markdown(elem_id="answer-stats")
                     with gr.Accordion("Sampling", open=False):
                         temperature = gr.Slider(
@@ -557,6 +660,18 @@ def build_app(server: Server) -> gr.Blocks:
                         )
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                         max_new = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
+                        repetition_penalty = gr.Slider(
+                            1.0, 2.0, value=Sampling.repetition_penalty, step=0.05,
+                            label="Repetition penalty on the answer's own tokens (1 = off)",
+                        )  # fmt: skip
+                        no_repeat_ngram = gr.Slider(
+                            0, 8, value=Sampling.no_repeat_ngram, step=1,
+                            label="No repeated n-grams of this length in the answer (0 = off)",
+                        )  # fmt: skip
+                        repeat_stop = gr.Slider(
+                            0, 128, value=Sampling.repeat_stop, step=4,
+                            label="Stop once the answer repeats this many tokens (0 = off)",
+                        )  # fmt: skip
                     with gr.Accordion(
                         "Export the conversation (with model, settings and document hash)", open=False
                     ):
@@ -577,7 +692,9 @@ def build_app(server: Server) -> gr.Blocks:
                         refresh_books_button = gr.Button("Refresh")
                     save_book_button = gr.Button("Save the loaded document")
                     library_status = gr.Markdown()
-                with gr.Accordion("Settings", open=False):
+                with gr.Accordion(
+                    "Settings (operator only)", open=False, visible=server.admin_token is not None
+                ):
                     model = gr.Textbox(
                         value=engine.settings.model,
                         label="Model (a name such as qwen2.5-coder-0.5b, a checkpoint dir or .gguf)",
@@ -593,47 +710,48 @@ def build_app(server: Server) -> gr.Blocks:
                         ["4", "8", "16"], value=str(engine.cache_config.kv_bits), label="KV bits"
                     )
                     w8a8 = gr.Checkbox(value=engine.w8a8, label="W8A8 weights and activations")
+                    admin = gr.Textbox(label="Admin token (the app's --admin-token)", type="password")
                     apply_button = gr.Button("Apply (reloads the model)")
                     settings_status = gr.Markdown()
 
         gpu = dict(concurrency_limit=1, concurrency_id=GPU)
         read_button.click(
             server.read,
-            [files, pasted],
+            [files, pasted, mine],
             [summary, chapters, pending, ratio_button, load_button],
             api_name="read",
         )
-        prefill_event = load_button.click(
-            server.prefill, pending, [progress, doc_status, mine], api_name="prefill", **gpu
+        load_button.click(
+            server.prefill, [pending, mine], [progress, doc_status, mine], api_name="prefill", **gpu
         )
-        cancel_button.click(
-            server.cancel, None, None, cancels=[prefill_event], api_name="cancel", concurrency_limit=None
-        )
+        cancel_button.click(server.cancel, None, None, api_name="cancel", concurrency_limit=None)
 
-        ask_inputs = [question, chatbot, turns, mine, temperature, top_p, max_new]
+        ask_inputs = [question, chatbot, conversation, mine, temperature, top_p, max_new]
+        ask_inputs += [repetition_penalty, no_repeat_ngram, repeat_stop]
         ask_outputs = [chatbot, question, answer_stats]
-        ask_event = ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **gpu)
-        submit_event = question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **gpu)
-        stop_button.click(
-            server.cancel,
-            None,
-            None,
-            cancels=[ask_event, submit_event],
-            api_name="stop",
-            concurrency_limit=None,
+        ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **gpu)
+        question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **gpu)
+        # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
+        # the event would leave its last status standing and show an error badge for the user's own action).
+        stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
+        clear_button.click(
+            lambda: ([], Conversation(), ""), None, [chatbot, conversation, answer_stats], api_name="clear"
         )
-        clear_button.click(lambda: ([], [], ""), None, [chatbot, turns, answer_stats], api_name="clear")
-        export_button.click(server.export, [export_format, turns], export_file, api_name="export")
+        export_button.click(server.export, [export_format, conversation], export_file, api_name="export")
 
         refresh_books_button.click(server.books, None, book, api_name="books")
         demo.load(server.books, None, book, api_visibility="undocumented")
-        save_book_button.click(server.save_book, None, [library_status, book], api_name="save_book", **gpu)
-        load_book_button.click(server.load_book, book, [library_status, mine], api_name="load_book", **gpu)
+        save_book_button.click(server.save_book, mine, [library_status, book], api_name="save_book", **gpu)
+        load_book_button.click(
+            server.load_book, [book, mine], [library_status, mine], api_name="load_book", **gpu
+        )
         remove_book_button.click(server.remove_book, book, [library_status, book], api_name="remove_book")
+        demo.unload(server.end_session)
 
         def apply_settings(
-            model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, request: gr.Request
+            model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, token: str, request: gr.Request
         ) -> Iterator[tuple[Any, ...]]:
+            server.check_operator(token)
             for message in server.apply(
                 server.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request
             ):
@@ -641,13 +759,14 @@ def build_app(server: Server) -> gr.Blocks:
 
         apply_button.click(
             apply_settings,
-            [model, pattern, sparsity, kv_bits, w8a8],
+            [model, pattern, sparsity, kv_bits, w8a8, admin],
             [settings_status, headline],
             api_name="apply",
             **gpu,
         )
 
-        def apply_ratio(p: Pending | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        def apply_ratio(p: Pending | None, token: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+            server.check_operator(token)
             settings = server.ratio_settings(p)
             for message in server.apply(settings, request):
                 yield (
@@ -661,13 +780,13 @@ def build_app(server: Server) -> gr.Blocks:
             yield (
                 gr.skip(),
                 render.capacity_headline(server.engine),
-                *server._summary(p),
+                *server._summary(p, request),
                 server.settings.sparsity,
             )
 
         ratio_button.click(
             apply_ratio,
-            pending,
+            [pending, admin],
             [doc_status, headline, summary, ratio_button, load_button, sparsity],
             api_name="apply_ratio",
             **gpu,
@@ -675,7 +794,7 @@ def build_app(server: Server) -> gr.Blocks:
 
         timer = gr.Timer(1.0)
         timer.tick(
-            server.tick, None, [memory, banner, head_map], show_progress="hidden", concurrency_limit=None,
+            server.tick, mine, [memory, banner, head_map], show_progress="hidden", concurrency_limit=None,
             api_visibility="undocumented",
         )  # fmt: skip
     return demo
@@ -687,52 +806,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login; answers then name the user")
+    add_engine_args(p, defaults=EngineSettings(model="demo"))
     p.add_argument(
-        "--model",
-        default="demo",
-        help="a named model (python -m duo_qserve models list), a checkpoint dir or a .gguf; 'demo': "
-        "Qwen2.5-Coder-1.5B-Instruct on a GPU, -0.5B on a CPU",
+        "--admin-token",
+        default=environment.admin_token(),
+        help="who knows it may change the model and its settings in the app (default: $DUO_QSERVE_ADMIN_TOKEN; "
+        "without one nobody can)",
     )
+    limits = UploadLimits()
+    p.add_argument("--max-upload-mb", type=int, default=limits.per_upload_bytes >> 20, help="bytes per file")
     p.add_argument(
-        "--pattern", default="auto", help="attention pattern dir, 'auto' or 'none' (all retrieval heads)"
-    )
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads that stream (0..1)")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=4)
-    p.add_argument(
-        "--max-tokens",
+        "--max-session-upload-mb",
         type=int,
-        help="cache capacity in tokens (default: what fits on the GPU; 32768 on CPU)",
+        default=limits.per_session_bytes >> 20,
+        help="bytes one session may upload in all",
     )
-    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     a = p.parse_args(argv)
     if a.auth and ":" not in a.auth:
         p.error("--auth wants USER:PASS, e.g. --auth alice:s3cret")
-    if not 0.0 <= a.sparsity <= 1.0:
-        p.error(f"--sparsity must be between 0 and 1, got {a.sparsity}")
     return a
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    model = demo_model(a.cpu) if a.model == "demo" else a.model
-    settings = EngineSettings(
-        model=model,
-        device="cpu" if a.cpu else None,
-        pattern=None if a.pattern.lower() == "none" else a.pattern,
-        sparsity=a.sparsity,
-        kv_bits=a.kv_bits,
-        max_tokens=a.max_tokens,
-        w8a8=a.w8a8,
-    )
-    print(f"loading {model}…", flush=True)
+    settings = settings_from_args(a)
+    print(f"loading {settings.model}…", flush=True)
     try:
-        server = Server(settings)
+        uploads = UploadLimits(a.max_upload_mb << 20, a.max_session_upload_mb << 20)
+        server = Server(settings, a.admin_token, uploads)
     except (ModelLoadError, PatternError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     demo = build_app(server)
     auth = tuple(a.auth.split(":", 1)) if a.auth else None
-    demo.queue().launch(server_name=a.host, server_port=a.port, share=a.share, auth=auth, show_error=True)
+    demo.queue().launch(
+        server_name=a.host,
+        server_port=a.port,
+        share=a.share,
+        auth=auth,
+        show_error=True,
+        max_file_size=server.uploads.per_upload_bytes,
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ COMPONENTS = (  # memory components in the order the bar stacks them, with their
     ("workspace", "Workspace", "#a3a3a3"),
 )
 RETRIEVAL_COLOUR, STREAMING_COLOUR = "#0ea5e9", "#f59e0b"
+ENDINGS = {  # GenerationStats.ended_by, for people
+    "eos": "the model finished",
+    "max_tokens": "cut at the token limit",
+    "repetition": "stopped: it started repeating itself",
+    "stop": "cut at a stop string",
+    "cancel": "stopped by the user",
+}
 
 
 def fmt_bytes(n: float) -> str:
@@ -88,11 +95,10 @@ def document_summary(
     return f"{head}\n\n**Too large:** only {fits:,} document tokens fit with these settings. {advice}"
 
 
-def progress_html(done: int, total: int, elapsed: float, note: str = "") -> str:
-    """Pre-fill progress: tokens done/total, tokens/s and time left."""
+def progress_html(done: int, total: int, elapsed: float, note: str = "", left: float = math.inf) -> str:
+    """Pre-fill progress: tokens done/total, tokens/s and the time ``left`` (from ``duo_qserve.eta``)."""
     frac = done / total if total else 0.0
     rate = done / elapsed if elapsed > 0 and done else 0.0
-    left = (total - done) / rate if rate else math.inf
     eta = fmt_seconds(left) if math.isfinite(left) else "estimating…"
     text = f"{done:,} / {total:,} tokens · " + (note or f"{rate:,.0f} tokens/s · {eta} left")
     return (
@@ -133,6 +139,8 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
         if last["answer_tokens"]
         else "no answer yet"
     )
+    turns, turn_tokens = engine.conversation_in_cache
+    conversation = f"conversation {turns} earlier turn{'s' if turns != 1 else ''}, {turn_tokens:,} tokens"
     clock = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
     return (
         f'<div class="memory-readout">'
@@ -141,38 +149,9 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
         f"{''.join(segments)}</div>"
         f'<div style="font-size:0.85em;margin-top:4px">{"".join(legend)}</div>'
         f'<div style="font-size:0.9em;margin-top:6px">Context held: {s["context_tokens"]:,} of '
-        f"{s['capacity_tokens']:,} tokens (document {s['document_tokens']:,}) · {speed} · "
+        f"{s['capacity_tokens']:,} tokens (document {s['document_tokens']:,}, {conversation}) · {speed} · "
         f"updated {clock}</div></div>"
     )
-
-
-def head_bytes(engine: Engine, layer: int, context: int) -> tuple[int, int]:
-    """Bytes one retrieval head and one streaming head of ``layer`` hold at ``context`` tokens.
-
-    Read from the cache's own tensor list: tensors along the token axis count for the tokens held, fixed ones
-    (the fp tail of the key group being filled) count whole; each is split evenly over the layer's heads.
-    """
-    spec = engine.cache.spec
-    n_r = spec.retrieval_heads[layer]
-    n_s = engine.args.n_kv_heads - n_r
-    group = spec.config.key_group
-    retrieval = streaming = 0.0
-    for t in spec.layers[layer]:
-        if t.component == "streaming_kv":
-            size = t.shape[1]
-            held = (
-                min(context, size)
-                if t.name.startswith("sink")
-                else min(max(context - spec.config.sink_tokens, 0), size)
-            )
-            streaming += t.nbytes * held / size / n_s
-        elif t.shape[1] == spec.capacity:
-            retrieval += t.nbytes * min(context, spec.capacity) / spec.capacity / n_r
-        elif t.name.startswith("k_") and t.shape[1] == spec.capacity // group:
-            retrieval += t.nbytes * math.ceil(min(context, spec.capacity) / group) / t.shape[1] / n_r
-        else:
-            retrieval += t.nbytes / n_r
-    return int(retrieval), int(streaming)
 
 
 def head_map_html(engine: Engine) -> str:
@@ -186,7 +165,7 @@ def head_map_html(engine: Engine) -> str:
         original = [i for i, m in enumerate(mask[layer]) if m] + [
             i for i, m in enumerate(mask[layer]) if not m
         ]
-        r_bytes, s_bytes = head_bytes(engine, layer, context)
+        r_bytes, s_bytes = engine.cache.spec.head_bytes(layer, context)
         cells = []
         for slot in range(args.n_kv_heads):
             kind, colour, nbytes = (
@@ -207,7 +186,7 @@ def head_map_html(engine: Engine) -> str:
     axis = f'<div style="font-size:10px">columns: layers 0 → {args.n_layers - 1}; rows: KV-head slots</div>'
     n_retrieval = sum(engine.retrieval_heads)
     n_total = args.n_layers * args.n_kv_heads
-    per_layer = [head_bytes(engine, layer, context) for layer in range(args.n_layers)]
+    per_layer = [engine.cache.spec.head_bytes(layer, context) for layer in range(args.n_layers)]
     r0, s0 = max(b[0] for b in per_layer), max(b[1] for b in per_layer)
     legend = (
         f'<div style="font-size:0.85em;margin-top:6px">'
@@ -269,8 +248,7 @@ def export_markdown(turns: Sequence[dict]) -> str:
     for turn in turns:
         lines += [f"## Q: {turn['question']}", "", turn["answer"] or "_(no answer)_", ""]
         note = f"{turn.get('ttft_s', 0.0):.2f} s to first token, {turn.get('decode_ms_per_token', 0.0):.0f} ms/token"
-        if turn.get("stopped"):
-            note += ", stopped by the user"
+        note += f", {ENDINGS.get(turn.get('ended_by', ''), 'ended')}"
         if turn["provenance"] != meta:
             note += f"; {_settings_line(turn['provenance'])}"
         lines += [f"_{note}; document {turn['document_title']} (sha256 {turn['document_sha256'][:12]}…)_", ""]

@@ -9,45 +9,16 @@ from pathlib import Path
 
 import torch
 
+from duo_qserve.library_cli import add_library_command
+from duo_qserve.options import add_engine_args, settings_from_args
+
 REFERENCE_DEMO_TOKENS = 3_300_000  # the DuoAttention demo's context on an A100-80G (W8A8KV4, 50% streaming)
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="default",
-        help="a named model (see 'models list'), a checkpoint dir, a .gguf file, synthetic:<shape>",
-    )
-    p.add_argument(
-        "--pattern", default="auto", help="attention pattern dir; 'auto' uses attn_patterns/<model>/"
-    )
-    p.add_argument(
-        "--sparsity", type=float, default=0.5, help="fraction of KV heads that become streaming heads"
-    )
-    p.add_argument("--kv-bits", type=int, default=4, choices=(4, 8, 16))
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--recent", type=int, default=None)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None)
-
-
-def _engine(a):
+def _engine(a: argparse.Namespace):
     from duo_qserve.engine import Engine
 
-    return Engine.from_pretrained(
-        a.model,
-        device="cpu" if a.cpu else None,
-        pattern=None if a.pattern == "none" else a.pattern,
-        sparsity=a.sparsity,
-        kv_bits=a.kv_bits,
-        sink=a.sink,
-        recent=a.recent,
-        chunk_size=a.chunk_size,
-        max_tokens=a.max_tokens,
-        w8a8=a.w8a8,
-    )
+    return Engine.from_settings(settings_from_args(a))
 
 
 def cmd_ask(a) -> int:
@@ -77,9 +48,30 @@ def cmd_ask(a) -> int:
 def cmd_info(a) -> int:
     engine = _engine(a)
     s = engine.stats()
-    mem = {k: f"{v / 2**20:.1f} MiB" for k, v in s["memory"].items()}
-    print(json.dumps({**s, "memory": mem}, indent=2, default=str))
+    if a.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    print(info_summary(s))
     return 0
+
+
+def info_summary(s: dict) -> str:
+    """``Engine.stats()`` for people: the model and its precision, the cache's shape, memory by component."""
+    gib = 2**30
+    dev = s["device_memory"]
+    weights = (
+        "W8A8" + (" (SmoothQuant)" if s["smoothquant"] else "") if s["w8a8"] else f"{s['dtype']} weights"
+    )
+    heads = s["retrieval_heads"]
+    lines = [
+        f"model      {s['model']} on {s['device']} ({dev['name']}), {weights}, KV{s['kv_bits']}",
+        f"pattern    {s['pattern']}: {s['sparsity']:.0%} streaming heads, {sum(heads)} retrieval heads over "
+        f"{len(heads)} layers; sink {s['sink_tokens']}, recent {s['recent_tokens']} tokens",
+        f"capacity   {s['capacity_tokens']:,} tokens in the cache",
+        f"memory     {dev['used'] / gib:.2f} GiB used of {dev['total'] / gib:.2f} GiB",
+    ]
+    lines += [f"  {name:<13} {n / gib:9.3f} GiB" for name, n in s["memory"].items()]
+    return "\n".join(lines)
 
 
 def _model_args(spec: str):
@@ -189,11 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
-    _engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("info", help="model, device, memory")
-    _engine_args(p)
+    add_engine_args(p)
+    p.add_argument("--json", action="store_true", help="the full stats as JSON (bytes), for machines")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plan", help="how many tokens fit in a memory budget")
@@ -218,13 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="'demo' means the CPU's demo model even with a GPU")
     p.set_defaults(func=cmd_models)
 
-    for name, module, text in (
-        ("quantize", "duo_qserve.quant.cli", "quantize a checkpoint to W8A8 once"),
-        ("library", "duo_qserve.library", "save, load, list and remove pre-filled documents"),
-    ):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_forward(module))
+    add_library_command(sub)
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint to W8A8 once", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_forward("duo_qserve.quant.cli"))
 
     p = sub.add_parser("patterns", help="attention patterns: 'score' a model's heads, 'train' gates")
     p.add_argument("action", choices=("score", "train"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from duo_qserve.kernels import kv_attention, kv_quantize
-from duo_qserve.kernels.attention import dense_attention, merge
+from duo_qserve.kernels.attention import dense_attention, merge, split_heads
 from duo_qserve.model import ModelArgs
 from duo_qserve.quant.kv_quant import SCALE_DTYPE
 
@@ -101,18 +101,48 @@ class CacheSpec:
     def nbytes(self) -> int:
         return sum(self.bytes_by_component().values())
 
+    def valid_len(self, name: str, seq_len: int) -> int:
+        """Entries along axis 1 (tokens, groups or ring slots) of tensor ``name`` that hold state at ``seq_len``
+        tokens: what a saved copy of the cache must keep."""
+        c = self.config
+        if name in ("sink_k", "sink_v"):
+            return min(seq_len, c.sink_tokens)
+        if name in ("ring_k", "ring_v"):  # slot of position p is (p - sink) % recent: filled from slot 0
+            return min(max(seq_len - c.sink_tokens, 0), c.recent_tokens)
+        if c.kv_bits == 16 and name in ("k_data", "v_data"):
+            return seq_len
+        whole = seq_len // c.key_group * c.key_group
+        lengths = {"k_data": whole, "v_data": whole, "v_scale": whole, "v_zero": whole,
+                   "k_scale": whole // c.key_group, "k_zero": whole // c.key_group,
+                   "k_tail": seq_len - whole, "v_tail": seq_len - whole}  # fmt: skip
+        if name not in lengths:
+            raise ValueError(f"{name!r} is not a cache tensor")
+        return lengths[name]
 
-def split_heads(n_retrieval: int, layer: int, q, k, v, retrieval, streaming) -> torch.Tensor:
-    """Send KV heads ``[0, n_retrieval)`` (and their query heads) to ``retrieval``, the rest to ``streaming``:
-    head reordering made both contiguous ranges. k/v arrive [T, Hkv, D] and leave [Hkv, T, D]."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.transpose(0, 1), v.transpose(0, 1)
-    parts = []
-    if n_retrieval:
-        parts.append(retrieval(layer, q[:, : n_retrieval * g], k[:n_retrieval], v[:n_retrieval]))
-    if n_retrieval < k.shape[0]:
-        parts.append(streaming(layer, q[:, n_retrieval * g :], k[n_retrieval:], v[n_retrieval:]))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    def head_bytes(self, layer: int, context: int) -> tuple[int, int]:
+        """Bytes one retrieval head and one streaming head of ``layer`` hold at ``context`` tokens: tensors along
+        the token axis count for the tokens held, fixed ones (the fp tail of the key group being filled) count
+        whole; each is split evenly over the layer's heads of its kind."""
+        n_r = self.retrieval_heads[layer]
+        n_s = self.args.n_kv_heads - n_r
+        group = self.config.key_group
+        retrieval = streaming = 0.0
+        for t in self.layers[layer]:
+            if t.component == "streaming_kv":
+                size = t.shape[1]
+                held = (
+                    min(context, size)
+                    if t.name.startswith("sink")
+                    else min(max(context - self.config.sink_tokens, 0), size)
+                )
+                streaming += t.nbytes * held / size / n_s
+            elif t.shape[1] == self.capacity:
+                retrieval += t.nbytes * min(context, self.capacity) / self.capacity / n_r
+            elif t.name.startswith("k_") and t.shape[1] == self.capacity // group:
+                retrieval += t.nbytes * math.ceil(min(context, self.capacity) / group) / t.shape[1] / n_r
+            else:
+                retrieval += t.nbytes / n_r
+        return int(retrieval), int(streaming)
 
 
 class DuoKVCache:
@@ -140,6 +170,25 @@ class DuoKVCache:
 
     def advance(self, n_tokens: int) -> None:
         self.seq_len += n_tokens
+
+    def set_length(self, n_tokens: int) -> None:
+        """Declare that the tensors hold the state of ``n_tokens`` tokens (written in by the library, or by a
+        benchmark's synthetic fill)."""
+        if not 0 <= n_tokens <= self.max_tokens:
+            raise ValueError(
+                f"a length of {n_tokens:,} tokens is outside this cache's 0..{self.max_tokens:,}"
+            )
+        self.seq_len = n_tokens
+
+    def commit_tail_group(self) -> None:
+        """Quantize every layer's fp tail, a group that has just filled (``seq_len`` a multiple of the key group),
+        into the arena. The decode graph writes new tokens into the tail only and calls this on the host."""
+        group = self.config.key_group
+        if self.config.kv_bits == 16 or self.seq_len == 0 or self.seq_len % group:
+            raise ValueError(f"no full tail group to commit at {self.seq_len:,} tokens (groups of {group})")
+        for layer, n_r in zip(self.layers, self.n_retrieval, strict=True):
+            if n_r:
+                self._append_quantized(layer, layer["k_tail"], layer["v_tail"], self.seq_len - group)
 
     def check_room(self, n_tokens: int) -> None:
         if self.seq_len + n_tokens > self.max_tokens:

@@ -26,13 +26,13 @@ about 540K characters: more than 32K tokens at any tokenizer's rate.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-ESSAYS_ENV = "DUO_QSERVE_ESSAYS"
+from duo_qserve import environment
+
 CALIBRATION_FILES = 8
 SPLITS = ("calibration", "evaluation")
 # Modules whose documentation is mostly prose and signatures. Left out: modules whose rendering shows run-time
@@ -49,15 +49,15 @@ PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here w
 def essays_dir(path: str | Path | None = None) -> Path:
     """The essays directory: ``path`` if given, else ``$DUO_QSERVE_ESSAYS``; FileNotFoundError naming both if
     neither is set or the directory holds no ``*.txt`` file."""
-    given = path if path is not None else os.environ.get(ESSAYS_ENV)
+    given = path if path is not None else environment.essays_dir()
     if not given:
         raise FileNotFoundError(
-            f"no essays directory: pass one (--essays DIR) or set the environment variable {ESSAYS_ENV} to a "
+            f"no essays directory: pass one (--essays DIR) or set the environment variable {environment.ESSAYS} to a "
             "directory of *.txt essays"
         )
     d = Path(given).expanduser()
     if not any(d.glob("*.txt")):
-        source = "given" if path is not None else f"from {ESSAYS_ENV}"
+        source = "given" if path is not None else f"from {environment.ESSAYS}"
         raise FileNotFoundError(f"no *.txt essays in {d} ({source})")
     return d
 

@@ -115,14 +115,10 @@ class GraphedDecoder:
 
     def _after_step(self) -> None:
         """Host bookkeeping: one more token; quantize the tail into the arena when it has just filled."""
-        cache, c = self.cache, self.cache.config
+        cache = self.cache
         cache.advance(1)
-        if cache.seq_len % c.key_group:
-            return
-        n_quant = cache.seq_len - c.key_group
-        for layer, n_r in zip(cache.layers, cache.n_retrieval, strict=True):
-            if n_r:
-                cache._append_quantized(layer, layer["k_tail"], layer["v_tail"], n_quant)
+        if cache.seq_len % cache.config.key_group == 0:
+            cache.commit_tail_group()
 
 
 # ---------------------------------------------------------------------------------------------------- device check

@@ -1,31 +1,33 @@
 """The engine: one model, one long document in the cache, many questions against it.
 
 ``ingest`` pre-fills the document in chunks and checkpoints the cache at its end; ``ask`` restores that state,
-pre-fills only the question and streams the answer. The document sits inside the chat template's user turn and the
-question follows it, so the document's cache serves every question (the streaming/retrieval split does not depend on
-the question).
+pre-fills only the earlier turns of its conversation and the question, and streams the answer. The document sits
+inside the chat template's first user turn and the conversation follows it, so the document's cache serves every
+question of every conversation (the streaming/retrieval split does not depend on the question).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from duo_qserve import environment
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
+from duo_qserve.conversation import Conversation, Turn
 from duo_qserve.decode_graph import GraphedDecoder
-from duo_qserve.loading import REPO_ROOT, LoadedModel, load_model
+from duo_qserve.environment import REPO_ROOT
+from duo_qserve.loading import LoadedModel, load_model
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
+from duo_qserve.sampling import AnswerGuard, Sampling, check_max_new_tokens, sample
 
 PATTERNS_DIR = REPO_ROOT / "attn_patterns"
 CALIBRATION_DIR = Path(__file__).parent / "quant" / "calibration"
@@ -90,9 +92,12 @@ class EngineSettings:
 class GenerationStats:
     question_tokens: int = 0
     answer_tokens: int = 0
-    ttft_s: float = 0.0  # restore + question pre-fill + first token
+    ttft_s: float = 0.0  # restore + earlier turns + question pre-fill + first token
     decode_ms_per_token: float = 0.0
-    extra: dict = field(default_factory=dict)
+    ended_by: str = ""  # one of sampling.ENDED_BY: "eos", "max_tokens", "repetition", "stop", "cancel"
+    history_turns: int = 0  # earlier turns of the conversation the question followed
+    history_tokens: int = 0
+    dropped_turns: int = 0  # oldest turns this question dropped from the context: they no longer fit
 
 
 class Engine:
@@ -122,9 +127,10 @@ class Engine:
         )
         cuda = self.device.type == "cuda"
         self.chunk_size = settings.chunk_size or (32768 if cuda else 512)
-        self.cache = DuoKVCache(self._cache_spec(settings.max_tokens), self.device)
+        self.capacity = self._cache_spec(settings.max_tokens)  # the largest cache one document may have
+        self.cache = DuoKVCache(self.capacity, self.device)
         # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step
-        self.decode_graph = cuda and os.environ.get("DUO_QSERVE_DECODE_GRAPH", "1") != "0"
+        self.decode_graph = cuda and environment.decode_graph()
         self._decoder: GraphedDecoder | None = None
         self.document: DocumentInfo | None = None
         self.last = GenerationStats()
@@ -133,14 +139,20 @@ class Engine:
         self._jobs = 0  # nesting depth of the job holding ``lock`` (read and written under it)
         # One GPU job at a time; re-entrant so a caller can hold it around calls (``job``).
         self.lock = threading.RLock()
-        self._doc_prefix, self._question_suffix = self._template_parts()
+        self._doc_prefix, self._question_suffix, self._turn_end = self._template_parts()
+        self.conversation_in_cache = (0, 0)  # (turns, tokens) after the document, for the context readout
         self._stop_ids = self._eos_ids()
 
     @classmethod
-    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
-        settings = EngineSettings(model=model, **kwargs)
+    def from_settings(cls, settings: EngineSettings) -> Engine:
+        """Load ``settings.model`` on ``settings.device`` (None: CUDA if available) and build the engine on it."""
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_model(model, device, settings.dtype), settings)
+        return cls(load_model(settings.model, device, settings.dtype), settings)
+
+    @classmethod
+    def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
+        """``from_settings(EngineSettings(model, **kwargs))``."""
+        return cls.from_settings(EngineSettings(model=model, **kwargs))
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _resolve_pattern(self, pattern: str | None) -> AttentionPattern:
@@ -176,21 +188,27 @@ class Engine:
                 max_tokens = 32768
         return CacheSpec(self.args, self.retrieval_heads, self.cache_config, max_tokens, self.dtype)
 
-    def _template_parts(self) -> tuple[str, str]:
-        """Split the chat template around the user turn: (text before the document, text after the question)."""
-        doc, question = "\x00DOC\x00", "\x00QUESTION\x00"
+    def _template_parts(self) -> tuple[str, str, str]:
+        """Split the chat template around the turns: (text before the document, text after a question, text
+        between an answer and the next question)."""
+        doc, question, answer, again = "\x00DOC\x00", "\x00QUESTION\x00", "\x00ANSWER\x00", "\x00AGAIN\x00"
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
-            return "Document:\n", "\n\nAnswer:"
+            return "Document:\n", "\n\nAnswer:", "\n\nQuestion: "
         text = tok.apply_chat_template(
             [{"role": "user", "content": doc + question}], tokenize=False, add_generation_prompt=True
         )
         before, rest = text.split(doc)
         _, after = rest.split(question)
+        turns = tok.apply_chat_template(
+            [{"role": "user", "content": doc + question}, {"role": "assistant", "content": answer},
+             {"role": "user", "content": again}], tokenize=False, add_generation_prompt=True,
+        )  # fmt: skip
+        turn_end = turns.split(answer)[1].split(again)[0]
         bos = getattr(tok, "bos_token", None)
         if bos and not before.startswith(bos) and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
             before = bos + before
-        return before, after
+        return before, after, turn_end
 
     def _eos_ids(self) -> set[int]:
         tok, ids = self.tokenizer, set()
@@ -210,18 +228,41 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def document_ids(self, text: str) -> list[int]:
+        """The ids ``ingest`` puts in the cache for ``text``: the chat template's opening, the text, a break."""
         return self.encode(self._doc_prefix + text + "\n\n")
+
+    def question_ids(self, question: str) -> list[int]:
+        """The ids ``ask`` adds after the document for ``question``: the question and the template's close."""
+        return self.encode(question + self._question_suffix)
 
     @property
     def max_document_tokens(self) -> int:
-        return max(self.cache.max_tokens - ANSWER_RESERVE, 0)
+        """Document tokens the engine can hold (in a cache of ``capacity``)."""
+        return max(self.capacity.max_tokens - ANSWER_RESERVE, 0)
+
+    def cache_spec_for(self, document_tokens: int) -> CacheSpec:
+        """The cache for a document of ``document_tokens`` tokens and ``ANSWER_RESERVE`` more (at most
+        ``capacity``): several documents can then stay resident at once, each in a cache of its own size."""
+        tokens = min(document_tokens + ANSWER_RESERVE, self.capacity.max_tokens)
+        return CacheSpec(self.args, self.retrieval_heads, self.cache_config, tokens, self.dtype)
+
+    def new_cache(self, document_tokens: int) -> DuoKVCache:
+        """An empty cache of ``cache_spec_for(document_tokens)``, for ``use``."""
+        return DuoKVCache(self.cache_spec_for(document_tokens), self.device)
+
+    def use(self, cache: DuoKVCache, document: DocumentInfo | None) -> None:
+        """Make ``cache`` (from ``new_cache``, holding ``document`` or nothing) the one the engine pre-fills and
+        answers from; waits for the running job, so a switch never lands inside one."""
+        with self.job():
+            self.cache, self.document = cache, document
+            self.conversation_in_cache = (0, 0)
 
     def document_tokens_at(self, sparsity: float) -> int:
-        """Document tokens that would fit in the bytes of the current cache with ``sparsity`` streaming heads
+        """Document tokens that would fit in the bytes of ``capacity`` with ``sparsity`` streaming heads
         (what a re-load at that ratio would offer)."""
         mask, _ = self.pattern.retrieval_mask(sparsity)
         plan = max_tokens_for_budget(
-            self.args, [int(m.sum()) for m in mask], self.cache_config, self.cache.spec.nbytes,
+            self.args, [int(m.sum()) for m in mask], self.cache_config, self.capacity.nbytes,
             w8a8=False, chunk_size=0, dtype=self.dtype, include_fixed=False,
         )  # fmt: skip
         return max(plan.tokens - ANSWER_RESERVE, 0)
@@ -260,6 +301,16 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
         self.document = None
+        self.conversation_in_cache = (0, 0)
+
+    def attach_document(self, info: DocumentInfo) -> DocumentInfo:
+        """Take the cache's current state, written in by ``duo_qserve.library`` from a saved book, as the
+        document ``info`` describes: checkpoint it, so every question starts from it, and return ``info``."""
+        with self.job():
+            self.cache.checkpoint()
+            self.document = info
+            self.conversation_in_cache = (0, 0)
+            return info
 
     def ingest(
         self,
@@ -278,8 +329,9 @@ class Engine:
         """
         with self.job(), torch.inference_mode():
             ids = self.document_ids(document) if isinstance(document, str) else list(document)
-            if len(ids) > self.max_document_tokens:
-                raise DocumentTooLarge(len(ids), self.max_document_tokens)
+            fits = max(self.cache.max_tokens - ANSWER_RESERVE, 0)  # the cache in use (see ``use``)
+            if len(ids) > fits:
+                raise DocumentTooLarge(len(ids), fits)
             first = self.cache.seq_len if resume else 0
             if not resume:
                 self.reset()
@@ -333,80 +385,152 @@ class Engine:
         self,
         question: str,
         max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
         stop: Sequence[str] = (),
-        seed: int | None = None,
+        conversation: Conversation | None = None,
+        meta: dict | None = None,
+        **sampling: float | int | None,
     ) -> Iterator[str]:
         """Stream the answer to ``question`` about the ingested document as text pieces.
 
-        The sampling parameters are checked here (ValueError). The stream is one job (see ``cancel``): it holds
-        the engine from its first piece until it ends or is closed, so consume it on one thread and close it
-        (``close()``, or a ``with contextlib.closing(...)``) when stopping early. A question that does not fit in
-        the room the document leaves is refused (``QuestionTooLong``) before any work; the document's checkpoint
-        is restored before every question, so nothing an answer does reaches the next one.
+        ``sampling``: the fields of ``Sampling`` (temperature, top_p, repetition_penalty, no_repeat_ngram,
+        repeat_stop, seed); unset ones take its chat defaults. They are checked here (ValueError). The stream is
+        one job (see ``cancel``): it holds the engine from its first piece until it ends or is closed, so consume
+        it on one thread and close it (``close()``, or a ``with contextlib.closing(...)``) when stopping early.
+
+        With a ``conversation`` the question follows its earlier turns (the oldest are dropped when they no
+        longer leave room for the question and ``max_new_tokens``), and the answer is added to it as a turn,
+        with ``meta``, when the stream ends, however it ends. A question that does not fit in the room the
+        document leaves is refused (``QuestionTooLong``) before any work; the document's checkpoint is restored
+        before every question, so nothing an answer does reaches the next one except through its conversation.
+        ``last.ended_by`` says how the answer ended.
         """
-        check_sampling(max_new_tokens, temperature, top_p, seed)
+        check_max_new_tokens(max_new_tokens)
+        unknown = set(sampling) - set(Sampling.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown sampling parameters {sorted(unknown)}; known: {', '.join(Sampling.__dataclass_fields__)}"
+            )
+        params = Sampling(**sampling)
         if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a sequence of strings, got {stop!r}")
-        return self._answer(question, max_new_tokens, temperature, top_p, tuple(stop), seed)
+        return self._answer(question, max_new_tokens, params, tuple(stop), conversation, meta or {})
+
+    def _context(
+        self, question: str, q_ids: list[int], max_new_tokens: int, conversation: Conversation | None
+    ) -> tuple[list[Turn], int]:
+        """The earlier turns the question follows and the answer's token budget, after dropping the oldest turns
+        that leave no room for ``max_new_tokens``; ``QuestionTooLong`` when the question alone does not fit."""
+        room = self.cache.max_tokens - self.document.tokens
+        if len(q_ids) >= room:
+            raise QuestionTooLong(question, len(q_ids), room, self.document.tokens)
+        if conversation is None:
+            return [], min(max_new_tokens, room - len(q_ids))
+        turns = conversation.context(self.document.sha256)
+        while turns and sum(len(t.ids) for t in turns) + len(q_ids) + max_new_tokens > room:
+            conversation.drop_oldest()
+            turns = turns[1:]
+        history = sum(len(t.ids) for t in turns)
+        return turns, min(max_new_tokens, room - history - len(q_ids))
 
     def _answer(
         self,
         question: str,
         max_new_tokens: int,
-        temperature: float,
-        top_p: float,
+        params: Sampling,
         stop: tuple,
-        seed: int | None,
+        conversation: Conversation | None,
+        meta: dict,
     ) -> Iterator[str]:
         with self.job(), torch.inference_mode():
             if self.document is None:
                 raise RuntimeError("no document is loaded: ingest one first")
+            doc = self.document
             t0 = time.perf_counter()
-            q_ids = self.encode(question + self._question_suffix)
-            room = self.cache.max_tokens - self.document.tokens
-            if len(q_ids) >= room:
-                raise QuestionTooLong(question, len(q_ids), room, self.document.tokens)
-            max_new_tokens = min(max_new_tokens, room - len(q_ids))
+            q_ids = self.question_ids(question)
+            dropped = conversation.dropped if conversation else 0
+            history, max_new_tokens = self._context(question, q_ids, max_new_tokens, conversation)
+            history_ids = [i for t in history for i in t.ids]
             self.cache.restore()
+            self.conversation_in_cache = (len(history), len(history_ids))
             gen = torch.Generator(device=self.device)
-            if seed is not None:
-                gen.manual_seed(seed)
-            stats = GenerationStats(question_tokens=len(q_ids))
+            if params.seed is not None:
+                gen.manual_seed(params.seed)
+            stats = GenerationStats(
+                question_tokens=len(q_ids),
+                history_turns=len(history),
+                history_tokens=len(history_ids),
+                dropped_turns=(conversation.dropped if conversation else 0) - dropped,
+                ended_by="cancel",
+            )
             self.last = stats
-            try:
-                logits = self._prefill(q_ids, then="the document is kept")
-            except Cancelled:
-                return
             out_ids: list[int] = []
             text_so_far = ""
-            t_first = None
-            for _ in range(max_new_tokens):
-                if self._cancel.is_set():
-                    break
-                token = sample(logits[-1], temperature, top_p, gen)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    stats.ttft_s = t_first - t0
-                if token in self._stop_ids:
-                    break
-                out_ids.append(token)
-                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                cut = _first_stop(text, stop)
-                piece_end = cut if cut is not None else len(text)
-                # A trailing U+FFFD is half a multi-byte character: wait for the rest.
-                if not text.endswith("\ufffd") or cut is not None:
-                    if piece_end > len(text_so_far):
-                        yield text[len(text_so_far) : piece_end]
-                        text_so_far = text[:piece_end]
-                if cut is not None or len(out_ids) == max_new_tokens:
-                    break
-                logits = self._decode_step(token)
+            try:
+                try:
+                    logits = self._prefill(history_ids + q_ids, then="the document is kept")
+                except Cancelled:
+                    return
+                guard = AnswerGuard(params, logits.shape[-1], self.device)
+                t_first = None
+                stats.ended_by = "max_tokens"
+                for _ in range(max_new_tokens):
+                    if self._cancel.is_set():
+                        stats.ended_by = "cancel"
+                        break
+                    token = sample(guard.adjust(logits[-1]), params.temperature, params.top_p, gen)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                        stats.ttft_s = t_first - t0
+                    if token in self._stop_ids:
+                        stats.ended_by = "eos"
+                        break
+                    out_ids.append(token)
+                    repeating = guard.add(token)
+                    text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                    cut = _first_stop(text, stop)
+                    piece_end = cut if cut is not None else len(text)
+                    # A trailing U+FFFD is half a multi-byte character: wait for the rest.
+                    if not text.endswith("\ufffd") or cut is not None:
+                        if piece_end > len(text_so_far):
+                            yield text[len(text_so_far) : piece_end]
+                            text_so_far = text[:piece_end]
+                    if cut is not None or repeating:
+                        stats.ended_by = "stop" if cut is not None else "repetition"
+                        break
+                    if len(out_ids) == max_new_tokens:
+                        break
+                    logits = self._decode_step(token)
+                    stats.answer_tokens = len(out_ids)
                 stats.answer_tokens = len(out_ids)
-            stats.answer_tokens = len(out_ids)
-            if t_first is not None and len(out_ids) > 1:
-                stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
+                if t_first is not None and len(out_ids) > 1:
+                    stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
+            except GeneratorExit:
+                stats.ended_by = "cancel"  # the caller closed the stream
+                raise
+            finally:
+                stats.answer_tokens = len(out_ids)
+                self.conversation_in_cache = (len(history), len(history_ids) + len(q_ids) + len(out_ids))
+                if conversation is not None:
+                    conversation.turns.append(
+                        self._turn(question, q_ids, out_ids, text_so_far, doc, stats, meta)
+                    )
+
+    def _turn(
+        self,
+        question: str,
+        q_ids: list[int],
+        out_ids: list[int],
+        text: str,
+        doc: DocumentInfo,
+        stats: GenerationStats,
+        meta: dict,
+    ) -> Turn:
+        """The finished turn; its tokens are the answer's own where its text is all of them (an answer cut at a
+        stop string or half a character is re-encoded from the text that was shown)."""
+        shown = self.tokenizer.decode(out_ids, skip_special_tokens=True) == text
+        answer_ids = out_ids if shown else self.encode(text)
+        ids = q_ids + answer_ids + self.encode(self._turn_end)
+        return Turn(question, text, doc.title, doc.sha256, ids, dict(vars(stats)), dict(meta))
 
     def _decode_step(self, token: int) -> torch.Tensor:
         """Logits [1, vocab] after one more token: a CUDA-graph replay where it can (the logits are then a
@@ -478,34 +602,6 @@ class Engine:
 def token_sha256(ids: Sequence[int]) -> str:
     """Identity of a tokenized document (sha256 of its int64 token ids): the library and the app match on it."""
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
-    """Raise ValueError, saying what is allowed, for sampling parameters ``ask`` cannot use."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1] (1: no nucleus cut), got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -30,7 +30,6 @@ every save) puts in place. ``scan`` lists the books and, apart, the directories 
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import dataclasses
 import datetime
@@ -44,7 +43,6 @@ import re
 import secrets
 import shutil
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duo_qserve import environment
 from duo_qserve.cache import CacheConfig, DuoKVCache
-from duo_qserve.engine import DocumentInfo, Engine, token_sha256
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.engine import DocumentInfo, Engine, EngineSettings, token_sha256
+from duo_qserve.patterns import UNIFORM_PATTERN_NAME
 
 FORMAT = "duo-qserve-book"
 FORMAT_VERSION = 1
@@ -117,7 +116,7 @@ class BrokenBook:
 
 def library_dir(directory: str | Path | None = None) -> Path:
     """The argument, else ``$DUO_QSERVE_LIBRARY``, else ``<repo>/library``."""
-    return Path(directory or os.environ.get("DUO_QSERVE_LIBRARY") or REPO_ROOT / "library")
+    return Path(directory) if directory else environment.library_dir()
 
 
 # ---- public API ----------------------------------------------------------------------------------------------
@@ -162,15 +161,11 @@ def load(
     with engine.job():
         _check_compatible(engine, manifest, path)
         _load_data(engine, path, manifest, protect=engine.document is not None, on_progress=on_progress)
-        engine.cache.checkpoint()
-        engine.document = DocumentInfo(
-            manifest["title"],
-            manifest["tokens"],
-            manifest["token_sha256"],
-            time.perf_counter() - t0,
-            loaded_by,
+        seconds = time.perf_counter() - t0
+        info = DocumentInfo(
+            manifest["title"], manifest["tokens"], manifest["token_sha256"], seconds, loaded_by
         )
-        return engine.document
+        return engine.attach_document(info)
 
 
 def scan(directory: str | Path | None = None) -> tuple[list[BookInfo], list[BrokenBook]]:
@@ -366,23 +361,6 @@ def _settings_line(manifest: dict) -> str:
 
 
 # ---- the data file's layout ----------------------------------------------------------------------------------
-def _valid_len(name: str, seq_len: int, config: CacheConfig) -> int:
-    """Entries along axis 1 (tokens, groups or slots) of cache tensor ``name`` that hold state at ``seq_len``."""
-    if name in ("sink_k", "sink_v"):
-        return min(seq_len, config.sink_tokens)
-    if name in ("ring_k", "ring_v"):  # slot of position p is (p - sink) % recent: filled from slot 0
-        return min(max(seq_len - config.sink_tokens, 0), config.recent_tokens)
-    if config.kv_bits == 16 and name in ("k_data", "v_data"):
-        return seq_len
-    whole = seq_len // config.key_group * config.key_group
-    lengths = {"k_data": whole, "v_data": whole, "v_scale": whole, "v_zero": whole,
-               "k_scale": whole // config.key_group, "k_zero": whole // config.key_group,
-               "k_tail": seq_len - whole, "v_tail": seq_len - whole}  # fmt: skip
-    if name not in lengths:
-        raise LibraryError(f"cache tensor {name!r} is unknown to the library format {FORMAT_VERSION}")
-    return lengths[name]
-
-
 def _layout(cache: DuoKVCache, seq_len: int) -> list[dict]:
     """Per cache tensor: its place in the data file. Capacity is left out: a book loads into a larger cache."""
     entries, offset = [], 0
@@ -390,7 +368,7 @@ def _layout(cache: DuoKVCache, seq_len: int) -> list[dict]:
         for t in specs:
             heads, row_shape = t.shape[0], list(t.shape[2:])
             row_bytes = t.nbytes // (t.shape[0] * t.shape[1])
-            valid = _valid_len(t.name, seq_len, cache.config)
+            valid = cache.spec.valid_len(t.name, seq_len)
             nbytes = heads * valid * row_bytes
             entries.append({"layer": layer, "name": t.name, "dtype": str(t.dtype).removeprefix("torch."),
                             "heads": heads, "row_shape": row_shape, "valid": valid, "offset": offset,
@@ -549,7 +527,7 @@ def _load_data(
     except BaseException:
         engine.reset()  # a partly copied state is no document
         raise
-    engine.cache.seq_len = manifest["tokens"]
+    engine.cache.set_length(manifest["tokens"])
 
 
 # ---- book files ----------------------------------------------------------------------------------------------
@@ -916,154 +894,14 @@ def _resume_from(engine: Engine, ids: list[int], ckpt: Path) -> tuple[int, bool]
     return done, False
 
 
-# ---- command line --------------------------------------------------------------------------------------------
-def _engine_options(p: argparse.ArgumentParser, from_book: bool) -> None:
-    default = "default: the book's" if from_book else "default: the engine's"
-    p.add_argument("--model", default=None, help=f"'default', a checkpoint dir, a .gguf file ({default})")
-    p.add_argument("--pattern", default=None, help=f"attention pattern dir, 'auto' or 'none' ({default})")
-    p.add_argument("--sparsity", type=float, default=None)
-    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8, 16))
-    p.add_argument("--key-group", type=int, default=None)
-    p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--recent", type=int, default=None)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=None)
-
-
-def _engine_from(a: argparse.Namespace, manifest: dict | None = None) -> Engine:
-    """Command-line options, falling back to the book's settings (when loading one), then to the defaults."""
-    book: dict = {}
-    if manifest:
-        s, p = manifest["settings"], manifest["pattern"]
-        uniform = p["name"] == "none (full attention)"
-        book = {"model": manifest["model"]["source"], "pattern": "none" if uniform else p["name"],
-                "sparsity": p["sparsity"], "kv_bits": s["kv_bits"], "key_group": s["key_group"],
-                "sink": s["sink_tokens"], "recent": s["recent_tokens"], "w8a8": s["w8a8"],
-                "dtype": getattr(torch, s["dtype"])}  # fmt: skip
-    options = {k: getattr(a, k) for k in ("model", "pattern", "sparsity", "kv_bits", "key_group", "sink",
-                                          "recent", "chunk_size", "max_tokens", "w8a8")}  # fmt: skip
-    kwargs = {**book, **{k: v for k, v in options.items() if v is not None}}
-    if kwargs.get("pattern") == "none":
-        kwargs["pattern"] = None
-    if a.cpu:
-        kwargs["device"] = "cpu"
-        kwargs.pop("dtype", None)  # the CPU's default dtype; a mismatch is reported by load
-    return Engine.from_pretrained(kwargs.pop("model", "default"), **kwargs)
-
-
-def _print_progress(what: str, unit: str = "tokens") -> Progress:
-    def show(done: int, total: int) -> None:
-        if unit == "GB":
-            print(f"\r{what} {done / 1e9:.2f}/{total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
-        else:
-            print(f"\r{what} {done:,}/{total:,} {unit}", end="", file=sys.stderr, flush=True)
-        if done == total:
-            print(file=sys.stderr)
-
-    return show
-
-
-def _cmd_save(a: argparse.Namespace) -> int:
-    from duo_qserve.documents import read_documents
-
-    doc = read_documents(a.doc)
-    engine = _engine_from(a)
-    ids = engine.document_ids(doc.text)
-    title = a.title or doc.title
-    if a.checkpoint_every:
-        ckpt = library_dir(a.dir) / f".prefill-{token_sha256(ids)[:16]}"
-        info = ingest_resumable(engine, ids, ckpt, a.checkpoint_every, _print_progress("pre-fill"), title)
-    else:
-        info = engine.ingest(ids, on_progress=_print_progress("pre-fill"), title=title)
-    print(f"{info.tokens:,} tokens pre-filled in {info.prefill_seconds:.1f} s", file=sys.stderr)
-    t0 = time.perf_counter()
-    book = save(engine, a.dir, _print_progress("save", "GB"), files=doc.files or a.doc)
-    seconds = time.perf_counter() - t0
-    print(f"saved {book.id} ({book.bytes / 1e9:.2f} GB in {seconds:.1f} s) in {Path(book.path).parent}")
-    return 0
-
-
-def _cmd_load(a: argparse.Namespace) -> int:
-    path = _book_dir(a.book, a.dir)
-    engine = _engine_from(a, _read_manifest(path))
-    info = load(engine, path, on_progress=_print_progress("load", "GB"))
-    size = _read_manifest(path)["data"]["bytes"]
-    print(
-        f"loaded {info.title!r}: {info.tokens:,} tokens, {size / 1e9:.2f} GB in {info.prefill_seconds:.1f} s",
-        file=sys.stderr,
-    )
-    for question in a.ask:
-        if len(a.ask) > 1:
-            print(f"\nQ: {question}\nA: ", end="")
-        for piece in engine.ask(question, max_new_tokens=a.max_new_tokens):
-            print(piece, end="", flush=True)
-        print()
-    return 0
-
-
-def _cmd_list(a: argparse.Namespace) -> int:
-    books, broken = scan(a.dir)
-    for b in broken:
-        print(f"not a loadable book: {b.path}: {b.error}", file=sys.stderr)
-    if a.json:
-        print(json.dumps([dataclasses.asdict(b) for b in books], indent=1))
-        return 0
-    if not books:
-        print(f"no books in {library_dir(a.dir)}")
-    for b in books:
-        print(f"{b.id}  {b.tokens:>11,} tokens  {b.bytes / 1e9:7.2f} GB  {b.created}  {b.title}")
-        print(f"    {b.model}; {b.settings}")
-    return 0
-
-
-def _cmd_rm(a: argparse.Namespace) -> int:
-    remove(a.book, a.dir)
-    print(f"removed {a.book}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="duo_qserve library", description="Save and load pre-filled documents."
-    )
-    parser.add_argument(
-        "--dir", default=None, help="library directory (default: $DUO_QSERVE_LIBRARY or library/)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("save", help="pre-fill a document and save its cache")
-    p.add_argument("--doc", nargs="+", required=True, help="txt, md, epub, pdf or html files")
-    p.add_argument("--title", default=None)
-    p.add_argument(
-        "--checkpoint-every", type=int, default=8, help="chunks between resume checkpoints (0: none)"
-    )
-    _engine_options(p, from_book=False)
-    p.set_defaults(func=_cmd_save)
-
-    p = sub.add_parser("load", help="load a saved book and answer questions")
-    p.add_argument("book", help="book id (see 'list') or book directory")
-    p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    _engine_options(p, from_book=True)
-    p.set_defaults(func=_cmd_load)
-
-    p = sub.add_parser("list", help="the saved books")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_list)
-
-    p = sub.add_parser("rm", help="delete a saved book")
-    p.add_argument("book")
-    p.set_defaults(func=_cmd_rm)
-
-    a = parser.parse_args(argv)
-    try:
-        return a.func(a)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def book_settings(book: BookInfo | str | Path, directory: str | Path | None = None) -> EngineSettings:
+    """The engine settings a saved book was made with (model source, pattern, sparsity, KV and W8A8 settings,
+    windows, dtype): an engine built from them can load it."""
+    manifest = _read_manifest(_book_dir(book, directory))
+    s, p = manifest["settings"], manifest["pattern"]
+    return EngineSettings(
+        model=manifest["model"]["source"], dtype=getattr(torch, s["dtype"]),
+        pattern=None if p["name"] == UNIFORM_PATTERN_NAME else p["name"], sparsity=p["sparsity"],
+        kv_bits=s["kv_bits"], key_group=s["key_group"], sink=s["sink_tokens"], recent=s["recent_tokens"],
+        w8a8=s["w8a8"],
+    )  # fmt: skip

@@ -10,16 +10,15 @@ Nothing is fetched from a hub.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from duo_qserve.environment import models_dir
 from duo_qserve.model import PRESETS, ModelArgs, Transformer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -33,10 +32,6 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer; None for synthetic models
     name: str
     source: str
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get("DUO_QSERVE_MODELS", REPO_ROOT / "models"))
 
 
 def is_converted(path: Path) -> bool:

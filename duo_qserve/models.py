@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from duo_qserve.loading import ModelLoadError, convert_gguf, is_converted, models_dir
+from duo_qserve.environment import models_dir
+from duo_qserve.loading import ModelLoadError, convert_gguf, is_converted
 
 
 @dataclass(frozen=True)

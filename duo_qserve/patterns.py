@@ -109,6 +109,9 @@ def sparsify(gates: np.ndarray, sparsity: float) -> tuple[np.ndarray, float]:
     return mask.reshape(np.shape(gates)), n_stream / flat.size
 
 
+UNIFORM_PATTERN_NAME = "none (full attention)"  # what the uniform pattern is called in stats and books
+
+
 def random_pattern(args: ModelArgs, seed: int = 0) -> AttentionPattern:
     """Uniform random gates: the control that shows a learned pattern matters."""
     rng = np.random.default_rng(seed)
@@ -118,7 +121,7 @@ def random_pattern(args: ModelArgs, seed: int = 0) -> AttentionPattern:
 def uniform_pattern(args: ModelArgs) -> AttentionPattern:
     """Every head a retrieval head, whatever the ratio asked: plain full attention, for models with no pattern."""
     return AttentionPattern(
-        gates=np.ones((args.n_layers, args.n_kv_heads)), source="none (full attention)", learned=False
+        gates=np.ones((args.n_layers, args.n_kv_heads)), source=UNIFORM_PATTERN_NAME, learned=False
     )
 
 

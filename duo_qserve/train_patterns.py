@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from duo_qserve.data import essay_text
-from duo_qserve.loading import REPO_ROOT, load_model
+from duo_qserve.environment import REPO_ROOT
+from duo_qserve.loading import load_model
 from duo_qserve.model import Transformer
 from duo_qserve.patterns import load_pattern, random_pattern, save_pattern, sparsify
 

@@ -4,5 +4,6 @@
 # checked by pre-filling a real chunk into it and decoding at that length. JSON under benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m duo_qserve.bench.e2e --out benchmarks/results ${PATTERN:+--pattern "$PATTERN"} \
+PATTERN="${PATTERN:-../shared/data/upstream_attn_patterns/Llama-3-8B-Instruct-Gradient-4194k}"
+python -m duo_qserve.bench.e2e --out benchmarks/results --pattern "$PATTERN" \
   --methods duo-w8a8kv4-graph --contexts 1048576 --prefill-tokens 65536 --prefill-seconds 20 "$@"

@@ -5,5 +5,6 @@
 # PATTERN: a Llama-3-8B DuoAttention pattern dir (default: the upstream Gradient-4194k one in ../shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PATTERN="${PATTERN:-../shared/data/upstream_attn_patterns/Llama-3-8B-Instruct-Gradient-4194k}"
 python -m duo_qserve.bench.attention --out benchmarks/results
-python -m duo_qserve.bench.e2e --out benchmarks/results ${PATTERN:+--pattern "$PATTERN"} --no-capacity "$@"
+python -m duo_qserve.bench.e2e --out benchmarks/results --pattern "$PATTERN" --no-capacity "$@"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.environment import REPO_ROOT
 from duo_qserve.model import ModelArgs, Transformer
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ import re
 import socket
 import time
 
+import gradio as gr
 import numpy as np
 import pytest
 from conftest import haystack_text
@@ -23,6 +24,7 @@ from duo_qserve.patterns import save_pattern
 pytestmark = pytest.mark.slow
 
 SECRET = "48213"
+ADMIN = "operator-token"
 QUESTION = "According to the document, what is the secret number?"
 
 
@@ -41,7 +43,7 @@ def needle_text() -> str:
 def app_url(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("DUO_QSERVE_LIBRARY", str(tmp_path_factory.mktemp("library")))
-    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128), admin_token=ADMIN)
     demo = build_app(server)
     port = free_port()
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
@@ -71,7 +73,7 @@ def answer_text(history: list[dict]) -> str:
 
 
 def ask(client: Client, question: str = QUESTION, max_new_tokens: int = 32):
-    job = client.submit(question, [], 0.0, 1.0, max_new_tokens, api_name="/ask")
+    job = client.submit(question, [], 0.0, 1.0, max_new_tokens, 1.1, 0, 24, api_name="/ask")
     history, _question, stats = job.result(timeout=120)
     return job, answer_text(history), stats
 
@@ -98,7 +100,7 @@ def test_bad_file_is_refused_and_the_loaded_document_still_answers(loaded, tmp_p
 
 
 def test_stop_ends_a_running_answer(loaded):
-    job = loaded.submit("Retell the whole document in detail.", [], 0.0, 1.0, 400, api_name="/ask")
+    job = loaded.submit("Retell the whole document in detail.", [], 0.0, 1.0, 400, 1.0, 0, 0, api_name="/ask")
     deadline = time.monotonic() + 60
     while len(job.outputs()) < 3 and time.monotonic() < deadline:  # a few tokens have streamed
         time.sleep(0.1)
@@ -107,11 +109,27 @@ def test_stop_ends_a_running_answer(loaded):
     while not job.done() and time.monotonic() < stopped_at + 10:
         time.sleep(0.1)
     assert job.done(), "the answer kept going after Stop"
+    history, _question, stats = job.outputs()[-1]
+    assert "stopped after" in stats and "ready" in stats and answer_text(history)  # what was generated stays
     # the engine is free again: the next question runs at once
     _job, answer, _stats = ask(loaded)
     assert SECRET in answer
     turns = json.loads(open(loaded.predict("JSON", api_name="/export")).read())["turns"]
-    assert turns[-2]["stopped"] is True and turns[-2]["answer_tokens"] < 400
+    assert turns[-2]["ended_by"] == "cancel" and turns[-2]["answer_tokens"] < 400
+    assert len(turns) >= 2  # every turn of the conversation is exported
+
+
+def test_a_follow_up_follows_the_earlier_turns_and_new_conversation_clears_them(loaded):
+    _job, _answer, stats = ask(loaded)
+    assert re.search(r"turn \d+ of this conversation \(\d+ earlier in context", stats), stats
+    loaded.predict(api_name="/clear")
+    _job, _answer, stats = ask(loaded)
+    assert "turn 1 of this conversation (0 earlier" in stats
+    loaded.predict(api_name="/clear")
+    with pytest.raises(Exception, match="Nothing to export"):
+        loaded.predict("JSON", api_name="/export")
+    _job, answer, _stats = ask(loaded)  # the export test below reads this one
+    assert SECRET in answer
 
 
 def test_export_json_carries_provenance(loaded):
@@ -139,9 +157,17 @@ def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
     assert SECRET in answer
 
 
+def test_settings_are_for_the_operator_only(loaded):
+    for token in ("", "operator-toke", None):
+        with pytest.raises(Exception, match="for the operator"):
+            loaded.predict("default", "none", 0.5, "4", False, token, api_name="/apply")
+    _job, answer, _stats = ask(loaded)
+    assert SECRET in answer
+
+
 def test_bad_settings_keep_the_running_engine(loaded, tmp_path):
     status, _headline = loaded.predict(
-        "default", str(tmp_path / "missing"), 0.5, "4", False, api_name="/apply"
+        "default", str(tmp_path / "missing"), 0.5, "4", False, ADMIN, api_name="/apply"
     )
     assert status.startswith("**Error:**") and "no attention pattern" in status
     _job, answer, _stats = ask(loaded)
@@ -154,12 +180,12 @@ def test_too_large_document_offers_the_ratio_that_fits(app_url, tmp_path):
     pattern = save_pattern(
         tmp_path / "pattern", np.random.default_rng(0).random((30, 3)), {"sink_size": 32, "recent_size": 64}
     )
-    status, headline = client.predict("default", str(pattern), 0.0, "4", False, api_name="/apply")
+    status, headline = client.predict("default", str(pattern), 0.0, "4", False, ADMIN, api_name="/apply")
     assert status.startswith("Loaded") and "0% streaming heads" in headline
     summary, _chapters = client.predict([], haystack_text(6000), api_name="/read")
     match = re.search(r"would fit at \*\*(\d+)% streaming heads", summary)
     assert "Too large" in summary and match, summary
-    _status, headline, summary, ratio = client.predict(api_name="/apply_ratio")
+    _status, headline, summary, ratio = client.predict(ADMIN, api_name="/apply_ratio")
     assert "Fits" in summary and ratio == pytest.approx(int(match.group(1)) / 100)
     assert f"{match.group(1)}% streaming heads" in headline
 
@@ -176,5 +202,5 @@ def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, mon
     book = tmp_path / "long.txt"
     book.write_text("word " * (limit // 5 + 100))
     monkeypatch.setattr(server.engine, "document_ids", lambda text: pytest.fail("the text was tokenized"))
-    summary, *_ = server.read([str(book)], "")
+    summary, *_ = server.read([str(book)], "", None, gr.Request(session_hash="reader"))
     assert summary.startswith("**Not read:**") and f"{limit:,} characters" in summary

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import HAYSTACK
 
-from duo_qserve import data
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve import data, environment
+from duo_qserve.environment import REPO_ROOT
 
 
 def _essays(tmp_path, n: int):
@@ -21,11 +21,11 @@ def _essays(tmp_path, n: int):
 
 def test_essays_come_from_the_argument_else_the_environment_else_a_clear_error(tmp_path, monkeypatch):
     d = _essays(tmp_path, 9)
-    monkeypatch.delenv(data.ESSAYS_ENV, raising=False)
+    monkeypatch.delenv(environment.ESSAYS, raising=False)
     with pytest.raises(FileNotFoundError, match=r"--essays DIR.*DUO_QSERVE_ESSAYS"):
         data.essays_dir()
     assert data.essays_dir(d) == d
-    monkeypatch.setenv(data.ESSAYS_ENV, str(d))
+    monkeypatch.setenv(environment.ESSAYS, str(d))
     assert data.essays_dir() == d
     with pytest.raises(FileNotFoundError, match="no \\*.txt essays"):
         data.essays_dir(tmp_path / "missing")

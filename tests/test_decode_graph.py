@@ -14,7 +14,9 @@ import copy
 import os
 import sys
 
-IN_PROCESS = "triton" not in sys.modules
+# in process unless triton was imported first without the interpreter (conftest imports the model, which imports
+# the kernels): a child started by run_in_interpreter_child has it on from the start and runs the tests itself
+IN_PROCESS = "triton" not in sys.modules or bool(sys.modules["triton"].knobs.runtime.interpret)
 if IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["DUO_QSERVE_TRITON"] = "1"

@@ -18,7 +18,7 @@ from conftest import haystack_text
 from gradio_client import Client, handle_file
 from test_app import QUESTION, SECRET, answer_text, free_port
 
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.environment import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 # set-up (done) + the demo model installed once (a 491 MB download) + its load + app start

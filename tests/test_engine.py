@@ -42,7 +42,7 @@ def test_second_question_prefills_only_its_own_tokens(engine):
     engine.answer("What is this text about?", max_new_tokens=8)
     before = engine.prefilled_tokens
     answer = engine.answer(QUESTION, max_new_tokens=16)
-    question_tokens = len(engine.encode(QUESTION + engine._question_suffix))
+    question_tokens = len(engine.question_ids(QUESTION))
     assert engine.prefilled_tokens - before == question_tokens == engine.last.question_tokens
     assert number in answer
 

@@ -16,7 +16,8 @@ from conftest import tiny_args, tiny_model
 
 from duo_qserve import library
 from duo_qserve.engine import Engine, EngineSettings
-from duo_qserve.loading import REPO_ROOT, LoadedModel
+from duo_qserve.environment import REPO_ROOT
+from duo_qserve.loading import LoadedModel
 
 ANSWER_TOKENS = 4
 DOC = [(i * 37 + 11) % 97 for i in range(300)]  # two whole key groups and a tail; the rings wrap

@@ -10,6 +10,7 @@ import torch
 from conftest import haystack_text
 
 from duo_qserve import library
+from duo_qserve.__main__ import main as cli
 from duo_qserve.engine import Cancelled, Engine
 from duo_qserve.patterns import random_pattern, save_pattern
 
@@ -285,8 +286,21 @@ def test_list_find_and_remove(original, tmp_path):
 def test_cli_lists_and_removes(original, tmp_path, capsys, monkeypatch):
     lib = shutil.copytree(original["lib"], tmp_path / "lib")
     monkeypatch.setenv("DUO_QSERVE_LIBRARY", str(lib))
-    assert library.main(["list"]) == 0
+    assert cli(["library", "list"]) == 0
     assert original["book"].id in capsys.readouterr().out
-    assert library.main(["rm", original["book"].id]) == 0
-    assert library.main(["rm", original["book"].id]) == 2
+    assert cli(["library", "rm", original["book"].id]) == 0
+    assert cli(["library", "rm", original["book"].id]) == 2
     assert "no book" in capsys.readouterr().err
+
+
+def test_an_engine_from_a_books_settings_loads_it(original):
+    settings = library.book_settings(original["book"].id, original["lib"])
+    made = original["engine"].settings
+    assert (settings.sparsity, settings.kv_bits, settings.key_group) == (
+        made.sparsity,
+        made.kv_bits,
+        made.key_group,
+    )
+    engine = Engine.from_settings(settings)
+    library.load(engine, original["book"].id, original["lib"])
+    assert answer(engine) == original["answer"]

@@ -24,7 +24,7 @@ from conftest import UPSTREAM_PATTERNS, haystack_text
 from app.main import parse_args as app_args
 from duo_qserve.__main__ import build_parser
 from duo_qserve.__main__ import main as cli
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.environment import REPO_ROOT
 
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md", REPO_ROOT / "models" / "README.md"]
 DOCS += sorted((REPO_ROOT / "docs").glob("*.md"))
@@ -85,7 +85,7 @@ def test_documented_command_matches_the_code(doc, command):
         for word in re.findall(r"--[a-z0-9-]+", command):
             assert word in options, f"{doc}: `{rest[0]}` has no option {word}"
         return
-    if rest[0] in ("library", "quantize", "patterns"):  # forwarded to their own modules' parsers
+    if rest[0] in ("quantize", "patterns"):  # forwarded to their own modules' parsers
         build_parser().parse_args(rest)
         return
     build_parser().parse_args(rest)  # exits (fails the test) on anything the command line does not take

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from duo_qserve import environment
 
 
 def bench(fn) -> float:
@@ -52,17 +52,6 @@ def copy_bandwidth_gbps() -> float:
     return 2 * src.numel() / bench(lambda: dst.copy_(src)) / 1e6
 
 
-def commit() -> str:
-    """The checkout's commit. A device copy has no .git, so the caller passes DUO_QSERVE_COMMIT there."""
-    if os.environ.get("DUO_QSERVE_COMMIT"):
-        return os.environ["DUO_QSERVE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def gpu_header() -> tuple[str, str, float]:
     """(device name, date, copy bandwidth GB/s) for a result file; exits with a message when there is no GPU."""
     if not torch.cuda.is_available():
@@ -83,7 +72,7 @@ def write_result(out_dir: str | Path, kind: str, device: str, date: str, copy: f
         [f"python -m duo_qserve.bench.{module or kind}", *(sys.argv[1:] if argv is None else argv)]
     )
     result = {
-        "device": device, "date": date, "commit": commit(), "command": command,
+        "device": device, "date": date, "commit": environment.commit(), "command": command,
         "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": round(copy, 1), **fields,
     }  # fmt: skip
     out = Path(out_dir)

@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from duo_qserve.bench.common import commit, copy_bandwidth_gbps
+from duo_qserve.bench.common import copy_bandwidth_gbps
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache, FullKVCache
 from duo_qserve.decode_graph import GraphedDecoder
+from duo_qserve.environment import commit
 from duo_qserve.kernels import kv_attention
 from duo_qserve.kernels.attention import dense_attention
 from duo_qserve.loading import load_model
 from duo_qserve.patterns import load_pattern, reorder_heads
 from duo_qserve.planner import workspace_bytes
-
-DEFAULT_PATTERN = "../shared/data/upstream_attn_patterns/Llama-3-8B-Instruct-Gradient-4194k"
 
 
 def fill_synthetic(cache: DuoKVCache, n_tokens: int) -> None:
@@ -412,7 +411,7 @@ def model_parser(doc: str, contexts: str) -> argparse.ArgumentParser:
     """The arguments every benchmark of the Llama-3-8B-shaped model takes (output folder, pattern, contexts)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--pattern", default=DEFAULT_PATTERN)
+    p.add_argument("--pattern", required=True, help="a Llama-3-8B attention pattern dir")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--contexts", default=contexts)
     return p

@@ -13,6 +13,7 @@ measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import re
 import sys
@@ -23,6 +24,10 @@ import torch
 
 from duo_qserve.bench.common import gpu_header, write_result
 from duo_qserve.cache import CacheSpec
+from duo_qserve.engine import Engine, EngineSettings
+from duo_qserve.options import add_engine_args, settings_from_args
+
+DEFAULTS = EngineSettings(w8a8=True)  # the served configuration on a GPU
 
 QUESTION = "In two sentences, what is the first part of the document about?"
 
@@ -63,18 +68,16 @@ def answer_once(engine, max_new_tokens: int) -> dict:
 
 
 def run(args) -> dict:
-    from duo_qserve.engine import Engine
-
     if torch.cuda.is_available():
         device, date, copy = gpu_header()
     else:  # a smoke run: no copy ceiling, so no floor
         device, date, copy = "cpu", datetime.date.today().isoformat(), 0.0
     text = "\n\n".join(f.read_text(errors="replace") for f in sorted(Path(args.text_dir).glob("*.txt")))
     contexts = [int(c) for c in args.contexts.split(",")]
-    engine = Engine.from_pretrained(
-        args.model, pattern=args.pattern, sparsity=args.sparsity, kv_bits=args.kv_bits, w8a8=args.w8a8,
-        max_tokens=max(contexts) + 2048, chunk_size=args.chunk_size,
-    )  # fmt: skip
+    settings = settings_from_args(args, DEFAULTS)
+    if settings.max_tokens is None:
+        settings = dataclasses.replace(settings, max_tokens=max(contexts) + 2048)
+    engine = Engine.from_settings(settings)
     t0 = time.perf_counter()
     engine.ingest(document_ids(engine, text, 1024))
     cold = answer_once(engine, args.max_new_tokens) | {"ingest_and_answer_s": time.perf_counter() - t0}
@@ -106,16 +109,9 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
+    add_engine_args(p, DEFAULTS)
     p.add_argument("--text-dir", required=True, help="directory of *.txt files the documents are cut from")
     p.add_argument("--contexts", default="8192,16384,32768")
-    p.add_argument(
-        "--pattern", default="auto", help="'auto' (the model's trained pattern, if shipped) or a directory"
-    )
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--kv-bits", type=int, default=4, choices=(4, 8, 16))
-    p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--name", default=None, help="result file kind (default: engine-speed-<model>)")
     p.add_argument("--out", default="benchmarks/results")

@@ -18,6 +18,7 @@ as a real pre-fill. Measured in one run, in one directory on the machine's disk:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -32,13 +33,12 @@ from pathlib import Path
 import torch
 
 from duo_qserve import library
-from duo_qserve.bench.common import commit
-from duo_qserve.engine import ANSWER_RESERVE, DocumentInfo, Engine
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.engine import ANSWER_RESERVE, DocumentInfo, Engine, EngineSettings
+from duo_qserve.environment import commit
+from duo_qserve.options import add_engine_args, settings_from_args
 
-PATTERN = str(
-    REPO_ROOT.parent / "shared" / "data" / "upstream_attn_patterns" / "Llama-3-8B-Instruct-Gradient-4194k"
-)
+# the measured configuration; --pattern names the attention pattern (the Llama-3-8B reference one, in the results)
+DEFAULTS = EngineSettings(model="synthetic:llama-3-8b", pattern=None, sparsity=0.5, kv_bits=4, w8a8=False)
 PREFILL_S_PER_M_TOKENS_H100 = (
     300.0  # kernel-notes.md: "Prefill at 1 M ... H100 ≈ 5 min" (estimate, attention)
 )
@@ -146,12 +146,9 @@ def pcie_GBps() -> dict:
 
 
 @torch.no_grad()
-def synthetic_cache_engine(model: str, tokens: int, pattern: str | None, device: str) -> Engine:
+def synthetic_cache_engine(settings: EngineSettings, tokens: int) -> Engine:
     """An engine with a cache of ``tokens`` document tokens of random quantized data, as if pre-filled."""
-    engine = Engine.from_pretrained(
-        model, device=device, pattern=pattern, sparsity=0.5, kv_bits=4, w8a8=False,
-        max_tokens=tokens + ANSWER_RESERVE,
-    )  # fmt: skip
+    engine = Engine.from_settings(dataclasses.replace(settings, max_tokens=tokens + ANSWER_RESERVE))
     gen = torch.Generator(device=engine.device).manual_seed(0)
     for layer in engine.cache.layers:
         for t in layer.values():
@@ -159,10 +156,11 @@ def synthetic_cache_engine(model: str, tokens: int, pattern: str | None, device:
                 t.random_(0, 256, generator=gen)
             else:
                 t.uniform_(-1.0, 1.0, generator=gen)
-    engine.cache.seq_len = tokens
-    engine.cache.checkpoint()
+    engine.cache.set_length(tokens)
     ids = torch.arange(tokens, dtype=torch.int64).numpy().tobytes()
-    engine.document = DocumentInfo("synthetic quantized data", tokens, hashlib.sha256(ids).hexdigest(), 0.0)
+    engine.attach_document(
+        DocumentInfo("synthetic quantized data", tokens, hashlib.sha256(ids).hexdigest(), 0.0)
+    )
     return engine
 
 
@@ -195,17 +193,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON")
     p.add_argument("--tokens", type=int, default=(1 << 20) + 77, help="document tokens (77 leave an fp tail)")
-    p.add_argument("--pattern", default=PATTERN, help="pattern dir, or 'none' (all retrieval heads)")
-    p.add_argument("--model", default="synthetic:llama-3-8b")
-    p.add_argument(
-        "--cpu", action="store_true", help="smoke-test the script on the CPU (small --model/--tokens)"
-    )
+    add_engine_args(p, DEFAULTS)  # --cpu smoke-tests the script on the CPU (with a small --model/--tokens)
     p.add_argument(
         "--workdir", default=None, help="where the book and the disk test file go (default: library/)"
     )
     p.add_argument("--disk-test-gb", type=float, default=8.0)
     p.add_argument("--commit", default=None, help="commit of the code (default: git rev-parse HEAD)")
     a = p.parse_args(argv)
+    if a.pattern is None:
+        p.error("--pattern DIR is required (or --pattern none: every head a retrieval head)")
     if not (a.cpu or torch.cuda.is_available()):
         sys.exit("the library benchmark needs a CUDA GPU (--cpu only smoke-tests the script)")
     device = "cpu" if a.cpu else torch.cuda.get_device_name()
@@ -226,8 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sha256 {result['sha256_one_thread_GBps']:.2f} GB/s, pcie {result['pcie_pinned']}", flush=True)
 
         t0 = time.perf_counter()
-        pattern = None if a.pattern == "none" else a.pattern
-        engine = synthetic_cache_engine(a.model, a.tokens, pattern, "cpu" if a.cpu else "cuda")
+        engine = synthetic_cache_engine(settings_from_args(a, DEFAULTS), a.tokens)
         print(f"engine + synthetic cache in {time.perf_counter() - t0:.1f} s", flush=True)
         expected = fingerprint(engine)
         result.update(tokens=a.tokens, pattern=engine.pattern.name, sparsity=engine.sparsity,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from duo_qserve.bench.common import commit
+from duo_qserve.environment import commit
 
 
 def device_name(device: str) -> str:

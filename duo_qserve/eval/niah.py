@@ -75,14 +75,16 @@ from pathlib import Path
 import numpy as np
 
 from duo_qserve import data
+from duo_qserve.environment import REPO_ROOT
 from duo_qserve.eval.common import result_header, write_json
-from duo_qserve.loading import REPO_ROOT
+from duo_qserve.sampling import Sampling
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 KINDS = ("number", "word", "two-facts")
 BACKOFF = 100  # tokens a needle may move back to reach the start of a sentence
 SAVE_SECONDS = 60.0
 MAX_NEW_TOKENS = 24  # answers are short: a number, a name
+SAMPLINGS = {"default": {}, "greedy": vars(Sampling.greedy())}  # --sampling: the engine's defaults, or greedy
 
 
 # ---- needles ---------------------------------------------------------------------------------------------------
@@ -339,14 +341,6 @@ class Grid:
         return self.depths[(i + len(self.depths) // 2) % len(self.depths)]
 
 
-def question_tokens(engine, question: str) -> int:
-    """Tokens the question adds after the document (template included).
-
-    Merge note: this reads the engine's private ``_question_suffix``; a public Engine method for it is being added
-    elsewhere; swap it in here (the only place)."""
-    return len(engine.encode(question + engine._question_suffix))
-
-
 def make_document(
     engine, haystack: Haystack, pool: Sequence[Needle], grid: Grid, trial: int, kind: str, length: int,
     depth: float,
@@ -362,7 +356,7 @@ def make_document(
             answer = needle.draw(rng)
         facts.append(Fact(needle.kind, needle.template.format(answer=answer), needle.question, answer, d))
     needle_ids = [engine.encode(" " + f.needle) for f in facts]
-    overhead = len(engine.document_ids("")) + max(question_tokens(engine, f.question) for f in facts)
+    overhead = len(engine.document_ids("")) + max(len(engine.question_ids(f.question)) for f in facts)
     n_hay = length - overhead - sum(map(len, needle_ids))
     if n_hay <= 0:
         raise ValueError(f"context length {length} leaves no room for a haystack")
@@ -380,11 +374,16 @@ def trial_documents(
     return [make_document(engine, h, pools[k], grid, trial, k, n, d) for h, k, n, d in cells]
 
 
-def short_answer(engine, question: str, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+def short_answer(
+    engine, question: str, max_new_tokens: int = MAX_NEW_TOKENS, sampling: dict | None = None
+) -> str:
     """The answer's first line: the stream is closed once a line ends after some text, so a model that opens with
-    a blank line still answers, and one that goes on after its answer costs no more tokens."""
+    a blank line still answers, and one that goes on after its answer costs no more tokens. ``sampling``: the
+    engine's sampling parameters (``SAMPLINGS``; none: its defaults)."""
     text = ""
-    with contextlib.closing(engine.ask(question, max_new_tokens=max_new_tokens)) as pieces:
+    with contextlib.closing(
+        engine.ask(question, max_new_tokens=max_new_tokens, **(sampling or {}))
+    ) as pieces:
         for piece in pieces:
             text += piece
             if "\n" in text.lstrip():
@@ -392,7 +391,9 @@ def short_answer(engine, question: str, max_new_tokens: int = MAX_NEW_TOKENS) ->
     return text.strip().split("\n")[0]
 
 
-def ask_document(engine, doc: Document, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
+def ask_document(
+    engine, doc: Document, max_new_tokens: int = MAX_NEW_TOKENS, sampling: dict | None = None
+) -> list[dict]:
     """Ingest the document once and ask each of its questions: one record per question."""
     t0 = time.perf_counter()
     info = engine.ingest(doc.text)
@@ -400,10 +401,10 @@ def ask_document(engine, doc: Document, max_new_tokens: int = MAX_NEW_TOKENS) ->
     records = []
     for fact in doc.facts:
         t1 = time.perf_counter()
-        answer = short_answer(engine, fact.question, max_new_tokens)
+        answer = short_answer(engine, fact.question, max_new_tokens, sampling)
         records.append(
             dict(trial=doc.trial, haystack=doc.haystack, kind=doc.kind, length=doc.length, depth=fact.depth,
-                 tokens=info.tokens + question_tokens(engine, fact.question), needle=fact.needle,
+                 tokens=info.tokens + len(engine.question_ids(fact.question)), needle=fact.needle,
                  question=fact.question, expected=fact.answer, answer=answer,
                  found=found(fact.kind, answer, fact.answer), ingest_s=round(ingest_s, 3),
                  answer_s=round(time.perf_counter() - t1, 3))
@@ -427,7 +428,7 @@ class Progress:
 def run(
     engines: dict, haystacks: Sequence[Haystack], pools: dict, grid: Grid, progress: Progress,
     deadline: float | None = None, max_new_tokens: int = MAX_NEW_TOKENS, save: Callable[[], None] = lambda: None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, sampling: dict | None = None,
 ) -> Progress:  # fmt: skip
     """The grid on every engine: trials outside, configurations inside each document (see the module docstring).
     ``deadline`` is a ``time.monotonic()`` instant; ``save`` is called every SAVE_SECONDS."""
@@ -443,7 +444,7 @@ def run(
             t0 = time.perf_counter()
             hits = []
             for name, engine in engines.items():
-                records = ask_document(engine, doc, max_new_tokens)
+                records = ask_document(engine, doc, max_new_tokens, sampling)
                 progress.records[name] += records
                 hits.append(f"{name} {sum(r['found'] for r in records)}/{len(records)}")
             seconds = time.perf_counter() - t0
@@ -613,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--chunk-size", type=int, default=256,
         help="pre-fill chunk; small, so streaming heads really drop context during pre-fill")  # fmt: skip
     add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    add("--sampling", choices=tuple(SAMPLINGS), default="default",
+        help="default: the engine's chat defaults (repetition penalty, repeat stop); greedy: plain greedy decoding")  # fmt: skip
     add("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
         help="16-bit configurations' dtype (default: float16 on CUDA, float32 on CPU)")  # fmt: skip
@@ -674,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         model=loaded.name, name=name,
         grid=dict(lengths=grid.lengths, depths=grid.depths, kinds=grid.kinds, trials=grid.trials, seed=grid.seed,
                   haystacks={h.name: dict(source=h.source, tokens=len(h.ids)) for h in haystacks},
-                  needles=a.needles or "built-in", max_new_tokens=a.max_new_tokens),
+                  needles=a.needles or "built-in", max_new_tokens=a.max_new_tokens, sampling=a.sampling),
         scoring="number: the digits as one whole number in the answer; word: a case-insensitive whole-word "
                 "match; found: the fraction of questions found (a two-facts document asks two)",
     )  # fmt: skip
@@ -687,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + a.deadline if a.deadline is not None else None
     try:
         run(engines, haystacks, a.pools, grid, progress, deadline=deadline, max_new_tokens=a.max_new_tokens,
+            sampling=SAMPLINGS[a.sampling],
             save=save, log=lambda m: print(m, flush=True))  # fmt: skip
     except BaseException as e:
         progress.stopped = f"error: {type(e).__name__}: {e}"

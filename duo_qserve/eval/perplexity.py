@@ -21,8 +21,9 @@ import torch
 from duo_qserve import data
 from duo_qserve.cache import FullKVCache
 from duo_qserve.engine import CALIBRATION_DIR
+from duo_qserve.environment import REPO_ROOT
 from duo_qserve.eval.common import result_header, write_json
-from duo_qserve.loading import REPO_ROOT, load_model
+from duo_qserve.loading import load_model
 from duo_qserve.quant.w8a8 import DEFAULT_ALPHA, load_activation_absmax, quantize_model_w8a8
 
 

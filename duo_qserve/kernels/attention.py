@@ -106,3 +106,23 @@ def merge(
     wb = torch.exp(lse_b - lse).nan_to_num(0.0)[..., None]
     out = out_a.float() * wa + out_b.float() * wb
     return out.to(out_a.dtype), lse
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face convention) on x [T, H, D]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def split_heads(n_retrieval: int, layer: int, q, k, v, retrieval, streaming) -> torch.Tensor:
+    """Send KV heads ``[0, n_retrieval)`` (and their query heads) to ``retrieval``, the rest to ``streaming``:
+    head reordering made both contiguous ranges. k/v arrive [T, Hkv, D] and leave [Hkv, T, D]."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    parts = []
+    if n_retrieval:
+        parts.append(retrieval(layer, q[:, : n_retrieval * g], k[:n_retrieval], v[:n_retrieval]))
+    if n_retrieval < k.shape[0]:
+        parts.append(streaming(layer, q[:, n_retrieval * g :], k[n_retrieval:], v[n_retrieval:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -27,11 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from duo_qserve.cache import split_heads
 from duo_qserve.kernels import INTERPRETED, kv_attention, use_triton
-from duo_qserve.kernels.attention import dense_attention, merge
+from duo_qserve.kernels.attention import apply_rope, dense_attention, merge, split_heads
 from duo_qserve.kernels.kv_quantize import backend
-from duo_qserve.model import apply_rope
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
 
 BLOCK_N = 32  # cache slots per step-kernel program
@@ -92,7 +90,7 @@ def reference(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, 
 
 @triton.jit
 def _rope(ptr, d, cos, sin, HALF: tl.constexpr):
-    """Rotate-half RoPE (``model.apply_rope``) of the vectors at ``ptr`` (a pointer or a column of pointers, one
+    """Rotate-half RoPE (``attention.apply_rope``) of the vectors at ``ptr`` (a pointer or a column of pointers, one
     per vector), fp32: channel d pairs with d +- D/2."""
     x = tl.load(ptr + d).to(tl.float32)
     partner = tl.load(ptr + (d + HALF) % (2 * HALF)).to(tl.float32)

@@ -8,19 +8,18 @@ IEEE round-to-nearest (``tl.div_rn``, as torch's) and the rounding is round-half
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from duo_qserve import environment
 from duo_qserve.kernels import INTERPRETED, use_triton
 from duo_qserve.quant.kv_quant import SCALE_DTYPE, qmax, quantize_keys, quantize_values
 
 
 def backend() -> str:
     """The ``use_triton`` backend: "triton" when ``DUO_QSERVE_TRITON=1`` (CPU tensors too, interpreted)."""
-    return "triton" if os.environ.get("DUO_QSERVE_TRITON") == "1" else "auto"
+    return "triton" if environment.triton_on_cpu() else "auto"
 
 
 def reference(k: torch.Tensor, v: torch.Tensor, bits: int, group: int):
