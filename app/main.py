@@ -177,6 +177,31 @@ class Server:
         self.store = self._new_store()
         self.generation = 0
         self.job: Job | None = None
+        self.warm_status = ""
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the kernels and capture a decode graph in the background (``Engine.warm_up``), so the first
+        answer is as fast as the later ones; events that run the model wait behind the engine's lock meanwhile,
+        and ``warm_status`` (shown live) says how far it is."""
+        engine = self.engine
+        self.warm_status = "Warming up the model: starting…"
+
+        def progress(stage: str) -> None:
+            self.warm_status = f"Warming up the model: {stage}… (questions wait for it)"
+
+        def work(job: Job) -> None:
+            try:
+                seconds = engine.warm_up(progress)
+            except Exception as e:  # the app still works: the first answer then compiles what it needs
+                self.warm_status = f"Warm-up failed ({e}); the first answer will compile the kernels itself."
+                return
+            done = (
+                "kernels compiled and the decode graph captured" if engine.device.type == "cuda" else "ready"
+            )
+            self.warm_status = f"Warm-up done in {seconds:.1f} s: {done}."
+
+        Job("warm-up", work, engine.lock)
 
     def _new_store(self) -> SessionStore:
         """The sessions' books for the current engine: its planned cache becomes their shared budget."""
@@ -532,8 +557,9 @@ class Server:
     def tick(self, mine: str | None, request: gr.Request) -> tuple[Any, ...]:
         engine = self.engine
         if engine is None:  # being replaced
-            return gr.skip(), gr.skip(), gr.skip()
-        return render.memory_html(engine), self.banner(mine, request), render.head_map_html(engine)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        memory = render.memory_html(engine)
+        return memory, self.banner(mine, request), render.head_map_html(engine), self.warm_status
 
     # ---- settings --------------------------------------------------------------------------------------------
     def _replace_engine(self, settings: EngineSettings) -> None:
@@ -558,6 +584,7 @@ class Server:
         self.store = self._new_store()
         self.settings = settings
         self.generation += 1
+        self._warm_up()
 
     def check_operator(self, token: str | None) -> None:
         """Engine-wide changes drop every session's books: only the operator (``--admin-token``) may make them."""
@@ -623,6 +650,7 @@ def build_app(server: Server) -> gr.Blocks:
         conversation = gr.State(Conversation())
         gr.Markdown("# duo-qserve: ask questions about a whole book")
         headline = gr.Markdown(render.capacity_headline(engine), elem_id="capacity")
+        warm_up = gr.Markdown(server.warm_status, elem_id="warm-up")
         banner = gr.Markdown("No document loaded yet.", elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3):
@@ -794,7 +822,7 @@ def build_app(server: Server) -> gr.Blocks:
 
         timer = gr.Timer(1.0)
         timer.tick(
-            server.tick, mine, [memory, banner, head_map], show_progress="hidden", concurrency_limit=None,
+            server.tick, mine, [memory, banner, head_map, warm_up], show_progress="hidden", concurrency_limit=None,
             api_visibility="undocumented",
         )  # fmt: skip
     return demo

@@ -257,6 +257,51 @@ class Engine:
             self.cache, self.document = cache, document
             self.conversation_in_cache = (0, 0)
 
+    def warm_up(self, on_progress: Callable[[str], None] | None = None) -> float:
+        """Compile and auto-tune the kernels that a pre-fill and an answer launch, and capture a decode graph, on
+        a scratch cache; returns the seconds it took.
+
+        Triton compiles each kernel at its first launch and auto-tunes its GEMMs per power-of-two row count, and a
+        CUDA graph is captured at the first decode step: left to the first question, that made the first answer
+        seconds slower than the later ones. Call this at model load instead. The scratch pre-fill fills the
+        streaming ring and one quantized key group, pre-fills of 8 to 64 tokens tune the GEMMs for
+        question-sized inputs, and decode steps run across the next key-group boundary, so the fused decode step,
+        the code kernel and the tail commit all run. Everything the engine holds is put back as it was: its cache
+        (the scratch one is freed), document, context readout, decoder, ``last`` and ``prefilled_tokens``. A
+        decode graph belongs to one cache, so a book's first answer still captures its own, with every kernel
+        already compiled (one step). On the CPU nothing compiles: a minimal pass (8 tokens, 2 steps) runs the
+        same code. ``on_progress`` gets a short message before each stage. Runs as one job (see ``cancel``).
+        """
+        c, cuda = self.cache_config, self.device.type == "cuda"
+        document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8
+        questions = (8, 16, 32, 64) if cuda else ()
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(self.args.vocab_size, (document + sum(questions),), generator=gen).tolist()
+        say = on_progress or (lambda message: None)
+        t0 = time.perf_counter()
+        with self.job(), torch.inference_mode():
+            saved = (self.cache, self.document, self.conversation_in_cache, self._decoder, self.last)
+            tokens = self.prefilled_tokens
+            self.cache, self._decoder = self.new_cache(len(ids)), None
+            try:
+                say("compiling the pre-fill kernels")
+                self._prefill(ids[:document])
+                say("tuning for question-sized inputs")
+                start = document
+                for n in questions:
+                    self._prefill(ids[start : start + n])
+                    start += n
+                say("capturing the decode graph")
+                steps = (-self.cache.seq_len) % c.key_group + 2 if cuda else 2
+                for _ in range(steps):
+                    self._decode_step(ids[0])
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+            finally:
+                self.cache, self.document, self.conversation_in_cache, self._decoder, self.last = saved
+                self.prefilled_tokens = tokens
+        return time.perf_counter() - t0
+
     def document_tokens_at(self, sparsity: float) -> int:
         """Document tokens that would fit in the bytes of ``capacity`` with ``sparsity`` streaming heads
         (what a re-load at that ratio would offer)."""
