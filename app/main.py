@@ -51,6 +51,7 @@ from duo_qserve.engine import (
     token_sha256,
 )
 from duo_qserve.eta import PrefillClock
+from duo_qserve.evidence import describe
 from duo_qserve.loading import ModelLoadError
 from duo_qserve.models import known_names, named_model
 from duo_qserve.options import add_engine_args, parse_pattern, settings_from_args
@@ -72,6 +73,9 @@ class Pending:
     document: Document
     ids: list[int]
     engine_generation: int  # ids are re-made if the engine (and so maybe the tokenizer) was replaced
+    chapters: list[tuple[str, int]] = dataclasses.field(
+        default_factory=list
+    )  # (title, token offset in the text)
 
 
 class Job:
@@ -169,9 +173,15 @@ class Server:
     """The process-wide engine and the handlers of the UI's events."""
 
     def __init__(
-        self, settings: EngineSettings, admin_token: str | None = None, uploads: UploadLimits | None = None
+        self,
+        settings: EngineSettings,
+        admin_token: str | None = None,
+        uploads: UploadLimits | None = None,
+        evidence: bool = True,
     ):
         self.settings, self.admin_token, self.uploads = settings, admin_token, uploads or UploadLimits()
+        self.evidence = evidence  # show the passages each answer came from (duo_qserve.evidence)
+        self.chapters: dict[str, list[tuple[str, int]]] = {}  # by document sha256, for the passages' chapters
         self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
         self.engine: Engine = Engine.from_settings(settings)
         self.store = self._new_store()
@@ -293,8 +303,9 @@ class Server:
         except DocumentError as e:
             message = f"**Not read:** {e}\n\n{self._loaded_note(mine, request)}"
             return message, [], None, gr.update(visible=False), gr.update(interactive=False)
-        pending = Pending(doc, self.engine.document_ids(doc.text), self.generation)
-        chapters = [[title, offset] for title, offset in chapter_token_offsets(doc, self.engine.tokenizer)]
+        offsets = chapter_token_offsets(doc, self.engine.tokenizer)
+        pending = Pending(doc, self.engine.document_ids(doc.text), self.generation, offsets)
+        chapters = [[title, offset] for title, offset in offsets]
         summary, ratio_button, load_button = self._summary(pending, request)
         if doc.warnings:  # what the reader could not read faithfully: said, never dropped silently
             shown = "\n".join(f"- {w}" for w in doc.warnings[:10])
@@ -353,6 +364,7 @@ class Server:
         if job.error is not None:
             raise gr.Error(f"Pre-fill failed: {job.error}")
         info = job.result
+        self.chapters[info.sha256] = pending.chapters
         rate = info.prefilled / info.prefill_seconds if info.prefill_seconds else 0.0
         bar = render.progress_html(
             len(ids),
@@ -413,6 +425,7 @@ class Server:
                 max_new_tokens=int(max_new_tokens),
                 conversation=conversation,
                 meta={"provenance": render.provenance(engine)},
+                evidence=self.evidence,
                 **sampling,
             )
             try:
@@ -442,6 +455,15 @@ class Server:
             # conversation: the engine adds a turn only once it has started answering
             raise gr.Error(f"Could not answer: {job.error}")
         stats = job.result
+        shown = answer[0] or "_(no answer)_"
+        if stats.evidence:
+            passages = describe(
+                stats.evidence, engine.document_text_start, engine.tokenizer, doc.ids,
+                self.chapters.get(doc.sha256, []),
+            )  # fmt: skip
+            if conversation.turns and conversation.turns[-1].question == question:
+                conversation.turns[-1].meta["passages"] = passages  # for the export
+            shown += "\n\n" + render.passages_markdown(passages)
         ending = render.ENDINGS[stats.ended_by]
         if stats.ended_by == "cancel":
             ending = f"stopped after {stats.answer_tokens} of at most {int(max_new_tokens)} tokens; ready"
@@ -459,7 +481,9 @@ class Server:
             f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
             f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
         )
-        yield [*history, {"role": "assistant", "content": answer[0] or "_(no answer)_"}], gr.skip(), line
+        if stats.evidence:
+            line += f" · sources found in {stats.evidence_s:.2f} s"
+        yield [*history, {"role": "assistant", "content": shown}], gr.skip(), line
 
     def export(self, fmt: str, conversation: Conversation) -> str:
         """Write every turn of the conversation with its provenance to a file for download."""
@@ -849,6 +873,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=limits.per_session_bytes >> 20,
         help="bytes one session may upload in all",
     )
+    p.add_argument(
+        "--no-evidence",
+        dest="evidence",
+        action="store_false",
+        help="do not show under each answer the passages the retrieval heads attended to (saves one short pass)",
+    )
     a = p.parse_args(argv)
     if a.auth and ":" not in a.auth:
         p.error("--auth wants USER:PASS, e.g. --auth alice:s3cret")
@@ -861,7 +891,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loading {settings.model}…", flush=True)
     try:
         uploads = UploadLimits(a.max_upload_mb << 20, a.max_session_upload_mb << 20)
-        server = Server(settings, a.admin_token, uploads)
+        server = Server(settings, a.admin_token, uploads, evidence=a.evidence)
     except (ModelLoadError, PatternError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     demo = build_app(server)
