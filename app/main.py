@@ -51,6 +51,7 @@ from duo_qserve.engine import (
     token_sha256,
 )
 from duo_qserve.eta import PrefillClock
+from duo_qserve.evidence import describe
 from duo_qserve.loading import ModelLoadError
 from duo_qserve.models import known_names, named_model
 from duo_qserve.options import add_engine_args, parse_pattern, settings_from_args
@@ -72,6 +73,9 @@ class Pending:
     document: Document
     ids: list[int]
     engine_generation: int  # ids are re-made if the engine (and so maybe the tokenizer) was replaced
+    chapters: list[tuple[str, int]] = dataclasses.field(
+        default_factory=list
+    )  # (title, token offset in the text)
 
 
 class Job:
@@ -169,14 +173,45 @@ class Server:
     """The process-wide engine and the handlers of the UI's events."""
 
     def __init__(
-        self, settings: EngineSettings, admin_token: str | None = None, uploads: UploadLimits | None = None
+        self,
+        settings: EngineSettings,
+        admin_token: str | None = None,
+        uploads: UploadLimits | None = None,
+        evidence: bool = True,
     ):
         self.settings, self.admin_token, self.uploads = settings, admin_token, uploads or UploadLimits()
+        self.evidence = evidence  # show the passages each answer came from (duo_qserve.evidence)
+        self.chapters: dict[str, list[tuple[str, int]]] = {}  # by document sha256, for the passages' chapters
         self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
         self.engine: Engine = Engine.from_settings(settings)
         self.store = self._new_store()
         self.generation = 0
         self.job: Job | None = None
+        self.warm_status = ""
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the kernels and capture a decode graph in the background (``Engine.warm_up``), so the first
+        answer is as fast as the later ones; events that run the model wait behind the engine's lock meanwhile,
+        and ``warm_status`` (shown live) says how far it is."""
+        engine = self.engine
+        self.warm_status = "Warming up the model: starting…"
+
+        def progress(stage: str) -> None:
+            self.warm_status = f"Warming up the model: {stage}… (questions wait for it)"
+
+        def work(job: Job) -> None:
+            try:
+                seconds = engine.warm_up(progress)
+            except Exception as e:  # the app still works: the first answer then compiles what it needs
+                self.warm_status = f"Warm-up failed ({e}); the first answer will compile the kernels itself."
+                return
+            done = (
+                "kernels compiled and the decode graph captured" if engine.device.type == "cuda" else "ready"
+            )
+            self.warm_status = f"Warm-up done in {seconds:.1f} s: {done}."
+
+        Job("warm-up", work, engine.lock)
 
     def _new_store(self) -> SessionStore:
         """The sessions' books for the current engine: its planned cache becomes their shared budget."""
@@ -268,8 +303,9 @@ class Server:
         except DocumentError as e:
             message = f"**Not read:** {e}\n\n{self._loaded_note(mine, request)}"
             return message, [], None, gr.update(visible=False), gr.update(interactive=False)
-        pending = Pending(doc, self.engine.document_ids(doc.text), self.generation)
-        chapters = [[title, offset] for title, offset in chapter_token_offsets(doc, self.engine.tokenizer)]
+        offsets = chapter_token_offsets(doc, self.engine.tokenizer)
+        pending = Pending(doc, self.engine.document_ids(doc.text), self.generation, offsets)
+        chapters = [[title, offset] for title, offset in offsets]
         summary, ratio_button, load_button = self._summary(pending, request)
         if doc.warnings:  # what the reader could not read faithfully: said, never dropped silently
             shown = "\n".join(f"- {w}" for w in doc.warnings[:10])
@@ -328,6 +364,7 @@ class Server:
         if job.error is not None:
             raise gr.Error(f"Pre-fill failed: {job.error}")
         info = job.result
+        self.chapters[info.sha256] = pending.chapters
         rate = info.prefilled / info.prefill_seconds if info.prefill_seconds else 0.0
         bar = render.progress_html(
             len(ids),
@@ -388,6 +425,7 @@ class Server:
                 max_new_tokens=int(max_new_tokens),
                 conversation=conversation,
                 meta={"provenance": render.provenance(engine)},
+                evidence=self.evidence,
                 **sampling,
             )
             try:
@@ -417,6 +455,15 @@ class Server:
             # conversation: the engine adds a turn only once it has started answering
             raise gr.Error(f"Could not answer: {job.error}")
         stats = job.result
+        shown = answer[0] or "_(no answer)_"
+        if stats.evidence:
+            passages = describe(
+                stats.evidence, engine.document_text_start, engine.tokenizer, doc.ids,
+                self.chapters.get(doc.sha256, []),
+            )  # fmt: skip
+            if conversation.turns and conversation.turns[-1].question == question:
+                conversation.turns[-1].meta["passages"] = passages  # for the export
+            shown += "\n\n" + render.passages_markdown(passages)
         ending = render.ENDINGS[stats.ended_by]
         if stats.ended_by == "cancel":
             ending = f"stopped after {stats.answer_tokens} of at most {int(max_new_tokens)} tokens; ready"
@@ -434,7 +481,9 @@ class Server:
             f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
             f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
         )
-        yield [*history, {"role": "assistant", "content": answer[0] or "_(no answer)_"}], gr.skip(), line
+        if stats.evidence:
+            line += f" · sources found in {stats.evidence_s:.2f} s"
+        yield [*history, {"role": "assistant", "content": shown}], gr.skip(), line
 
     def export(self, fmt: str, conversation: Conversation) -> str:
         """Write every turn of the conversation with its provenance to a file for download."""
@@ -532,8 +581,9 @@ class Server:
     def tick(self, mine: str | None, request: gr.Request) -> tuple[Any, ...]:
         engine = self.engine
         if engine is None:  # being replaced
-            return gr.skip(), gr.skip(), gr.skip()
-        return render.memory_html(engine), self.banner(mine, request), render.head_map_html(engine)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        memory = render.memory_html(engine)
+        return memory, self.banner(mine, request), render.head_map_html(engine), self.warm_status
 
     # ---- settings --------------------------------------------------------------------------------------------
     def _replace_engine(self, settings: EngineSettings) -> None:
@@ -558,6 +608,7 @@ class Server:
         self.store = self._new_store()
         self.settings = settings
         self.generation += 1
+        self._warm_up()
 
     def check_operator(self, token: str | None) -> None:
         """Engine-wide changes drop every session's books: only the operator (``--admin-token``) may make them."""
@@ -623,6 +674,7 @@ def build_app(server: Server) -> gr.Blocks:
         conversation = gr.State(Conversation())
         gr.Markdown("# duo-qserve: ask questions about a whole book")
         headline = gr.Markdown(render.capacity_headline(engine), elem_id="capacity")
+        warm_up = gr.Markdown(server.warm_status, elem_id="warm-up")
         banner = gr.Markdown("No document loaded yet.", elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3):
@@ -794,7 +846,7 @@ def build_app(server: Server) -> gr.Blocks:
 
         timer = gr.Timer(1.0)
         timer.tick(
-            server.tick, mine, [memory, banner, head_map], show_progress="hidden", concurrency_limit=None,
+            server.tick, mine, [memory, banner, head_map, warm_up], show_progress="hidden", concurrency_limit=None,
             api_visibility="undocumented",
         )  # fmt: skip
     return demo
@@ -821,6 +873,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=limits.per_session_bytes >> 20,
         help="bytes one session may upload in all",
     )
+    p.add_argument(
+        "--no-evidence",
+        dest="evidence",
+        action="store_false",
+        help="do not show under each answer the passages the retrieval heads attended to (saves one short pass)",
+    )
     a = p.parse_args(argv)
     if a.auth and ":" not in a.auth:
         p.error("--auth wants USER:PASS, e.g. --auth alice:s3cret")
@@ -833,7 +891,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loading {settings.model}…", flush=True)
     try:
         uploads = UploadLimits(a.max_upload_mb << 20, a.max_session_upload_mb << 20)
-        server = Server(settings, a.admin_token, uploads)
+        server = Server(settings, a.admin_token, uploads, evidence=a.evidence)
     except (ModelLoadError, PatternError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     demo = build_app(server)

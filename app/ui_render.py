@@ -247,11 +247,26 @@ def export_markdown(turns: Sequence[dict]) -> str:
     ]
     for turn in turns:
         lines += [f"## Q: {turn['question']}", "", turn["answer"] or "_(no answer)_", ""]
+        if turn.get("passages"):
+            lines += [passages_markdown(turn["passages"]), ""]
         note = f"{turn.get('ttft_s', 0.0):.2f} s to first token, {turn.get('decode_ms_per_token', 0.0):.0f} ms/token"
         note += f", {ENDINGS.get(turn.get('ended_by', ''), 'ended')}"
         if turn["provenance"] != meta:
             note += f"; {_settings_line(turn['provenance'])}"
         lines += [f"_{note}; document {turn['document_title']} (sha256 {turn['document_sha256'][:12]}…)_", ""]
+    return "\n".join(lines)
+
+
+def passages_markdown(passages: Sequence[dict]) -> str:
+    """The passages an answer came from (``duo_qserve.evidence.describe``), as a short list under the answer."""
+    lines = ["**Where this came from** (the passages the retrieval heads attended to most):"]
+    for i, p in enumerate(passages, 1):
+        where = f"{p['chapter']} · " if p["chapter"] else ""
+        snippet = f": “{p['snippet']}”" if p["snippet"] else ""
+        lines.append(
+            f"{i}. {where}tokens {p['position']:,}–{p['position'] + p['tokens']:,} · "
+            f"{p['share']:.0%} of the attention{snippet}"
+        )
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import torch
 from duo_qserve.kernels import kv_attention, kv_quantize
 from duo_qserve.kernels.attention import dense_attention, merge, split_heads
 from duo_qserve.model import ModelArgs
-from duo_qserve.quant.kv_quant import SCALE_DTYPE
+from duo_qserve.quant.kv_quant import SCALE_DTYPE, dequantize_keys
 
 
 @dataclass(frozen=True)
@@ -269,6 +269,31 @@ class DuoKVCache:
             s["ring_k"][:, slot : slot + n] = k[:, first - pos : first - pos + n]
             s["ring_v"][:, slot : slot + n] = v[:, first - pos : first - pos + n]
             first += n
+
+    def retrieval_keys(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Keys (after RoPE) of ``layer``'s retrieval heads at positions ``[start, end)`` of the tokens held, as
+        the attention reads them (de-quantized), in float32: [n_retrieval, end - start, head_dim]. Read-only, and
+        for analyses after an answer (``duo_qserve.evidence``), not for the decode path."""
+        if not 0 <= start <= end <= self.seq_len:
+            raise ValueError(f"positions {start:,}..{end:,} are outside the {self.seq_len:,} tokens held")
+        s, c = self.layers[layer], self.config
+        if c.kv_bits == 16:
+            return s["k_data"][:, start:end].float()
+        group = c.key_group
+        n_quant = self.seq_len // group * group
+        if start == end:
+            return s["k_tail"][:, :0].float()
+        parts = []
+        if start < n_quant:
+            g0, g1 = start // group, math.ceil(min(end, n_quant) / group)
+            keys = dequantize_keys(
+                s["k_data"][:, g0 * group : g1 * group], s["k_scale"][:, g0:g1], s["k_zero"][:, g0:g1],
+                c.kv_bits, group,
+            )  # fmt: skip
+            parts.append(keys[:, start - g0 * group : min(end, n_quant) - g0 * group])
+        if end > n_quant:
+            parts.append(s["k_tail"][:, max(start, n_quant) - n_quant : end - n_quant].float())
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     # ---- checkpoint / restore --------------------------------------------------------------------------------
     _SMALL = ("k_tail", "v_tail", "sink_k", "sink_v", "ring_k", "ring_v")

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
 from duo_qserve.conversation import Conversation, Turn
 from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.environment import REPO_ROOT
+from duo_qserve.evidence import attention_mass, top_passages
 from duo_qserve.loading import LoadedModel, load_model
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
@@ -67,6 +68,8 @@ class DocumentInfo:
     prefill_seconds: float
     loaded_by: str = ""
     prefilled: int = 0  # tokens pre-filled by this ingest (fewer than ``tokens`` after a resume)
+    # the token ids (int32), kept by ``ingest`` for ``ask(evidence=True)``; None for a book loaded from the library
+    ids: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -98,6 +101,10 @@ class GenerationStats:
     history_turns: int = 0  # earlier turns of the conversation the question followed
     history_tokens: int = 0
     dropped_turns: int = 0  # oldest turns this question dropped from the context: they no longer fit
+    # with ``ask(evidence=True)``: the passages the retrieval heads attended to most (evidence.top_passages, in
+    # document positions) and the seconds the pass took
+    evidence: list[dict] = field(default_factory=list)
+    evidence_s: float = 0.0
 
 
 class Engine:
@@ -231,6 +238,11 @@ class Engine:
         """The ids ``ingest`` puts in the cache for ``text``: the chat template's opening, the text, a break."""
         return self.encode(self._doc_prefix + text + "\n\n")
 
+    @property
+    def document_text_start(self) -> int:
+        """Where the text starts in ``document_ids``: the chat template's opening comes first."""
+        return len(self.encode(self._doc_prefix))
+
     def question_ids(self, question: str) -> list[int]:
         """The ids ``ask`` adds after the document for ``question``: the question and the template's close."""
         return self.encode(question + self._question_suffix)
@@ -256,6 +268,51 @@ class Engine:
         with self.job():
             self.cache, self.document = cache, document
             self.conversation_in_cache = (0, 0)
+
+    def warm_up(self, on_progress: Callable[[str], None] | None = None) -> float:
+        """Compile and auto-tune the kernels that a pre-fill and an answer launch, and capture a decode graph, on
+        a scratch cache; returns the seconds it took.
+
+        Triton compiles each kernel at its first launch and auto-tunes its GEMMs per power-of-two row count, and a
+        CUDA graph is captured at the first decode step: left to the first question, that made the first answer
+        seconds slower than the later ones. Call this at model load instead. The scratch pre-fill fills the
+        streaming ring and one quantized key group, pre-fills of 8 to 64 tokens tune the GEMMs for
+        question-sized inputs, and decode steps run across the next key-group boundary, so the fused decode step,
+        the code kernel and the tail commit all run. Everything the engine holds is put back as it was: its cache
+        (the scratch one is freed), document, context readout, decoder, ``last`` and ``prefilled_tokens``. A
+        decode graph belongs to one cache, so a book's first answer still captures its own, with every kernel
+        already compiled (one step). On the CPU nothing compiles: a minimal pass (8 tokens, 2 steps) runs the
+        same code. ``on_progress`` gets a short message before each stage. Runs as one job (see ``cancel``).
+        """
+        c, cuda = self.cache_config, self.device.type == "cuda"
+        document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8
+        questions = (8, 16, 32, 64) if cuda else ()
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(self.args.vocab_size, (document + sum(questions),), generator=gen).tolist()
+        say = on_progress or (lambda message: None)
+        t0 = time.perf_counter()
+        with self.job(), torch.inference_mode():
+            saved = (self.cache, self.document, self.conversation_in_cache, self._decoder, self.last)
+            tokens = self.prefilled_tokens
+            self.cache, self._decoder = self.new_cache(len(ids)), None
+            try:
+                say("compiling the pre-fill kernels")
+                self._prefill(ids[:document])
+                say("tuning for question-sized inputs")
+                start = document
+                for n in questions:
+                    self._prefill(ids[start : start + n])
+                    start += n
+                say("capturing the decode graph")
+                steps = (-self.cache.seq_len) % c.key_group + 2 if cuda else 2
+                for _ in range(steps):
+                    self._decode_step(ids[0])
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+            finally:
+                self.cache, self.document, self.conversation_in_cache, self._decoder, self.last = saved
+                self.prefilled_tokens = tokens
+        return time.perf_counter() - t0
 
     def document_tokens_at(self, sparsity: float) -> int:
         """Document tokens that would fit in the bytes of ``capacity`` with ``sparsity`` streaming heads
@@ -345,7 +402,13 @@ class Engine:
             self.cache.checkpoint()
             seconds = time.perf_counter() - t0
             self.document = DocumentInfo(
-                title, len(ids), token_sha256(ids), seconds, loaded_by, prefilled=len(ids) - first
+                title,
+                len(ids),
+                token_sha256(ids),
+                seconds,
+                loaded_by,
+                prefilled=len(ids) - first,
+                ids=np.asarray(ids, dtype=np.int32),
             )
             return self.document
 
@@ -388,6 +451,7 @@ class Engine:
         stop: Sequence[str] = (),
         conversation: Conversation | None = None,
         meta: dict | None = None,
+        evidence: bool = False,
         **sampling: float | int | None,
     ) -> Iterator[str]:
         """Stream the answer to ``question`` about the ingested document as text pieces.
@@ -402,7 +466,9 @@ class Engine:
         with ``meta``, when the stream ends, however it ends. A question that does not fit in the room the
         document leaves is refused (``QuestionTooLong``) before any work; the document's checkpoint is restored
         before every question, so nothing an answer does reaches the next one except through its conversation.
-        ``last.ended_by`` says how the answer ended.
+        ``last.ended_by`` says how the answer ended. With ``evidence``, once the answer has ended (however it
+        ended), one more pass finds the passages the retrieval heads attended to most while answering
+        (``duo_qserve.evidence``) into ``last.evidence``; decoding is the same either way.
         """
         check_max_new_tokens(max_new_tokens)
         unknown = set(sampling) - set(Sampling.__dataclass_fields__)
@@ -413,7 +479,7 @@ class Engine:
         params = Sampling(**sampling)
         if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a sequence of strings, got {stop!r}")
-        return self._answer(question, max_new_tokens, params, tuple(stop), conversation, meta or {})
+        return self._answer(question, max_new_tokens, params, tuple(stop), conversation, meta or {}, evidence)
 
     def _context(
         self, question: str, q_ids: list[int], max_new_tokens: int, conversation: Conversation | None
@@ -440,6 +506,7 @@ class Engine:
         stop: tuple,
         conversation: Conversation | None,
         meta: dict,
+        evidence: bool,
     ) -> Iterator[str]:
         with self.job(), torch.inference_mode():
             if self.document is None:
@@ -509,6 +576,13 @@ class Engine:
                 raise
             finally:
                 stats.answer_tokens = len(out_ids)
+                if evidence and out_ids:
+                    t_evidence = time.perf_counter()
+                    mass, focus = attention_mass(
+                        self.model, self.cache, doc.tokens, history_ids + q_ids, out_ids, self.chunk_size
+                    )
+                    stats.evidence = top_passages(mass, focus, self.document_text_start)
+                    stats.evidence_s = time.perf_counter() - t_evidence
                 self.conversation_in_cache = (len(history), len(history_ids) + len(q_ids) + len(out_ids))
                 if conversation is not None:
                     conversation.turns.append(

@@ -81,3 +81,89 @@ def test_upload_prefill_ask_and_live_memory_in_a_browser(app_url, tmp_path):
 
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
+
+
+def _open(p, app_url: str):
+    browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    page.goto(app_url)
+    sync_api.expect(page.locator("#capacity")).to_contain_text("This CPU session", timeout=30_000)
+    return browser, page
+
+
+def _read(page, path: Path) -> None:
+    page.locator("input[type=file]").first.set_input_files(str(path))
+    page.get_by_role("button", name="Read", exact=True).click()
+    sync_api.expect(page.locator("#summary")).to_contain_text("Fits", timeout=30_000)
+
+
+def _ask(page, question: str) -> None:
+    page.get_by_label("Question").fill(question)
+    page.get_by_role("button", name="Ask", exact=True).click()
+
+
+def test_warm_up_conversation_and_evidence_in_a_browser(app_url, tmp_path):
+    """The warm-up's message, a follow-up that follows the earlier turn, New conversation, the passages."""
+    book = tmp_path / "needle.txt"
+    text = haystack_text(1400)
+    book.write_text(text[:700] + f" The secret number is {SECRET}. " + text[700:])
+    with sync_api.sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        sync_api.expect(page.locator("#warm-up")).to_contain_text("Warm-up done", timeout=30_000)
+        _read(page, book)
+        page.get_by_role("button", name="Load into model").click()
+        sync_api.expect(page.locator("#doc-status")).to_contain_text("Loaded", timeout=120_000)
+
+        _ask(page, "According to the document, what is the secret number?")
+        stats = page.locator("#answer-stats")
+        sync_api.expect(stats).to_contain_text("turn 1 of this conversation", timeout=120_000)
+        chat = page.locator("#chat")
+        sync_api.expect(chat).to_contain_text("Where this came from", timeout=10_000)
+        sync_api.expect(chat).to_contain_text(re.compile(r"tokens [\d,]+–[\d,]+ · \d+% of the attention"))
+        sync_api.expect(stats).to_contain_text("sources found in")
+
+        _ask(page, "Say that number again.")
+        sync_api.expect(stats).to_contain_text(
+            "turn 2 of this conversation (1 earlier in context", timeout=120_000
+        )
+
+        page.get_by_role("button", name="New conversation").click()
+        sync_api.expect(chat).not_to_contain_text(SECRET, timeout=10_000)
+        _ask(page, "What is the secret number?")
+        sync_api.expect(stats).to_contain_text("turn 1 of this conversation (0 earlier", timeout=120_000)
+        browser.close()
+
+
+def test_stop_cancel_and_time_left_in_a_browser(app_url, tmp_path):
+    """Cancel during the pre-fill says so without an error badge; the time left shows; Stop keeps the answer and
+    returns the UI to ready."""
+    book = tmp_path / "long.txt"
+    book.write_text(haystack_text(3800, start_file=2))  # ~900 tokens: 15 chunks of 64
+    with sync_api.sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        _read(page, book)
+        page.get_by_role("button", name="Load into model").click()
+        progress = page.locator(".prefill-progress")
+        sync_api.expect(progress).to_contain_text(
+            re.compile(r"\d[\d.]* ?\w* left"), timeout=60_000
+        )  # the ETA
+        page.get_by_role("button", name="Cancel").click()
+        status = page.locator("#doc-status")
+        sync_api.expect(status).to_contain_text(
+            re.compile(r"Cancelled.* after [\d,]+ of [\d,]+ tokens"), timeout=60_000
+        )
+        assert page.get_by_text("Error", exact=True).count() == 0
+
+        page.get_by_role("button", name="Load into model").click()
+        sync_api.expect(status).to_contain_text("Loaded", timeout=180_000)
+        _ask(page, "Write a long, detailed summary of the whole document.")
+        chat = page.locator("#chat")
+        sync_api.expect(chat).to_contain_text(re.compile(r"\w{3,} \w{3,}"), timeout=120_000)
+        page.get_by_role("button", name="Stop").click()
+        stats = page.locator("#answer-stats")
+        sync_api.expect(stats).to_contain_text(
+            re.compile(r"stopped after \d+ of at most \d+ tokens; ready"), timeout=60_000
+        )
+        assert len(chat.inner_text()) > 80  # the text generated so far stays
+        assert page.get_by_text("Error", exact=True).count() == 0
+        browser.close()

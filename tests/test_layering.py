@@ -14,7 +14,7 @@ LAYERS = [
     ["kernels", "quant.kv_quant", "sampling"],  # functions of tensors and numbers
     ["model", "quant.w8a8", "data"],  # the network, its int8 linears, the text tools read
     ["cache", "patterns", "planner"],  # what the model attends over, and its sizes
-    ["loading", "models", "decode_graph"],  # models from disk, the captured decode step
+    ["loading", "models", "decode_graph", "evidence"],  # models from disk, the captured decode step, evidence
     ["engine"],
     ["library", "options", "eval", "train_patterns", "score_patterns", "quant.cli", "bench"],
     ["library_cli", "__main__"],  # the command line

@@ -26,6 +26,7 @@ from duo_qserve.eval.niah import (
     needle_pools,
     needle_position,
     plant,
+    rate,
     run,
     summarize,
     wilson,
@@ -70,7 +71,7 @@ class FakeEngine:
         self.doc, self.ingests = text, self.ingests + 1
         return type("Info", (), {"tokens": len(self.document_ids(text))})()
 
-    def ask(self, question: str, max_new_tokens: int):
+    def ask(self, question: str, max_new_tokens: int, evidence: bool = False):
         visible = " ".join(self.doc.split()[-self.window :])
         template = next(n.template for n in BUILTIN_NEEDLES if n.question == question)
         hit = re.search(re.escape(template).replace(re.escape("{answer}"), r"(\S+?)"), visible)
@@ -258,3 +259,14 @@ def test_a_tiny_run_on_the_default_model_writes_results_and_heat_maps(tmp_path, 
     assert len(full["table"]) == 2 and full["ci95"][0] <= full["found"] <= full["ci95"][1]
     assert (tmp_path / full["heat_map"]).stat().st_size > 0
     assert "| full16 (full attention" in capsys.readouterr().out
+
+
+def test_rate_counts_the_top_passage_among_found_answers_only():
+    records = [
+        dict(found=True, top_passage_has_needle=True),
+        dict(found=True, top_passage_has_needle=False),
+        dict(found=True, top_passage_has_needle=True),
+        dict(found=False, top_passage_has_needle=False),
+    ]
+    assert rate(records)["top_passage"] == 2 / 3
+    assert "top_passage" not in rate([dict(found=True)])  # a run without --evidence

@@ -48,6 +48,10 @@ would end past it, and a run cut short still compares the configurations on the 
 come in a seeded random order, so a partial trial still spreads over the grid). The results file is rewritten
 atomically every ``SAVE_SECONDS`` and at the end (also after an error).
 
+``--evidence``: each answer also gets its passages (``duo_qserve.evidence``), and every rate gains ``top_passage``,
+the fraction of found answers whose top passage holds the whole needle (issue #24's target: 0.9), shown as a column
+of the markdown table.
+
 Results: ``<out-dir>/niah-<name>-<date>.json`` (device, date, commit, command, model, grid, progress; per
 configuration the fraction found with its Wilson 95% interval, breakdowns per kind, haystack and length, a depth x
 length table and every question's record) plus a heat map PNG per configuration; at the end a README-ready markdown
@@ -77,6 +81,7 @@ import numpy as np
 from duo_qserve import data
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.eval.common import result_header, write_json
+from duo_qserve.evidence import passage_text
 from duo_qserve.sampling import Sampling
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -375,14 +380,16 @@ def trial_documents(
 
 
 def short_answer(
-    engine, question: str, max_new_tokens: int = MAX_NEW_TOKENS, sampling: dict | None = None
-) -> str:
+    engine, question: str, max_new_tokens: int = MAX_NEW_TOKENS, sampling: dict | None = None,
+    evidence: bool = False,
+) -> str:  # fmt: skip
     """The answer's first line: the stream is closed once a line ends after some text, so a model that opens with
     a blank line still answers, and one that goes on after its answer costs no more tokens. ``sampling``: the
-    engine's sampling parameters (``SAMPLINGS``; none: its defaults)."""
+    engine's sampling parameters (``SAMPLINGS``; none: its defaults); ``evidence``: the engine finds the answer's
+    passages (``engine.last.evidence``) once the stream is closed."""
     text = ""
     with contextlib.closing(
-        engine.ask(question, max_new_tokens=max_new_tokens, **(sampling or {}))
+        engine.ask(question, max_new_tokens=max_new_tokens, evidence=evidence, **(sampling or {}))
     ) as pieces:
         for piece in pieces:
             text += piece
@@ -392,22 +399,33 @@ def short_answer(
 
 
 def ask_document(
-    engine, doc: Document, max_new_tokens: int = MAX_NEW_TOKENS, sampling: dict | None = None
-) -> list[dict]:
-    """Ingest the document once and ask each of its questions: one record per question."""
+    engine, doc: Document, max_new_tokens: int = MAX_NEW_TOKENS, sampling: dict | None = None,
+    evidence: bool = False,
+) -> list[dict]:  # fmt: skip
+    """Ingest the document once and ask each of its questions: one record per question. With ``evidence`` a
+    record also says whether the answer's top passage (``duo_qserve.evidence``) holds the whole needle
+    (``top_passage_has_needle``) and how long finding the passages took."""
     t0 = time.perf_counter()
     info = engine.ingest(doc.text)
     ingest_s = time.perf_counter() - t0
     records = []
     for fact in doc.facts:
         t1 = time.perf_counter()
-        answer = short_answer(engine, fact.question, max_new_tokens, sampling)
+        answer = short_answer(engine, fact.question, max_new_tokens, sampling, evidence)
+        extra = {}
+        if evidence:
+            top = engine.last.evidence[:1]
+            extra = dict(
+                top_passage_has_needle=bool(top)
+                and fact.needle in passage_text(top[0], info.ids, engine.tokenizer),
+                evidence_s=round(engine.last.evidence_s, 3),
+            )
         records.append(
             dict(trial=doc.trial, haystack=doc.haystack, kind=doc.kind, length=doc.length, depth=fact.depth,
                  tokens=info.tokens + len(engine.question_ids(fact.question)), needle=fact.needle,
                  question=fact.question, expected=fact.answer, answer=answer,
                  found=found(fact.kind, answer, fact.answer), ingest_s=round(ingest_s, 3),
-                 answer_s=round(time.perf_counter() - t1, 3))
+                 answer_s=round(time.perf_counter() - t1, 3), **extra)
         )  # fmt: skip
     return records
 
@@ -428,7 +446,7 @@ class Progress:
 def run(
     engines: dict, haystacks: Sequence[Haystack], pools: dict, grid: Grid, progress: Progress,
     deadline: float | None = None, max_new_tokens: int = MAX_NEW_TOKENS, save: Callable[[], None] = lambda: None,
-    log: Callable[[str], None] = print, sampling: dict | None = None,
+    log: Callable[[str], None] = print, sampling: dict | None = None, evidence: bool = False,
 ) -> Progress:  # fmt: skip
     """The grid on every engine: trials outside, configurations inside each document (see the module docstring).
     ``deadline`` is a ``time.monotonic()`` instant; ``save`` is called every SAVE_SECONDS."""
@@ -444,7 +462,7 @@ def run(
             t0 = time.perf_counter()
             hits = []
             for name, engine in engines.items():
-                records = ask_document(engine, doc, max_new_tokens, sampling)
+                records = ask_document(engine, doc, max_new_tokens, sampling, evidence)
                 progress.records[name] += records
                 hits.append(f"{name} {sum(r['found'] for r in records)}/{len(records)}")
             seconds = time.perf_counter() - t0
@@ -462,8 +480,14 @@ def run(
 
 # ---- summaries -------------------------------------------------------------------------------------------------
 def rate(records: Sequence[dict]) -> dict:
+    """Found, with its 95% interval; with evidence (``--evidence``), also ``top_passage``: the fraction of the
+    found answers whose top passage holds the needle."""
     k, n = sum(r["found"] for r in records), len(records)
-    return dict(found=k / n if n else math.nan, questions=n, ci95=list(wilson(k, n)))
+    out = dict(found=k / n if n else math.nan, questions=n, ci95=list(wilson(k, n)))
+    right = [r for r in records if r["found"] and "top_passage_has_needle" in r]
+    if right:
+        out["top_passage"] = sum(r["top_passage_has_needle"] for r in right) / len(right)
+    return out
 
 
 def summarize(records: Sequence[dict], grid: Grid) -> dict:
@@ -507,12 +531,15 @@ def markdown_table(configs: Sequence[dict], grid: Grid) -> str:
         "configuration",
         "found",
         "95% CI",
+        *(["top passage holds the needle (of found)"] if any("top_passage" in c for c in configs) else []),
         *(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in grid.lengths),
     ]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in configs:
         lo, hi = c["ci95"]
         cells = [f"{c['name']} ({c['description']})", f"{c['found']:.2f}", f"{lo:.2f}-{hi:.2f}"]
+        if any("top_passage" in c for c in configs):
+            cells.append(f"{c['top_passage']:.2f}" if "top_passage" in c else "-")
         cells += [
             f"{c['by_length'][str(n)]['found']:.2f}" if str(n) in c["by_length"] else "-"
             for n in grid.lengths
@@ -616,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     add("--sampling", choices=tuple(SAMPLINGS), default="default",
         help="default: the engine's chat defaults (repetition penalty, repeat stop); greedy: plain greedy decoding")  # fmt: skip
+    add("--evidence", action="store_true",
+        help="also find each answer's passages (duo_qserve.evidence) and report how often the top one holds the "
+             "needle when the answer is right")  # fmt: skip
     add("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
         help="16-bit configurations' dtype (default: float16 on CUDA, float32 on CPU)")  # fmt: skip
@@ -677,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         model=loaded.name, name=name,
         grid=dict(lengths=grid.lengths, depths=grid.depths, kinds=grid.kinds, trials=grid.trials, seed=grid.seed,
                   haystacks={h.name: dict(source=h.source, tokens=len(h.ids)) for h in haystacks},
-                  needles=a.needles or "built-in", max_new_tokens=a.max_new_tokens, sampling=a.sampling),
+                  needles=a.needles or "built-in", max_new_tokens=a.max_new_tokens, sampling=a.sampling,
+                  evidence=a.evidence),
         scoring="number: the digits as one whole number in the answer; word: a case-insensitive whole-word "
                 "match; found: the fraction of questions found (a two-facts document asks two)",
     )  # fmt: skip
@@ -690,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + a.deadline if a.deadline is not None else None
     try:
         run(engines, haystacks, a.pools, grid, progress, deadline=deadline, max_new_tokens=a.max_new_tokens,
-            sampling=SAMPLINGS[a.sampling],
+            sampling=SAMPLINGS[a.sampling], evidence=a.evidence,
             save=save, log=lambda m: print(m, flush=True))  # fmt: skip
     except BaseException as e:
         progress.stopped = f"error: {type(e).__name__}: {e}"
