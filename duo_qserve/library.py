@@ -3,7 +3,7 @@
 A pre-fill of a million tokens takes minutes; its compressed cache reads back from disk in seconds (Llama-3-8B,
 1M tokens, KV4, 50 % streaming heads: an 18.3 GB book saved in 15 s and loaded cold in 12 s on the H100 machine,
 near its disk's 1.2 GB/s write and 2.1 GB/s read; benchmarks/results/library-*.json). A book is a directory
-``<library>/<book_id>/`` with two files:
+``<library>/<book_id>/`` with three files:
 
 - ``manifest.json``: what the cache was made with (model name, shape and a weight checksum; dtype, W8A8 and KV
   settings; the attention pattern's gates hash, achieved sparsity and per-layer retrieval heads; sink/recent), the
@@ -11,7 +11,9 @@ near its disk's 1.2 GB/s write and 2.1 GB/s read; benchmarks/results/library-*.j
   sha256 per block of it.
 - ``cache.bin``: the checkpointed state only (whole quantized groups, scales, fp tails, sinks, rings; for every
   tensor just the entries valid at the document's length, head by head in ``CacheSpec`` order), cut into blocks of
-  ``BLOCK_BYTES``.
+  ``BLOCK_BYTES``;
+- ``tokens.bin``: the document's token ids as little-endian int64, so its sha256 is the manifest's
+  ``token_sha256``: a load checks one against the other, and the ids give answers' evidence passages their text.
 
 Data moves through one bounded host buffer (``SLOTS`` blocks, pinned on CUDA): no second copy of the cache in GPU
 or host memory. Several blocks are hashed and read or written at once, one thread each, because one sha256
@@ -59,9 +61,11 @@ from duo_qserve.engine import DocumentInfo, Engine, EngineSettings, token_sha256
 from duo_qserve.patterns import UNIFORM_PATTERN_NAME
 
 FORMAT = "duo-qserve-book"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokens.bin
 MANIFEST = "manifest.json"
 DATA = "cache.bin"
+TOKENS = "tokens.bin"
+FILES = (MANIFEST, DATA, TOKENS)
 BLOCK_BYTES = 64 << 20  # one checksum per block; a write or read is one block
 # Blocks hashed and moved at once, one thread each; the host buffer is SLOTS * BLOCK_BYTES.
 SLOTS = min(8, max(2, os.cpu_count() or 2))
@@ -132,12 +136,15 @@ def save(
         doc = engine.document
         if doc is None:
             raise LibraryError("no document is loaded: ingest one before saving it")
+        if doc.ids is None:
+            raise LibraryError(f"the token ids of {doc.title!r} are not known here: ingest it again to save it")
         engine.cache.restore()  # a question and its answer may have moved the tails and rings on
         identity = _identity(engine)
         book_id = _book_id(doc.title, doc.sha256, identity)
         meta = {"title": doc.title, "files": [Path(f).name for f in files], "partial": False,
                 "tokens": doc.tokens, "token_sha256": doc.sha256, "prefill_seconds": doc.prefill_seconds}  # fmt: skip
-        manifest = _write_book(engine, library_dir(directory) / book_id, book_id, identity, meta, on_progress)
+        target = library_dir(directory) / book_id
+        manifest = _write_book(engine, target, book_id, identity, meta, doc.ids, on_progress)
         return _info(manifest, library_dir(directory) / book_id)
 
 
@@ -160,10 +167,11 @@ def load(
         )
     with engine.job():
         _check_compatible(engine, manifest, path)
+        ids = _read_tokens(path, manifest)
         _load_data(engine, path, manifest, protect=engine.document is not None, on_progress=on_progress)
         seconds = time.perf_counter() - t0
         info = DocumentInfo(
-            manifest["title"], manifest["tokens"], manifest["token_sha256"], seconds, loaded_by
+            manifest["title"], manifest["tokens"], manifest["token_sha256"], seconds, loaded_by, ids=ids
         )
         return engine.attach_document(info)
 
@@ -247,7 +255,7 @@ def ingest_resumable(
         if done < total and chunks % every_chunks == 0:
             meta = {"title": title, "files": [], "partial": True, "tokens": done, "total_tokens": total,
                     "token_sha256": token_sha256(ids[:done]), "prefill_seconds": None}  # fmt: skip
-            _write_book(engine, ckpt, ckpt.name, identity, meta, None)
+            _write_book(engine, ckpt, ckpt.name, identity, meta, ids[:done], None)
         if on_progress:
             on_progress(done, total)
 
@@ -545,12 +553,14 @@ def _write_book(
     book_id: str,
     identity: dict,
     meta: dict,
+    ids: Sequence[int],
     on_progress: Progress | None,
 ) -> dict:
     """Write the book beside ``target`` and swap it in, so that at every instant a complete copy (the previous
     one or the new one) is at ``target`` or staged where ``recover`` puts it back:
 
-    1. write ``.<id>.writing-<tag>/`` (data, then the manifest; each synced): a kill here leaves the old book;
+    1. write ``.<id>.writing-<tag>/`` (data, tokens, then the manifest; each synced): a kill here leaves the old
+       book;
     2. rename it to ``.<id>.new-<tag>``: complete from now on, recovery installs it;
     3. rename the old book (if any) to ``.<id>.old-<tag>``;
     4. rename the new copy to ``<id>``;
@@ -567,6 +577,7 @@ def _write_book(
         try:
             layout = _layout(engine.cache, meta["tokens"])
             digests = _write_data(engine.cache, layout, writing / DATA, on_progress)
+            _write_tokens(writing / TOKENS, ids)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -695,19 +706,39 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _write_tokens(path: Path, ids: Sequence[int]) -> None:
+    with open(path, "wb") as f:
+        f.write(np.asarray(ids, dtype="<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_tokens(path: Path, manifest: dict) -> np.ndarray:
+    """The book's token ids (int32, as the engine keeps them), checked against the manifest's token_sha256."""
+    size, expected = (path / TOKENS).stat().st_size, 8 * manifest["tokens"]
+    if size != expected:
+        raise BookCorrupt(f"book {path.name}: {TOKENS} has {size:,} bytes, but {manifest['tokens']:,} token ids "
+                          f"make {expected:,}: save the document again")  # fmt: skip
+    raw = (path / TOKENS).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != manifest["token_sha256"]:
+        raise BookCorrupt(f"book {path.name}: its token ids do not match the manifest's token_sha256 (one of "
+                          f"them was changed): save the document again")  # fmt: skip
+    return np.frombuffer(raw, dtype="<i8").astype(np.int32)
+
+
 def _check_files(path: Path) -> None:
-    """A book is a real directory holding exactly its two regular files (no links, nothing else)."""
+    """A book is a real directory holding exactly its three regular files (no links, nothing else)."""
     if path.is_symlink() or not path.is_dir():
         raise LibraryError(f"{path} is not a book: a book is a directory (not a link) holding {MANIFEST}")
     names = {p.name for p in path.iterdir()}
     if MANIFEST not in names:
         raise LibraryError(f"{path} is not a book: it has no {MANIFEST}")
-    extra, missing = sorted(names - {MANIFEST, DATA}), sorted({MANIFEST, DATA} - names)
+    extra, missing = sorted(names - set(FILES)), sorted(set(FILES) - names)
     if extra or missing:
         found = ", ".join([f"unexpected {n}" for n in extra] + [f"no {n}" for n in missing])
-        raise BookCorrupt(f"book {path.name} should hold {MANIFEST} and {DATA} only, but has {found}: "
+        raise BookCorrupt(f"book {path.name} should hold {', '.join(FILES)} only, but has {found}: "
                           f"save the document again")  # fmt: skip
-    for name in (MANIFEST, DATA):
+    for name in FILES:
         mode = os.lstat(path / name).st_mode
         if not stat.S_ISREG(mode):
             raise BookCorrupt(f"book {path.name}: {name} is not a regular file (a link or a device): save the "
@@ -886,6 +917,7 @@ def _resume_from(engine: Engine, ids: list[int], ckpt: Path) -> tuple[int, bool]
         _check_compatible(engine, manifest, ckpt)
         if done == len(ids) and not manifest["partial"]:
             return done, True
+        _read_tokens(ckpt, manifest)
         _load_data(engine, ckpt, manifest, protect=False)
     except LibraryError as e:
         log.warning("cannot resume from %s (%s); starting the pre-fill over", ckpt, e)

@@ -127,6 +127,7 @@ RANGE_CASES = [
     ("created no zone", set_to("created", "2024-01-01T00:00:00"), "created"),
     ("created garbage", set_to("created", "yesterday"), "created"),
     ("token_sha256 short", set_to("token_sha256", "abc"), "token_sha256"),
+    ("token_sha256 another document's", set_to("token_sha256", "ab" * 32), "do not match the manifest's"),
     ("dtype unknown", set_to("settings.dtype", "float128"), "dtype"),
     ("retrieval heads negative", set_to("pattern.retrieval_heads", [-1, 2]), "retrieval_heads"),
     ("prefill_seconds deleted", delete("prefill_seconds"), "prefill_seconds"),
@@ -245,6 +246,10 @@ FILE_CASES = [
         "regular file",
     ),
     ("cache.bin a symlink", _symlink_to_copy("cache.bin"), "regular file"),
+    ("tokens.bin missing", lambda p: (p / "tokens.bin").unlink(), "no tokens.bin"),
+    ("tokens.bin truncated", _rewrite("tokens.bin", lambda f: f.read_bytes()[:-8]), "tokens.bin has"),
+    ("tokens.bin one id changed", _rewrite("tokens.bin", _flip(-8)), "do not match the manifest's token_sha256"),
+    ("tokens.bin a symlink", _symlink_to_copy("tokens.bin"), "regular file"),
     ("manifest a symlink", _symlink_to_copy("manifest.json"), "regular file"),
 ]
 
@@ -313,6 +318,7 @@ os._exit(0)
 # (the call the save dies in, which one of them, the copy that must survive)
 KILL_POINTS = [
     ("fsync", 1, "old.txt"),  # cache.bin written, not yet synced; no manifest
+    ("fsync", 2, "old.txt"),  # tokens.bin written, not yet synced; no manifest
     ("rename", 1, "old.txt"),  # complete, not yet marked complete
     ("rename", 2, "new.txt"),  # complete and marked; the old book still in place
     ("rename", 3, "new.txt"),  # the old book moved aside, the new one not yet in place

@@ -108,6 +108,12 @@ def test_loaded_book_answers_like_the_original_session(original, loaded):
     assert loaded.prefilled_tokens < 100  # only the question and answer went through the model
 
 
+def test_loaded_book_has_the_documents_token_ids(original, loaded):
+    """The ids come back from tokens.bin (evidence passages quote them), and they are the ingested ones."""
+    assert loaded.document.ids.tolist() == original["engine"].document.ids.tolist()
+    assert len(loaded.document.ids) == loaded.document.tokens
+
+
 def test_manifest_describes_the_cache(original):
     book = original["book"]
     manifest = json.loads((original["lib"] / book.id / "manifest.json").read_text())
