@@ -137,7 +137,9 @@ def save(
         if doc is None:
             raise LibraryError("no document is loaded: ingest one before saving it")
         if doc.ids is None:
-            raise LibraryError(f"the token ids of {doc.title!r} are not known here: ingest it again to save it")
+            raise LibraryError(
+                f"the token ids of {doc.title!r} are not known here: ingest it again to save it"
+            )
         engine.cache.restore()  # a question and its answer may have moved the tails and rings on
         identity = _identity(engine)
         book_id = _book_id(doc.title, doc.sha256, identity)

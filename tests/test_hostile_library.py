@@ -248,7 +248,11 @@ FILE_CASES = [
     ("cache.bin a symlink", _symlink_to_copy("cache.bin"), "regular file"),
     ("tokens.bin missing", lambda p: (p / "tokens.bin").unlink(), "no tokens.bin"),
     ("tokens.bin truncated", _rewrite("tokens.bin", lambda f: f.read_bytes()[:-8]), "tokens.bin has"),
-    ("tokens.bin one id changed", _rewrite("tokens.bin", _flip(-8)), "do not match the manifest's token_sha256"),
+    (
+        "tokens.bin one id changed",
+        _rewrite("tokens.bin", _flip(-8)),
+        "do not match the manifest's token_sha256",
+    ),
     ("tokens.bin a symlink", _symlink_to_copy("tokens.bin"), "regular file"),
     ("manifest a symlink", _symlink_to_copy("manifest.json"), "regular file"),
 ]
