@@ -49,7 +49,7 @@ def fill_synthetic(cache: DuoKVCache, n_tokens: int) -> None:
                 t.uniform_(-1.5, -0.5)
             else:
                 t.normal_(0, 0.5)
-    cache.seq_len = n_tokens
+    cache.set_length(n_tokens)
 
 
 def reexpand_prefix_attention(
@@ -70,7 +70,7 @@ def time_decode(model, cache, context: int, steps: int = 8, warmup: int = 3) -> 
     times = []
     with torch.inference_mode():
         for i in range(warmup + steps):
-            cache.seq_len = context
+            cache.set_length(context)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             model(token, cache, last_only=True)
@@ -78,7 +78,7 @@ def time_decode(model, cache, context: int, steps: int = 8, warmup: int = 3) -> 
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(e0.elapsed_time(e1))
-    cache.seq_len = context
+    cache.set_length(context)
     return sorted(times)[len(times) // 2]
 
 
@@ -88,7 +88,7 @@ def time_decode_graph(model, cache, context: int, steps: int = 8, warmup: int = 
     decoder = GraphedDecoder(model, cache)
     times = []
     for i in range(warmup + steps):
-        cache.seq_len = context
+        cache.set_length(context)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         decoder.step(1)
@@ -97,7 +97,7 @@ def time_decode_graph(model, cache, context: int, steps: int = 8, warmup: int = 
         if i >= warmup:
             times.append(e0.elapsed_time(e1))
     assert decoder.replays >= steps, "the graph did not replay"
-    cache.seq_len = context
+    cache.set_length(context)
     return sorted(times)[len(times) // 2]
 
 
