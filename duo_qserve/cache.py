@@ -19,6 +19,8 @@ import torch
 
 from duo_qserve.kernels import kv_attention, kv_quantize
 from duo_qserve.kernels.attention import dense_attention, merge, split_heads
+from duo_qserve.kernels.decode_step import StepLayer
+from duo_qserve.kernels.kv_attention import PrefixAttention, QuantArena
 from duo_qserve.model import ModelArgs
 from duo_qserve.quant.kv_quant import SCALE_DTYPE, dequantize_keys
 
@@ -146,10 +148,19 @@ class CacheSpec:
 
 
 class DuoKVCache:
-    """The DuoAttention cache for one sequence. See the module docstring for the layout."""
+    """The DuoAttention cache for one sequence. See the module docstring for the layout.
 
-    def __init__(self, spec: CacheSpec, device: torch.device | str):
+    ``prefix_attention`` attends over the quantized prefix; a benchmark or a check may hand in another
+    implementation of the same contract (``kv_attention.PrefixAttention``)."""
+
+    def __init__(
+        self,
+        spec: CacheSpec,
+        device: torch.device | str,
+        prefix_attention: PrefixAttention = kv_attention.quantized_prefix_attention,
+    ):
         self.spec, self.config, self.args = spec, spec.config, spec.args
+        self.prefix_attention = prefix_attention
         self.device = torch.device(device)
         self.n_retrieval = spec.retrieval_heads
         self.layers = [
@@ -190,6 +201,30 @@ class DuoKVCache:
             if n_r:
                 self._append_quantized(layer, layer["k_tail"], layer["v_tail"], self.seq_len - group)
 
+    def arena(self, layer: int, n_quant: int | torch.Tensor | None = None) -> QuantArena:
+        """The quantized arena of ``layer``'s retrieval heads, holding ``n_quant`` tokens (default: every whole
+        key group of the held tokens; an int32 [1] device tensor for the decode graph)."""
+        group = self.config.key_group
+        if self.config.kv_bits == 16 or not self.n_retrieval[layer]:
+            raise ValueError(f"layer {layer} has no quantized retrieval heads")
+        s = self.layers[layer]
+        return QuantArena(
+            s["k_data"], s["k_scale"], s["k_zero"], s["v_data"], s["v_scale"], s["v_zero"],
+            self.seq_len // group * group if n_quant is None else n_quant, self.config.kv_bits, group,
+        )  # fmt: skip
+
+    def step_layer(self, layer: int, n_quant: torch.Tensor) -> StepLayer:
+        """``layer``'s tensors for the graph-safe decode step (``kernels.decode_step``), with the quantized length
+        ``n_quant`` on the device."""
+        s, n_r = self.layers[layer], self.n_retrieval[layer]
+        has_streaming = n_r < self.args.n_kv_heads
+        return StepLayer(
+            self.arena(layer, n_quant) if n_r else None,
+            (s["k_tail"], s["v_tail"]) if n_r else None,
+            (s["sink_k"], s["sink_v"]) if has_streaming else None,
+            (s["ring_k"], s["ring_v"]) if has_streaming else None,
+        )
+
     def check_room(self, n_tokens: int) -> None:
         if self.seq_len + n_tokens > self.max_tokens:
             raise CacheFullError(
@@ -220,10 +255,7 @@ class DuoKVCache:
         v_fp = torch.cat([s["v_tail"][:, :tail_len], v], dim=1)
         out, lse = dense_attention(q, k_fp, v_fp, n_ctx=tail_len, sm_scale=self.sm_scale)
         if n_quant:
-            out_q, lse_q = kv_attention.quantized_prefix_attention(
-                q, s["k_data"], s["k_scale"], s["k_zero"], s["v_data"], s["v_scale"], s["v_zero"],
-                n_quant, bits, group, self.sm_scale,
-            )  # fmt: skip
+            out_q, lse_q = self.prefix_attention(q, self.arena(layer, n_quant), self.sm_scale)
             out, lse = merge(out_q, lse_q, out, lse)
         self._append_quantized(s, k_fp, v_fp, n_quant)
         return out

@@ -13,7 +13,7 @@ launches for all heads: a fused kernel that applies RoPE, attends the retrieval 
 token, and writes the new k/v into the tail or ring slot; the split-K code kernel over the quantized prefix, its
 grid sized for the whole cache; and one merge of all partials into the layer's output. When the host-tracked
 length fills the tail, the group is quantized into the arena eagerly, between replays (once per ``key_group``
-tokens: ``DuoKVCache._append_quantized``). Streaming heads need a full ring (``sink + recent`` tokens held):
+tokens: ``DuoKVCache.commit_tail_group``). Streaming heads need a full ring (``sink + recent`` tokens held):
 attention is then over every sink and ring slot + the new token, which then replaces the oldest ring slot.
 
 The graph reads only the cache's preallocated tensors, the weights and the buffers above, so it stays valid
@@ -49,11 +49,10 @@ class _GraphStepCache:
         pass
 
     def attend(self, layer: int, q, k, v, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        cache = self.cache
+        step_layer = self.cache.step_layer(layer, self.n_quant)
         return decode_step.attend(
-            q, k, v, rope, cache.layers[layer], cache.n_retrieval[layer], self.tail_idx, self.ring_idx,
-            self.n_quant, self.config.kv_bits, cache.sm_scale,
-        )  # fmt: skip
+            q, k, v, rope, step_layer, self.tail_idx, self.ring_idx, self.cache.sm_scale
+        )
 
 
 class GraphedDecoder:
@@ -119,127 +118,3 @@ class GraphedDecoder:
         cache.advance(1)
         if cache.seq_len % cache.config.key_group == 0:
             cache.commit_tail_group()
-
-
-# ---------------------------------------------------------------------------------------------------- device check
-
-
-def _steppers(model, cache: DuoKVCache) -> dict:
-    """Ways to decode one token on ``cache``: callables token -> logits [1, vocab]."""
-
-    def eager(token: int) -> torch.Tensor:
-        return model(torch.tensor([token], device=cache.device), cache, last_only=True)
-
-    def reference_prefix(q, *arena):
-        out, lse = kv_attention.reference(q.float(), *arena)
-        return out.to(q.dtype), lse
-
-    def eager_reference_prefix(token: int) -> torch.Tensor:  # the fp32 de-quantized prefix: a noise floor
-        fast = kv_attention.quantized_prefix_attention
-        kv_attention.quantized_prefix_attention = reference_prefix
-        try:
-            return eager(token)
-        finally:
-            kv_attention.quantized_prefix_attention = fast
-
-    return {
-        "eager": eager,
-        "eager-reference-prefix": eager_reference_prefix,
-        "graph": GraphedDecoder(model, cache).step,
-        "graph-safe-eager": GraphedDecoder(model, cache, use_graph=False).step,
-    }
-
-
-def compare(
-    model, cache: DuoKVCache, prompt: torch.Tensor, steps: int, a: str = "eager", b: str = "graph"
-) -> dict:
-    """Pre-fill ``prompt`` into ``cache`` and a copy, then decode ``steps`` tokens on each, with steppers ``a`` and
-    ``b`` (``_steppers``), both fed ``a``'s greedy tokens. Returns logit differences and median step times."""
-    twin = DuoKVCache(cache.spec, cache.device)
-    with torch.inference_mode():
-        if cache.seq_len == 0:
-            for i in range(0, len(prompt), 16384):
-                model(prompt[i : i + 16384], cache, last_only=True)
-            cache.checkpoint()
-        cache.restore()  # every comparison starts from the pre-filled state
-        for x, y in zip(cache.layers, twin.layers, strict=True):
-            for name in x:
-                y[name].copy_(x[name])
-        twin.seq_len = cache.seq_len
-        step_a, step_b = _steppers(model, cache)[a], _steppers(model, twin)[b]
-        token, diffs, scale, agree, t_a, t_b = int(prompt[-1]), [], 0.0, 0, [], []
-        for _ in range(steps):
-            e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            e[0].record()
-            want = step_a(token).clone()
-            e[1].record()
-            e[2].record()
-            got = step_b(token)
-            e[3].record()
-            torch.cuda.synchronize()
-            t_a.append(e[0].elapsed_time(e[1]))
-            t_b.append(e[2].elapsed_time(e[3]))
-            diffs.append((got - want).abs().max().item())
-            scale = max(scale, want.abs().max().item())
-            agree += int(got.argmax() == want.argmax())
-            token = int(want.argmax())
-    return {
-        "a": a, "b": b, "start": len(prompt), "steps": steps, "first_step_diff": diffs[0],
-        "max_abs_diff": max(diffs), "max_abs_logit": scale, "argmax_agree": agree / steps,
-        "a_ms": sorted(t_a)[steps // 2], "b_ms": sorted(t_b)[steps // 2],
-    }  # fmt: skip
-
-
-def main(argv=None) -> int:
-    """``python -m duo_qserve.decode_graph [--pattern DIR]``: graphed vs eager decode on CUDA (a small
-    synthetic W8A8 model at 4 and 8 bits, then synthetic Llama-3-8B W8A8 KV4 with ``--pattern``)."""
-    import argparse
-    import json
-
-    import numpy as np
-
-    from duo_qserve.cache import CacheConfig, CacheSpec
-    from duo_qserve.loading import load_model
-    from duo_qserve.model import ModelArgs, Transformer
-    from duo_qserve.patterns import load_pattern, reorder_heads
-    from duo_qserve.quant.w8a8 import quantize_model_w8a8
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--pattern", default=None)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--start", type=int, default=4000)
-    a = p.parse_args(argv)
-    results = {}
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=1000, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64,
-                     intermediate_size=1024)  # fmt: skip
-    model = Transformer(args).half().cuda().eval()
-    heads = reorder_heads(
-        model, np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
-    )
-    quantize_model_w8a8(model)
-    prompt = torch.randint(0, args.vocab_size, (a.start,), device="cuda")
-    for bits in (4, 8):
-        spec = CacheSpec(args, heads, CacheConfig(kv_bits=bits), a.start + a.steps + 8, torch.float16)
-        results[f"small-w8a8-kv{bits}"] = compare(model, DuoKVCache(spec, "cuda"), prompt, a.steps)
-        print(json.dumps(results), flush=True)
-    if a.pattern:
-        del model
-        model = load_model("synthetic:llama-3-8b", "cuda", torch.float16).model
-        pattern = load_pattern(a.pattern)
-        heads = reorder_heads(model, pattern.retrieval_mask(0.5)[0])
-        quantize_model_w8a8(model)
-        config = CacheConfig(kv_bits=4, sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size)
-        spec = CacheSpec(model.args, heads, config, a.start + a.steps + 8, torch.float16)
-        prompt = torch.randint(0, model.args.vocab_size, (a.start,), device="cuda")
-        cache = DuoKVCache(spec, "cuda")
-        pairs = [("eager", "graph"), ("graph-safe-eager", "graph"), ("eager", "eager-reference-prefix")]
-        for x, y in pairs:
-            results[f"llama-3-8b-w8a8-kv4 {x} vs {y}"] = compare(model, cache, prompt, a.steps, x, y)
-            print(json.dumps(results[f"llama-3-8b-w8a8-kv4 {x} vs {y}"]), flush=True)
-    print(json.dumps(results, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -147,7 +147,8 @@ PRESETS: dict[str, dict] = {
 
 
 class KVCache(Protocol):
-    """What the model needs from a cache. Implementations live in ``duo_qserve.cache``.
+    """What the model needs from a cache. Implementations live in ``duo_qserve.cache``, and ``CausalAttention``
+    below for forwards that keep nothing.
 
     A cache may set ``rotates_qk = True``: it then gets q, k before RoPE and the cos/sin tables,
     ``attend(layer, q, k, v, rope)``, and rotates them itself (the graph-safe decode step fuses RoPE into its
@@ -163,6 +164,38 @@ class KVCache(Protocol):
     def advance(self, n_tokens: int) -> None:
         """Called once per forward, after every layer has attended: ``n_tokens`` more are now held."""
         ...
+
+
+class CausalAttention:
+    """A ``KVCache`` that keeps nothing: causal attention within the tokens of each forward, which therefore
+    always starts at position 0. For whole-sequence forwards that need no past (calibration, the teacher of pattern
+    training); a subclass that records or mixes attention overrides ``attend`` and reuses ``heads`` and
+    ``causal``."""
+
+    seq_len = 0
+
+    @staticmethod
+    def heads(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> each [Hq, T, D], every KV head repeated for its query heads."""
+        g = q.shape[1] // k.shape[1]
+        return (
+            q.transpose(0, 1),
+            k.transpose(0, 1).repeat_interleave(g, 0),
+            v.transpose(0, 1).repeat_interleave(g, 0),
+        )
+
+    @staticmethod
+    def causal(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``heads``' output, back as [T, Hq, D]."""
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(0, 1)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.causal(*self.heads(q, k, v))
+
+    def advance(self, n_tokens: int) -> None:
+        pass
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

@@ -23,46 +23,38 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from duo_qserve.loading import load_model
-from duo_qserve.model import Transformer
+from duo_qserve.model import CausalAttention, Transformer
 from duo_qserve.patterns import save_pattern
 from duo_qserve.train_patterns import PasskeyRetrieval, Sample, SampleFn, TrainSettings
 
 
-class NeedleMassProbe:
+class NeedleMassProbe(CausalAttention):
     """A "cache" for one full-attention forward that records, per KV head, the attention mass of the ``queries``
     rows on the ``needle`` keys outside the streaming window. Only those rows' scores are formed ([Hq, R, T]); the
-    forward itself runs SDPA."""
+    forward itself is ``CausalAttention``'s."""
 
     def __init__(
-        self, n_layers: int, n_kv_heads: int, q_per_kv: int, sample: Sample, sink: int, recent: int,
+        self, n_layers: int, n_kv_heads: int, sample: Sample, sink: int, recent: int,
         device: torch.device | str = "cpu",
     ):  # fmt: skip
-        self.q_per_kv = q_per_kv
-        self.seq_len = 0
         self.rows = sample.supervised.nonzero()[:, 0].to(device)
         i, j = self.rows[:, None], torch.arange(len(sample.ids), device=device)[None, :]
         dropped = (j >= sink) & (j <= i - recent)  # what a streaming head does not see
         self.target = sample.needle.to(device)[None, :] & dropped  # [R, T]
-        self.causal = j <= i
+        self.causal_mask = j <= i
         self.scores = torch.zeros(n_layers, n_kv_heads, dtype=torch.float64, device=device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        g = self.q_per_kv
-        qh = q.transpose(0, 1)
-        kh = k.transpose(0, 1).repeat_interleave(g, 0)
-        vh = v.transpose(0, 1).repeat_interleave(g, 0)
+        g = q.shape[1] // k.shape[1]
+        qh, kh, vh = self.heads(q, k, v)
         scale = 1 / math.sqrt(q.shape[-1])
         scores = (qh[:, self.rows].float() @ kh.float().transpose(1, 2)) * scale  # [Hq, R, T]
-        probs = torch.softmax(scores.masked_fill(~self.causal, float("-inf")), dim=-1)
+        probs = torch.softmax(scores.masked_fill(~self.causal_mask, float("-inf")), dim=-1)
         mass = (probs * self.target).sum(-1).mean(-1)  # [Hq]
         self.scores[layer] += mass.view(-1, g).mean(-1).double()
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(0, 1)
-
-    def advance(self, n_tokens: int) -> None:
-        self.seq_len += n_tokens
+        return self.causal(qh, kh, vh)
 
 
 @torch.no_grad()
@@ -75,7 +67,7 @@ def score_heads(
     rng, total = random.Random(seed), np.zeros((a.n_layers, a.n_kv_heads))
     for _ in range(n_samples):
         sample = make_sample(rng)
-        probe = NeedleMassProbe(a.n_layers, a.n_kv_heads, a.q_per_kv, sample, sink, recent, device)
+        probe = NeedleMassProbe(a.n_layers, a.n_kv_heads, sample, sink, recent, device)
         model.hidden_states(sample.ids.to(device), probe)
         total += probe.scores.cpu().numpy()
     return total / n_samples

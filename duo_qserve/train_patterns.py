@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from duo_qserve.data import essay_text
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.loading import load_model
-from duo_qserve.model import Transformer
+from duo_qserve.model import CausalAttention, Transformer
 from duo_qserve.patterns import load_pattern, random_pattern, save_pattern, sparsify
 
 NATO = (
@@ -80,29 +80,7 @@ def streaming_mask(t: int, sink: int, recent: int, device: torch.device | str = 
     return (j <= i) & ((j < sink) | (j > i - recent))
 
 
-class FullAttention:
-    """The teacher's "cache": plain causal attention over the whole sequence, nothing stored."""
-
-    def __init__(self, q_per_kv: int):
-        self.q_per_kv, self.seq_len = q_per_kv, 0
-
-    def _heads(self, q, k, v):
-        g = self.q_per_kv
-        return (
-            q.transpose(0, 1),
-            k.transpose(0, 1).repeat_interleave(g, 0),
-            v.transpose(0, 1).repeat_interleave(g, 0),
-        )
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        qh, kh, vh = self._heads(q, k, v)
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(0, 1)
-
-    def advance(self, n_tokens: int) -> None:
-        self.seq_len += n_tokens
-
-
-class GatedAttention(FullAttention):
+class GatedAttention(CausalAttention):
     """Each head's output is ``α·full + (1-α)·streaming``, both computed from the same q/k/v of the gated model.
 
     This differs from the reference, which mixes the student's streaming output with the *teacher branch's* full
@@ -114,15 +92,15 @@ class GatedAttention(FullAttention):
     second attention per layer, small next to the MLPs at these lengths.
     """
 
-    def __init__(self, gates: torch.Tensor, q_per_kv: int, mask: torch.Tensor):
-        super().__init__(q_per_kv)
+    def __init__(self, gates: torch.Tensor, mask: torch.Tensor):
         self.gates, self.mask = gates, mask
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        qh, kh, vh = self._heads(q, k, v)
+        qh, kh, vh = self.heads(q, k, v)
         full = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         stream = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self.mask)
-        alpha = self.gates[layer].clamp(0, 1).repeat_interleave(self.q_per_kv)[:, None, None].to(q.dtype)
+        q_per_kv = q.shape[1] // k.shape[1]
+        alpha = self.gates[layer].clamp(0, 1).repeat_interleave(q_per_kv)[:, None, None].to(q.dtype)
         return (stream + alpha * (full - stream)).transpose(0, 1)
 
 
@@ -274,11 +252,11 @@ def train_gates(
         sample = make_sample(rng)
         ids, supervised = sample.ids.to(device), sample.supervised.to(device)
         with torch.no_grad():
-            teacher = model.hidden_states(ids, FullAttention(args.q_per_kv))
+            teacher = model.hidden_states(ids, CausalAttention())
         with torch.no_grad():
             gates.clamp_(0, 1)
         mask = streaming_mask(len(ids), settings.sink_size, settings.recent_size, device)
-        student = model.hidden_states(ids, GatedAttention(gates, args.q_per_kv, mask))
+        student = model.hidden_states(ids, GatedAttention(gates, mask))
         distill = distill_loss(student, teacher, supervised)
         reg = gates.abs().mean()
         loss = distill + settings.reg_weight * reg
@@ -316,13 +294,13 @@ def deployed_loss(
     different settings (e.g. regularization weights) can be compared without looking at any evaluation."""
     device = next(model.parameters()).device
     full = torch.as_tensor(sparsify(gates, sparsity)[0], dtype=torch.float32, device=device)
-    rng, q_per_kv, total = random.Random(seed), model.args.q_per_kv, 0.0
+    rng, total = random.Random(seed), 0.0
     for _ in range(n_samples):
         sample = make_sample(rng)
         ids, supervised = sample.ids.to(device), sample.supervised.to(device)
-        teacher = model.hidden_states(ids, FullAttention(q_per_kv))
+        teacher = model.hidden_states(ids, CausalAttention())
         mask = streaming_mask(len(ids), settings.sink_size, settings.recent_size, device)
-        student = model.hidden_states(ids, GatedAttention(full, q_per_kv, mask))
+        student = model.hidden_states(ids, GatedAttention(full, mask))
         total += distill_loss(student, teacher, supervised).item()
     return total / n_samples
 

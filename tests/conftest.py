@@ -41,20 +41,22 @@ def tiny_model(args: ModelArgs, seed: int = 0) -> Transformer:
     return model
 
 
-def random_cache_layer(spec: CacheSpec, gen: torch.Generator, device: str = "cpu") -> dict:
-    """Layer 0 of a cache filled with random codes, positive scales and fp values (no zeros anywhere)."""
+def random_cache_pair(spec: CacheSpec, gen: torch.Generator, device: str = "cpu") -> tuple:
+    """Two ``DuoKVCache`` whose layer 0 holds the same random codes, positive scales and fp values (no zeros
+    anywhere): one for a reference to run on, one for the kernels."""
     # Imported here: duo_qserve.cache imports triton, which the interpreter tests must import first themselves.
     from duo_qserve.cache import DuoKVCache
 
-    layer = DuoKVCache(spec, device).layers[0]
-    for name, t in layer.items():
+    pair = DuoKVCache(spec, device), DuoKVCache(spec, device)
+    for name, t in pair[0].layers[0].items():
         if t.dtype == torch.uint8:
             t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
         elif "scale" in name:
             t.copy_(torch.rand(t.shape, generator=gen) * 0.1 + 0.01)
         else:
             t.copy_(torch.randn(t.shape, generator=gen))
-    return layer
+        pair[1].layers[0][name].copy_(t)
+    return pair
 
 
 def haystack_text(n_chars: int, start_file: int = 0) -> str:

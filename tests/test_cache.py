@@ -105,6 +105,32 @@ def test_planner_bytes_equal_allocation(bits, max_tokens):
     assert spec.capacity >= max_tokens
 
 
+def test_views_hold_the_layers_own_tensors_and_lengths():
+    """``arena`` holds every whole key group of the held tokens; ``step_layer`` has None for the kind of head a
+    layer lacks; a 16-bit cache has no arena."""
+    args = tiny_args(n_layers=3, n_kv_heads=4, n_heads=8)
+    spec = CacheSpec(args, [0, 2, 4], CacheConfig(kv_bits=4, key_group=32), 256, torch.float16)
+    cache = DuoKVCache(spec, "cpu")
+    cache.set_length(100)
+    arena = cache.arena(1)
+    assert (arena.n_quant, arena.bits, arena.group) == (96, 4, 32)
+    assert arena.k_data is cache.layers[1]["k_data"] and arena.v_zero is cache.layers[1]["v_zero"]
+    n_quant = torch.tensor([64], dtype=torch.int32)
+    mixed, retrieval_only = cache.step_layer(1, n_quant), cache.step_layer(2, n_quant)
+    assert (
+        mixed.n_retrieval == 2
+        and mixed.arena.n_quant is n_quant
+        and mixed.ring[0] is cache.layers[1]["ring_k"]
+    )
+    assert retrieval_only.sink is None and retrieval_only.ring is None and retrieval_only.n_retrieval == 4
+    streaming_only = cache.step_layer(0, n_quant)
+    assert streaming_only.arena is None and streaming_only.tail is None and streaming_only.n_retrieval == 0
+    with pytest.raises(ValueError, match="no quantized retrieval heads"):
+        cache.arena(0)
+    with pytest.raises(ValueError, match="no quantized retrieval heads"):
+        FullKVCache(args, 64, "cpu", torch.float16).arena(0)
+
+
 def capture_keys(loaded, text, n_tokens):
     """Post-RoPE keys of the real model on real text: [layers][Hkv, T, D]."""
     keys = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_cache_layer
+from conftest import random_cache_pair
 
 from duo_qserve import kernels
 from duo_qserve.cache import CacheConfig, CacheSpec
@@ -40,21 +40,22 @@ def test_fused_step_matches_reference_on_gpu(hkv, g, n_retrieval, d, group, sink
                      intermediate_size=8, rope_theta=500000.0)  # fmt: skip
     config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
     spec = CacheSpec(args, [n_retrieval], config, (pos // group + 2) * group, torch.float16)
-    got_layer = random_cache_layer(spec, gen, "cuda")
-    want_layer = {name: t.clone() for name, t in got_layer.items()}
+    want_cache, got_cache = random_cache_pair(spec, gen, "cuda")
     q = torch.randn(1, hkv * g, d, generator=gen).to("cuda", torch.float16)
     k, v = (torch.randn(1, hkv, d, generator=gen).to("cuda", torch.float16) for _ in range(2))
     rope = tuple(t.cuda() for t in rope_cos_sin(rope_inv_freq(args), torch.tensor([pos])))
     p = torch.tensor([pos], device="cuda")
     tail, ring = p % group, (p - sink) % recent
-    step = (n_retrieval, tail, ring, (p - tail).to(torch.int32), bits, d**-0.5)
-    want = decode_step.reference(q, k, v, rope, want_layer, *step).float()
-    got = decode_step.fused(q, k, v, rope, got_layer, *step).float()
+    n_quant = (p - tail).to(torch.int32)
+    want = decode_step.reference(
+        q, k, v, rope, want_cache.step_layer(0, n_quant), tail, ring, d**-0.5
+    ).float()
+    got = decode_step.fused(q, k, v, rope, got_cache.step_layer(0, n_quant), tail, ring, d**-0.5).float()
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= TOL * want.abs().max()
     # The new k/v went into the same slots: rotated with and without FMA contraction, so equal to fp16 rounding.
-    for name, t in want_layer.items():
-        assert torch.allclose(got_layer[name].float(), t.float(), rtol=1e-3, atol=1e-3), name
+    for name, t in want_cache.layers[0].items():
+        assert torch.allclose(got_cache.layers[0][name].float(), t.float(), rtol=1e-3, atol=1e-3), name
 
 
 @pytest.mark.parametrize("t", [1, 4, 16])
@@ -71,9 +72,10 @@ def test_code_kernel_matches_reference_on_gpu(t):
         torch.randn(hkv, n, generator=gen),
     )
     cache = tuple(x.cuda() if x.dtype == torch.uint8 else x.to("cuda", torch.float16) for x in cache)
+    cache = kv_attention.QuantArena(*cache, n, 4, group)
     q = torch.randn(t, hkv * g, d, generator=gen).to("cuda", torch.float16)
-    want_out, want_lse = kv_attention.reference(q.float(), *cache, n, 4, group, d**-0.5)
-    out, lse = kv_attention.decode_attention(q, *cache, n, 4, group, d**-0.5)
+    want_out, want_lse = kv_attention.reference(q.float(), cache, d**-0.5)
+    out, lse = kv_attention.decode_attention(q, cache, d**-0.5)
     assert (out.float() - want_out).abs().max() <= TOL * want_out.abs().max()
     assert (lse - want_lse).abs().max() <= 2e-3
 
@@ -86,9 +88,9 @@ def test_code_kernel_one_split_over_long_context():
     hkv, g, d, group, n = 4, 4, 128, 128, 256 << 10
     k = torch.randn(hkv, n, d, device="cuda", generator=gen, dtype=torch.float16) * 2 + 0.5
     v = torch.randn(hkv, n, d, device="cuda", generator=gen, dtype=torch.float16)
-    cache = kv_quantize.quantize_kv(k, v, 4, group)
+    cache = kv_attention.QuantArena(*kv_quantize.quantize_kv(k, v, 4, group), n, 4, group)
     q = torch.randn(1, hkv * g, d, device="cuda", generator=gen, dtype=torch.float16)
-    want_out, want_lse = kv_attention.reference(q.float(), *cache, n, 4, group, d**-0.5)
-    out, lse = kv_attention.decode_attention(q, *cache, n, 4, group, d**-0.5, num_splits=1)
+    want_out, want_lse = kv_attention.reference(q.float(), cache, d**-0.5)
+    out, lse = kv_attention.decode_attention(q, cache, d**-0.5, num_splits=1)
     assert (out.float() - want_out).abs().max() <= TOL * want_out.abs().max()
     assert (lse - want_lse).abs().max() <= 2e-3

@@ -24,7 +24,7 @@ if IN_PROCESS:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import (  # noqa: E402
-    random_cache_layer,
+    random_cache_pair,
     run_in_interpreter_child,
     tiny_args,
     tiny_model,
@@ -73,14 +73,15 @@ def test_decode_kernel_with_device_length(groups, num_splits, interpreted):
     gen = torch.Generator().manual_seed(groups)
     bits, hkv, g, d, group, cap = 4, 2, 4, 64, 32, 192
     k, v = torch.randn(hkv, cap, d, generator=gen), torch.randn(hkv, cap, d, generator=gen)
-    arena = kv_quantize.quantize_keys(k, bits, group) + kv_quantize.quantize_values(v, bits)
+    codes = kv_quantize.quantize_keys(k, bits, group) + kv_quantize.quantize_values(v, bits)
     q = torch.randn(1, hkv * g, d, generator=gen)
     n = torch.tensor([groups * group], dtype=torch.int32)
-    out, lse = kv_attention.decode_attention(q, *arena, n, bits, group, d**-0.5, num_splits=num_splits)
+    arena = kv_attention.QuantArena(*codes, n, bits, group)
+    out, lse = kv_attention.decode_attention(q, arena, d**-0.5, num_splits=num_splits)
     if groups == 0:
         assert not out.any() and torch.isneginf(lse).all()
         return
-    ref_out, ref_lse = kv_attention.reference(q, *arena, groups * group, bits, group, d**-0.5)
+    ref_out, ref_lse = kv_attention.reference(q, arena._replace(n_quant=groups * group), d**-0.5)
     assert (out - ref_out).abs().max() <= 2e-5 * ref_out.abs().max()
     assert (lse - ref_lse).abs().max() <= 1e-5 * ref_lse.abs().max()
 
@@ -109,17 +110,17 @@ def test_fused_step_equals_reference(hkv, g, n_retrieval, d, group, sink, recent
                      intermediate_size=8, rope_theta=500.0)  # fmt: skip
     config = CacheConfig(kv_bits=bits, key_group=group, sink_tokens=sink, recent_tokens=recent)
     spec = CacheSpec(args, [n_retrieval], config, 4 * group, torch.float32)
-    want_layer = random_cache_layer(spec, gen)
-    got_layer = {name: t.clone() for name, t in want_layer.items()}
+    want_cache, got_cache = random_cache_pair(spec, gen)
+    want_layer, got_layer = want_cache.layers[0], got_cache.layers[0]
     before = {name: t.clone() for name, t in want_layer.items()}
     q = torch.randn(1, hkv * g, d, generator=gen)
     k, v = torch.randn(1, hkv, d, generator=gen), torch.randn(1, hkv, d, generator=gen)
     rope = rope_cos_sin(rope_inv_freq(args), torch.tensor([pos]))
     p = torch.tensor([pos])
     tail, ring = p % group, (p - sink) % recent
-    step = (n_retrieval, tail, ring, (p - tail).to(torch.int32), bits, d**-0.5)
-    want = decode_step.reference(q, k, v, rope, want_layer, *step)
-    got = decode_step.fused(q, k, v, rope, got_layer, *step)
+    n_quant = (p - tail).to(torch.int32)
+    want = decode_step.reference(q, k, v, rope, want_cache.step_layer(0, n_quant), tail, ring, d**-0.5)
+    got = decode_step.fused(q, k, v, rope, got_cache.step_layer(0, n_quant), tail, ring, d**-0.5)
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert (got - want).abs().max() <= OUT_TOL * want.abs().max()
     for name, t in want_layer.items():

@@ -56,9 +56,10 @@ def test_quantized_prefix_attention_with_qwen_groups(g, d, t, interpreted):
         torch.randn(hkv, n_quant + group, d, generator=gen),
         torch.randn(hkv, n_quant + group, d, generator=gen),
     )
-    cache = kv_quantize.quantize_keys(k, bits, group) + kv_quantize.quantize_values(v, bits)
+    codes = kv_quantize.quantize_keys(k, bits, group) + kv_quantize.quantize_values(v, bits)
+    cache = kv_attention.QuantArena(*codes, n_quant, bits, group)
     q = torch.randn(t, hkv * g, d, generator=gen)
-    ref = kv_attention.reference(q, *cache, n_quant, bits, group, d**-0.5)
-    _check(*kv_attention.quantized_prefix_attention(q, *cache, n_quant, bits, group, d**-0.5), *ref)
+    ref = kv_attention.reference(q, cache, d**-0.5)
+    _check(*kv_attention.quantized_prefix_attention(q, cache, d**-0.5), *ref)
     if t == 1:  # the split-K kernel with several splits and the merge kernel
-        _check(*kv_attention.decode_attention(q, *cache, n_quant, bits, group, d**-0.5, num_splits=3), *ref)
+        _check(*kv_attention.decode_attention(q, cache, d**-0.5, num_splits=3), *ref)

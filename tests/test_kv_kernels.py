@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from conftest import run_in_interpreter_child  # noqa: E402
 
 from duo_qserve.kernels import kv_attention, kv_quantize  # noqa: E402
+from duo_qserve.kernels.kv_attention import QuantArena  # noqa: E402
 
 OUT_TOL, LSE_TOL = 2e-5, 1e-5
 
@@ -89,10 +90,11 @@ def test_quantize_kv_into_arena_slices(no_reference):
         assert not a[:, : s.start].any()  # nothing written outside the slice
 
 
-def _cache(hkv: int, n_quant: int, d: int, bits: int, group: int, gen: torch.Generator) -> tuple:
-    """A cache of capacity n_quant + group (only the first n_quant tokens valid, the rest garbage)."""
+def _cache(hkv: int, n_quant: int, d: int, bits: int, group: int, gen: torch.Generator) -> QuantArena:
+    """An arena of capacity n_quant + group holding n_quant tokens (the rest garbage)."""
     k, v = _kv(hkv, n_quant + group, d, gen)
-    return kv_quantize.quantize_keys(k, bits, group) + kv_quantize.quantize_values(v, bits)
+    codes = kv_quantize.quantize_keys(k, bits, group) + kv_quantize.quantize_values(v, bits)
+    return QuantArena(*codes, n_quant, bits, group)
 
 
 def _check(out, lse, ref_out, ref_lse, shape):
@@ -120,8 +122,8 @@ def test_decode_matches_reference(bits, hkv, g, d, group, k, t, no_reference):
     n_quant = group * k
     cache = _cache(hkv, n_quant, d, bits, group, gen)
     q = torch.randn(t, hkv * g, d, generator=gen)
-    ref = REFERENCE(q, *cache, n_quant, bits, group, d**-0.5)
-    out, lse = kv_attention.quantized_prefix_attention(q, *cache, n_quant, bits, group, d**-0.5)
+    ref = REFERENCE(q, cache, d**-0.5)
+    out, lse = kv_attention.quantized_prefix_attention(q, cache, d**-0.5)
     _check(out, lse, *ref, q.shape)
 
 
@@ -132,8 +134,8 @@ def test_decode_split_counts(num_splits, no_reference):
     bits, hkv, g, d, group, n_quant = 4, 2, 4, 64, 32, 160
     cache = _cache(hkv, n_quant, d, bits, group, gen)
     q = torch.randn(2, hkv * g, d, generator=gen)
-    ref = REFERENCE(q, *cache, n_quant, bits, group, d**-0.5)
-    out, lse = kv_attention.decode_attention(q, *cache, n_quant, bits, group, d**-0.5, num_splits=num_splits)
+    ref = REFERENCE(q, cache, d**-0.5)
+    out, lse = kv_attention.decode_attention(q, cache, d**-0.5, num_splits=num_splits)
     _check(out, lse, *ref, q.shape)
 
 
@@ -142,9 +144,11 @@ def test_decode_splits_fill_one_wave(hkv):
     """Every retrieval-head count of a layer gets at most ``waves`` programs per SM (a few more would run as a
     second, nearly empty wave) and leaves fewer than one program per kv head of the wave unused."""
     q = torch.zeros(1, hkv * 4, 128)  # CPU: decode_splits counts 4 SMs
-    k_data = torch.zeros(hkv, 1 << 20, 64, dtype=torch.uint8)
+    codes = torch.zeros(hkv, 1 << 20, 64, dtype=torch.uint8)
+    scales = torch.zeros(hkv, (1 << 20) // 128, 128)  # their shapes do not matter to the split count
+    arena = QuantArena(codes, scales, scales, codes, scales, scales, 1 << 20, 4, 128)
     slots = int(kv_attention._program(4).waves * 4)  # default programs of a decode step's 4 rows per kv head
-    splits = kv_attention.decode_splits(q, k_data, 1 << 20, 128)
+    splits = kv_attention.decode_splits(q, arena)
     assert slots - hkv < hkv * splits <= slots
 
 
@@ -155,11 +159,11 @@ def test_prefill_matches_reference(bits, g, d, group, k, no_reference):
     hkv, n_quant, t = 2, group * k, 33
     cache = _cache(hkv, n_quant, d, bits, group, gen)
     q = torch.randn(t, hkv * g, d, generator=gen)
-    ref = REFERENCE(q, *cache, n_quant, bits, group, d**-0.5)
-    out, lse = kv_attention.quantized_prefix_attention(q, *cache, n_quant, bits, group, d**-0.5)
+    ref = REFERENCE(q, cache, d**-0.5)
+    out, lse = kv_attention.quantized_prefix_attention(q, cache, d**-0.5)
     _check(out, lse, *ref, q.shape)
     slab = 2 * group * 2 * hkv * d * 4  # two groups of K+V in fp32
-    out, lse = kv_attention.prefill_attention(q, *cache, n_quant, bits, group, d**-0.5, slab_bytes=slab)
+    out, lse = kv_attention.prefill_attention(q, cache, d**-0.5, slab_bytes=slab)
     _check(out, lse, *ref, q.shape)
 
 
@@ -171,20 +175,20 @@ def test_decode_of_a_head_size_the_code_kernel_does_not_take(no_reference):
     assert not kv_attention.code_kernel_fits(d) and kv_attention.code_kernel_fits(64)
     cache = _cache(hkv, n_quant, d, bits, group, gen)
     q = torch.randn(1, hkv * g, d, generator=gen)
-    ref = REFERENCE(q, *cache, n_quant, bits, group, d**-0.5)
-    out, lse = kv_attention.quantized_prefix_attention(q, *cache, n_quant, bits, group, d**-0.5)
+    ref = REFERENCE(q, cache, d**-0.5)
+    out, lse = kv_attention.quantized_prefix_attention(q, cache, d**-0.5)
     _check(out, lse, *ref, q.shape)
 
 
 def test_head_size_no_kernel_takes_is_refused_clearly(no_reference):
     """head_dim 48 (not a power of two): a ValueError that names it, not a compiler error."""
     hkv, g, d, group, n = 2, 4, 48, 32, 64
-    cache = (
+    cache = QuantArena(
         torch.zeros(hkv, n, d // 2, dtype=torch.uint8), torch.ones(hkv, n // group, d), torch.zeros(hkv, n // group, d),
-        torch.zeros(hkv, n, d // 2, dtype=torch.uint8), torch.ones(hkv, n), torch.zeros(hkv, n),
+        torch.zeros(hkv, n, d // 2, dtype=torch.uint8), torch.ones(hkv, n), torch.zeros(hkv, n), n, 4, group,
     )  # fmt: skip
     with pytest.raises(ValueError, match="head_dim 48"):
-        kv_attention.quantized_prefix_attention(torch.randn(1, hkv * g, d), *cache, n, 4, group, d**-0.5)
+        kv_attention.quantized_prefix_attention(torch.randn(1, hkv * g, d), cache, d**-0.5)
 
 
 def test_fused_code_kernel_many_row_tiles(no_reference):
@@ -193,13 +197,13 @@ def test_fused_code_kernel_many_row_tiles(no_reference):
     bits, hkv, g, d, group, n_quant, t = 4, 2, 3, 64, 32, 96, 33
     cache = _cache(hkv, n_quant, d, bits, group, gen)
     q = torch.randn(t, hkv * g, d, generator=gen)
-    ref = REFERENCE(q, *cache, n_quant, bits, group, d**-0.5)
-    out, lse = kv_attention.decode_attention(q, *cache, n_quant, bits, group, d**-0.5, block_m=32)
+    ref = REFERENCE(q, cache, d**-0.5)
+    out, lse = kv_attention.decode_attention(q, cache, d**-0.5, block_m=32)
     _check(out, lse, *ref, q.shape)
 
 
 def test_empty_prefix(no_reference):
     cache = _cache(2, 0, 64, 4, 32, torch.Generator().manual_seed(0))
     q = torch.randn(1, 8, 64)
-    out, lse = kv_attention.quantized_prefix_attention(q, *cache, 0, 4, 32, 0.125)
+    out, lse = kv_attention.quantized_prefix_attention(q, cache, 0.125)
     assert not out.any() and torch.isneginf(lse).all()

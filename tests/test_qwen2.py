@@ -15,7 +15,7 @@ from torch import nn
 from duo_qserve import models
 from duo_qserve.cache import FullKVCache
 from duo_qserve.loading import ModelLoadError, load_model
-from duo_qserve.model import ModelArgs, Transformer
+from duo_qserve.model import CausalAttention, ModelArgs, Transformer
 from duo_qserve.quant import w8a8
 from duo_qserve.quant.w8a8 import W8A8Linear, quantize_model_w8a8
 
@@ -121,16 +121,16 @@ def test_w8a8_qwen2_model_keeps_biases_and_round_trips(tmp_path):
         for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
             proj.bias.normal_(0.0, 0.5)
     ids = torch.arange(30) % args.vocab_size
-    ref = model(ids, w8a8._NoPastCache())
+    ref = model(ids, CausalAttention())
     quantize_model_w8a8(model)
     attn = model.layers[0].self_attn
     assert attn.q_proj.bias is not None and attn.o_proj.bias is None
-    out = model(ids, w8a8._NoPastCache())
+    out = model(ids, CausalAttention())
     assert (out - ref).norm() / ref.norm() < 0.03
     w8a8.save_quantized(model, args.as_dict(), tmp_path)
     other = quantize_model_w8a8(Transformer(args).eval())
     w8a8.load_quantized(tmp_path, other)
-    torch.testing.assert_close(other(ids, w8a8._NoPastCache()), out)
+    torch.testing.assert_close(other(ids, CausalAttention()), out)
 
 
 # ---- named models: assembly and checks on small fake parts -----------------------------------------------------

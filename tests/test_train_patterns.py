@@ -7,11 +7,10 @@ import random
 import numpy as np
 import torch
 
-from duo_qserve.model import ModelArgs, Transformer
+from duo_qserve.model import CausalAttention, ModelArgs, Transformer
 from duo_qserve.patterns import load_pattern, save_pattern
 from duo_qserve.score_patterns import score_heads
 from duo_qserve.train_patterns import (
-    FullAttention,
     GatedAttention,
     Sample,
     TrainSettings,
@@ -89,10 +88,10 @@ def test_streaming_mask_is_token_exact():
 
 def test_gates_at_one_reproduce_full_attention_and_at_zero_differ():
     model, sample = planted_model(), copy_task(random.Random(0))
-    full = model.hidden_states(sample.ids, FullAttention(1))
+    full = model.hidden_states(sample.ids, CausalAttention())
     mask = streaming_mask(LENGTH, SINK, RECENT)
-    ones = model.hidden_states(sample.ids, GatedAttention(torch.ones(2, 2), 1, mask))
-    zeros = model.hidden_states(sample.ids, GatedAttention(torch.zeros(2, 2), 1, mask))
+    ones = model.hidden_states(sample.ids, GatedAttention(torch.ones(2, 2), mask))
+    zeros = model.hidden_states(sample.ids, GatedAttention(torch.zeros(2, 2), mask))
     torch.testing.assert_close(ones, full)
     assert (zeros[-ANSWER:] - full[-ANSWER:]).abs().max() > 0.1
 

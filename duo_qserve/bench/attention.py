@@ -43,22 +43,24 @@ DECODE_CONFIGS = [(128, 2, 3, 4.0), (128, 2, 2, 5.0), (64, 1, 3, 8.0), (64, 1, 3
 LONG_CHECK = 1 << 20  # tokens of the long-context accuracy check
 
 
-def random_cache(n: int, bits: int = 4, hkv: int = HKV, d: int = D, group: int = GROUP) -> tuple:
-    """Random non-zero codes and plausible scales/zeros (timing only: any codes are as costly)."""
+def random_cache(n: int, bits: int = 4, hkv: int = HKV, d: int = D, group: int = GROUP) -> ka.QuantArena:
+    """An arena of n tokens: random non-zero codes and plausible scales/zeros (timing only: any codes are as
+    costly)."""
     dev = "cuda"
     nb = d * bits // 8
-    return (
+    return ka.QuantArena(
         torch.randint(0, 256, (hkv, n, nb), dtype=torch.uint8, device=dev),
         (torch.rand(hkv, n // group, d, device=dev) * 0.2 + 0.01).half(),
         (torch.randn(hkv, n // group, d, device=dev) - 1).half(),
         torch.randint(0, 256, (hkv, n, nb), dtype=torch.uint8, device=dev),
         (torch.rand(hkv, n, device=dev) * 0.2 + 0.01).half(),
         (torch.randn(hkv, n, device=dev) - 1).half(),
-    )
+        n, bits, group,
+    )  # fmt: skip
 
 
-def cache_bytes(cache: tuple) -> int:
-    return sum(t.numel() * t.element_size() for t in cache)
+def cache_bytes(cache: ka.QuantArena) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.tensors)
 
 
 def rotating(make, nbytes: int) -> list:
@@ -87,12 +89,7 @@ def check_rows() -> list[dict]:
         q = torch.randn(t, HKV * G, D, device="cuda", generator=gen).half()
         k = torch.randn(HKV, n_ctx + t, D, device="cuda", generator=gen).half()
         v = torch.randn(HKV, n_ctx + t, D, device="cuda", generator=gen).half()
-        default = attention.CUDNN_MIN_QUERIES  # force one kernel for every part, or leave the dispatch as is
-        attention.CUDNN_MIN_QUERIES = {"cudnn": 1, "flash": 1 << 30}.get(kernel, default)
-        try:
-            out, lse = attention.dense_attention(q, k, v, n_ctx, D**-0.5)
-        finally:
-            attention.CUDNN_MIN_QUERIES = default
+        out, lse = attention.dense_attention(q, k, v, n_ctx, D**-0.5, kernel=kernel)
         ref_out, ref_lse = attention.reference(q.float(), k.float(), v.float(), n_ctx, D**-0.5)
         rows.append(
             {
@@ -108,33 +105,32 @@ def check_rows() -> list[dict]:
         n = group * 70
         k = torch.randn(HKV, n, d, device="cuda", generator=gen) * 2 + 0.5
         v = torch.randn(HKV, n, d, device="cuda", generator=gen)
-        cache = quantize_kv(k.half(), v.half(), bits, group)
+        codes = quantize_kv(k.half(), v.half(), bits, group)
         ref = quantize_reference(k.half(), v.half(), bits, group)
-        codes_diff = max((a.int() - b.int()).abs().max().item() for a, b in zip(cache, ref, strict=True))
+        codes_diff = max((a.int() - b.int()).abs().max().item() for a, b in zip(codes, ref, strict=True))
+        cache = ka.QuantArena(*codes, n, bits, group)
         rows.append({"kind": "check", "op": "quantize_kv", "bits": bits, "group": group, "d": d,
                      "max_abs_diff": codes_diff})  # fmt: skip
         for t in (1, 4, 16, 100, 1000):
             for dtype in (torch.float16, torch.bfloat16):
                 q = torch.randn(t, HKV * g, d, device="cuda", generator=gen).to(dtype)
-                ref_out, ref_lse = ka.reference(q.float(), *cache, n, bits, group, d**-0.5)
-                out, lse = ka.quantized_prefix_attention(q, *cache, n, bits, group, d**-0.5)
+                ref_out, ref_lse = ka.reference(q.float(), cache, d**-0.5)
+                out, lse = ka.quantized_prefix_attention(q, cache, d**-0.5)
                 path = "decode" if t <= ka.DECODE_MAX_T else "prefill-slab"
                 rows.append({"kind": "check", "op": path, "bits": bits, "g": g, "d": d, "group": group, "t": t,
                              "dtype": str(dtype), **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
                 if t in (1, 16) and dtype == torch.float16:
-                    out, lse = ka.decode_attention(q, *cache, n, bits, group, d**-0.5, num_splits=1)
+                    out, lse = ka.decode_attention(q, cache, d**-0.5, num_splits=1)
                     rows.append({"kind": "check", "op": "decode-1split", "bits": bits, "g": g, "d": d,
                                  "group": group, "t": t, **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
-                    out, lse = ka.decode_attention(q, *cache, n, bits, group, d**-0.5, waves=16, block_n=32)
+                    out, lse = ka.decode_attention(q, cache, d**-0.5, waves=16, block_n=32)
                     rows.append({"kind": "check", "op": "decode-many-splits", "bits": bits, "g": g, "d": d,
                                  "group": group, "t": t, **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
                 if t in (100, 1000) and dtype == torch.float16:
-                    out, lse = ka.decode_attention(
-                        q, *cache, n, bits, group, d**-0.5, block_m=128, num_warps=8
-                    )
+                    out, lse = ka.decode_attention(q, cache, d**-0.5, block_m=128, num_warps=8)
                     rows.append({"kind": "check", "op": "prefill-fused", "bits": bits, "g": g, "d": d,
                                  "group": group, "t": t, **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
-                    out, lse = ka.prefill_attention(q, *cache, n, bits, group, d**-0.5, slab_bytes=1 << 20)
+                    out, lse = ka.prefill_attention(q, cache, d**-0.5, slab_bytes=1 << 20)
                     rows.append({"kind": "check", "op": "prefill-slab-small", "bits": bits, "g": g, "d": d,
                                  "group": group, "t": t, **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
     return rows + long_check_rows(gen)
@@ -146,13 +142,13 @@ def long_check_rows(gen: torch.Generator, n: int = LONG_CHECK) -> list[dict]:
     queries spread the attention over all tokens, which is what makes their sum long."""
     k = torch.randn(HKV, n, D, device="cuda", generator=gen, dtype=torch.float16) * 2 + 0.5
     v = torch.randn(HKV, n, D, device="cuda", generator=gen, dtype=torch.float16)
-    cache = quantize_kv(k, v, 4, GROUP)
+    cache = ka.QuantArena(*quantize_kv(k, v, 4, GROUP), n, 4, GROUP)
     del k, v
     q = torch.randn(1, HKV * G, D, device="cuda", generator=gen).half()
-    ref_out, ref_lse = ka.reference(q.float(), *cache, n, 4, GROUP, D**-0.5)
+    ref_out, ref_lse = ka.reference(q.float(), cache, D**-0.5)
     rows = []
     for splits in (None, 1):
-        out, lse = ka.decode_attention(q, *cache, n, 4, GROUP, D**-0.5, num_splits=splits)
+        out, lse = ka.decode_attention(q, cache, D**-0.5, num_splits=splits)
         rows.append({"kind": "check", "op": "decode-long", "n_ctx": n, "splits": splits or "default",
                      **_err(out, lse, ref_out, ref_lse)})  # fmt: skip
     return rows
@@ -175,9 +171,7 @@ def decode_sweep(n: int, copy: float) -> tuple[list[dict], dict]:
     for bn, warps, stages, waves in DECODE_CONFIGS:
         kw = {"block_n": bn, "num_warps": warps, "num_stages": stages, "waves": waves}
         try:
-            ms = bench_rotating(
-                lambda c, kw=kw: ka.decode_attention(q, *c, n, 4, GROUP, D**-0.5, **kw), caches
-            )
+            ms = bench_rotating(lambda c, kw=kw: ka.decode_attention(q, c, D**-0.5, **kw), caches)
         except Exception as e:  # a config that does not compile (registers/shared memory) is reported
             rows.append({"kind": "decode-config", "context": n, **kw, "error": repr(e)[:200]})
             continue
@@ -198,7 +192,7 @@ def _decode_context(n: int, copy: float, cfg: dict) -> list[dict]:
     q = torch.randn(1, HKV * G, D, device="cuda", dtype=torch.float16)
     nbytes = cache_bytes(random_cache(GROUP)) // GROUP * n
     caches = rotating(lambda: random_cache(n), nbytes)
-    ms = bench_rotating(lambda c: ka.decode_attention(q, *c, n, 4, GROUP, D**-0.5, **cfg), caches)
+    ms = bench_rotating(lambda c: ka.decode_attention(q, c, D**-0.5, **cfg), caches)
     rows = [_decode_row("triton-codes", n, ms, nbytes, copy, **cfg)]
 
     # Re-expand: fp16 K/V of the whole prefix rebuilt every step, then SDPA over it (q as [1, Hkv, G, D]).
@@ -207,13 +201,12 @@ def _decode_context(n: int, copy: float, cfg: dict) -> list[dict]:
     vbuf = torch.empty_like(kbuf)
 
     def expand_triton(c):
-        ka.dequantize_kv(*c, 0, n, 4, GROUP, kbuf, vbuf)
+        ka.dequantize_kv(c, 0, n, kbuf, vbuf)
         return F.scaled_dot_product_attention(q4, kbuf[None], vbuf[None], scale=D**-0.5)
 
     def expand_eager(c):
-        kd, ks, kz, vd, vs, vz = c
-        k = dequantize_keys(kd, ks, kz, 4, GROUP).half()
-        v = dequantize_values(vd, vs, vz, 4).half()
+        k = dequantize_keys(c.k_data, c.k_scale, c.k_zero, 4, GROUP).half()
+        v = dequantize_values(c.v_data, c.v_scale, c.v_zero, 4).half()
         return F.scaled_dot_product_attention(q4, k[None], v[None], scale=D**-0.5)
 
     ms_t = bench_rotating(expand_triton, caches)
@@ -264,10 +257,10 @@ def prefill_rows(t: int = PREFILL_T, n: int = PREFILL_N) -> list[dict]:
     for kernel in ("cudnn", "flash"):
         for slab in (256 << 20, 1 << 30):
             row("slab", lambda kernel=kernel, slab=slab: ka.prefill_attention(
-                q, *cache, n, 4, GROUP, D**-0.5, slab_bytes=slab, kernel=kernel), kernel=kernel, slab_bytes=slab)  # fmt: skip
+                q, cache, D**-0.5, slab_bytes=slab, kernel=kernel), kernel=kernel, slab_bytes=slab)  # fmt: skip
     for bm, bn, warps, stages in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)):
         row("fused-codes", lambda bm=bm, bn=bn, warps=warps, stages=stages: ka.decode_attention(
-            q, *cache, n, 4, GROUP, D**-0.5, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
+            q, cache, D**-0.5, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages),
             block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)  # fmt: skip
     k, v = torch.randn(2, HKV, 32768, D, device="cuda", dtype=torch.float16)
     row("quantize_kv-32K", lambda: quantize_kv(k, v, 4, GROUP))

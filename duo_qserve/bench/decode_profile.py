@@ -85,7 +85,7 @@ def run(args) -> dict:
         decoder = GraphedDecoder(model, cache)
 
         def step(cache=cache, decoder=decoder, ctx=ctx):
-            cache.seq_len = ctx  # rolled back: every step decodes at ``ctx`` tokens
+            cache.set_length(ctx)  # rolled back: every step decodes at ``ctx`` tokens
             decoder.step(1)
 
         for _ in range(3):  # capture, then replays

@@ -31,6 +31,7 @@ from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.environment import commit
 from duo_qserve.kernels import kv_attention
 from duo_qserve.kernels.attention import dense_attention
+from duo_qserve.kernels.kv_attention import QuantArena
 from duo_qserve.loading import load_model
 from duo_qserve.patterns import load_pattern, reorder_heads
 from duo_qserve.planner import workspace_bytes
@@ -48,19 +49,18 @@ def fill_synthetic(cache: DuoKVCache, n_tokens: int) -> None:
                 t.uniform_(-1.5, -0.5)
             else:
                 t.normal_(0, 0.5)
-    cache.seq_len = n_tokens
+    cache.set_length(n_tokens)
 
 
 def reexpand_prefix_attention(
-    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale
-):
+    q: torch.Tensor, arena: QuantArena, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference demo's way: de-quantize the whole prefix into fp16 buffers (our Triton de-quantizer, faster
     than the demo's), then flash attention over them."""
-    kbuf = torch.empty((k_data.shape[0], n_quant, q.shape[-1]), dtype=q.dtype, device=q.device)
+    n_quant = arena.n_quant
+    kbuf = torch.empty((arena.k_data.shape[0], n_quant, q.shape[-1]), dtype=q.dtype, device=q.device)
     vbuf = torch.empty_like(kbuf)
-    kv_attention.dequantize_kv(
-        k_data, k_scale, k_zero, v_data, v_scale, v_zero, 0, n_quant, bits, group, kbuf, vbuf
-    )
+    kv_attention.dequantize_kv(arena, 0, n_quant, kbuf, vbuf)
     return dense_attention(q, kbuf, vbuf, n_ctx=n_quant, sm_scale=sm_scale)
 
 
@@ -70,7 +70,7 @@ def time_decode(model, cache, context: int, steps: int = 8, warmup: int = 3) -> 
     times = []
     with torch.inference_mode():
         for i in range(warmup + steps):
-            cache.seq_len = context
+            cache.set_length(context)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             model(token, cache, last_only=True)
@@ -78,7 +78,7 @@ def time_decode(model, cache, context: int, steps: int = 8, warmup: int = 3) -> 
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(e0.elapsed_time(e1))
-    cache.seq_len = context
+    cache.set_length(context)
     return sorted(times)[len(times) // 2]
 
 
@@ -88,7 +88,7 @@ def time_decode_graph(model, cache, context: int, steps: int = 8, warmup: int = 
     decoder = GraphedDecoder(model, cache)
     times = []
     for i in range(warmup + steps):
-        cache.seq_len = context
+        cache.set_length(context)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         decoder.step(1)
@@ -97,7 +97,7 @@ def time_decode_graph(model, cache, context: int, steps: int = 8, warmup: int = 
         if i >= warmup:
             times.append(e0.elapsed_time(e1))
     assert decoder.replays >= steps, "the graph did not replay"
-    cache.seq_len = context
+    cache.set_length(context)
     return sorted(times)[len(times) // 2]
 
 
@@ -238,34 +238,29 @@ def run(args) -> dict:
         None if args.no_capacity else measure_capacity(args, model, margs, heads, config, w_q, bw, rows)
     )
     fast = kv_attention.quantized_prefix_attention
+    decoders = (  # (method, the cache's prefix attention, timer)
+        ("duo-w8a8kv4", fast, time_decode),
+        ("duo-w8a8kv4-graph", fast, time_decode_graph),
+        ("reexpand-kv4", reexpand_prefix_attention, time_decode),
+    )
     for ctx in contexts:
         spec = CacheSpec(margs, heads, config, ctx + 256, torch.float16)
         if spec.nbytes > torch.cuda.mem_get_info()[0] - (2 << 30):
             continue
-        cache = DuoKVCache(spec, "cuda")
-        fill_synthetic(cache, ctx)
         floor = (w_q + kv_bytes_read(spec, ctx)) / bw * 1000
-        decoders = (
-            ("duo-w8a8kv4", fast),
-            ("duo-w8a8kv4-graph", fast),
-            ("reexpand-kv4", reexpand_prefix_attention),
-        )
-        for method, fn in decoders:
+        for method, prefix_attention, timer in decoders:
             if method not in methods or (method == "reexpand-kv4" and ctx > args.reexpand_max):
                 continue
-            kv_attention.quantized_prefix_attention = fn
-            timer = time_decode_graph if method.endswith("-graph") else time_decode
+            cache = DuoKVCache(spec, "cuda", prefix_attention)
+            fill_synthetic(cache, ctx)
             try:
                 ms = timer(model, cache, ctx)
             except torch.OutOfMemoryError:
                 ms = None
-                torch.cuda.empty_cache()
-            finally:
-                kv_attention.quantized_prefix_attention = fast
             rows.append({"method": method, "context": ctx, "ms_per_token": ms, "floor_ms": floor})
             print(rows[-1], flush=True)
-        del cache
-        torch.cuda.empty_cache()
+            del cache
+            torch.cuda.empty_cache()
 
     # pre-fill throughput vs chunk size: each size pre-fills the same tokens twice, the second pass timed
     by_chunk = []

@@ -13,24 +13,25 @@ import torch
 
 
 def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ctx: int, sm_scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_ctx: int, sm_scale: float, kernel: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``[0, n_ctx)`` are visible to every query; key ``n_ctx + j`` is visible to query ``i`` iff ``j <= i``
     (so ``k`` holds either just the context, or the context followed by the T new tokens).
 
     Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] float32). On CUDA (fp16/bf16) it runs the fused kernels
-    behind SDPA (``fused_attention``), which never materialize the [T, S] scores; elsewhere the float32 reference.
+    behind SDPA (``fused_attention``, which ``kernel`` is passed to), which never materialize the [T, S] scores;
+    elsewhere the float32 reference.
     """
     t, hq, d = q.shape
     hkv, s, _ = k.shape
     if s not in (n_ctx, n_ctx + t):
         raise ValueError(f"expected {n_ctx} context keys (+ {t} new keys), got {s}")
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and s:
-        return _fused_parts(q, k, v, n_ctx, sm_scale)
+        return _fused_parts(q, k, v, n_ctx, sm_scale, kernel)
     return reference(q, k, v, n_ctx, sm_scale)
 
 
-def _fused_parts(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_parts(q, k, v, n_ctx: int, sm_scale: float, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Context part (non-causal) and new part (causal, square) through ``fused_attention``, merged by lse: the
     kernels' own causal mask is top-left aligned, so a context before the new tokens needs the split.
 
@@ -42,13 +43,13 @@ def _fused_parts(q, k, v, n_ctx: int, sm_scale: float) -> tuple[torch.Tensor, to
     parts = []
     if n_ctx:
         qf = q.view(t, hkv, group, d).permute(1, 0, 2, 3).reshape(1, hkv, t * group, d)
-        out, lse = fused_attention(qf, k[None, :, :n_ctx], v[None, :, :n_ctx], False, sm_scale)
+        out, lse = fused_attention(qf, k[None, :, :n_ctx], v[None, :, :n_ctx], False, sm_scale, kernel)
         out = out.view(hkv, t, group, d).permute(1, 0, 2, 3).reshape(t, hq, d)
         parts.append((out, lse.view(hkv, t, group).permute(1, 0, 2).reshape(t, hq)))
     if k.shape[1] > n_ctx:
         kh = k[:, n_ctx:].repeat_interleave(group, 0)[None]
         vh = v[:, n_ctx:].repeat_interleave(group, 0)[None]
-        out, lse = fused_attention(q.transpose(0, 1)[None], kh, vh, True, sm_scale)
+        out, lse = fused_attention(q.transpose(0, 1)[None], kh, vh, True, sm_scale, kernel)
         parts.append((out[0].transpose(0, 1), lse[0].transpose(0, 1)))
     return parts[0] if len(parts) == 1 else merge(*parts[0], *parts[1])
 

@@ -1,8 +1,9 @@
 """Attention of one decode token over one layer of the DuoAttention cache, with device lengths (CUDA graphs).
 
 Inputs are the layer's un-rotated ``q`` [1, Hq, D] and ``k``/``v`` [1, Hkv, D], the RoPE tables of the token's
-position, and device scalars: ``tail_idx`` (the new token's slot in the fp tail), ``ring_idx`` (the ring slot it
-overwrites) and ``n_quant`` (quantized prefix length). The step rotates q and k, writes the new k/v into the cache,
+position, the layer's cache tensors (``StepLayer``, built by the cache) and device scalars: ``tail_idx`` (the new
+token's slot in the fp tail), ``ring_idx`` (the ring slot it overwrites) and the arena's ``n_quant`` (quantized
+prefix length). The step rotates q and k, writes the new k/v into the cache,
 and returns the attention output [1, Hq, D]:
 
 - retrieval kv heads ``[0, n_retrieval)``: the quantized prefix ``[0, n_quant)`` + the fp tail slots
@@ -23,27 +24,43 @@ launch-bound batch-1 step would otherwise pay for:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from duo_qserve.kernels import INTERPRETED, kv_attention, use_triton
 from duo_qserve.kernels.attention import apply_rope, dense_attention, merge, split_heads
+from duo_qserve.kernels.kv_attention import QuantArena
 from duo_qserve.kernels.kv_quantize import backend
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values
 
 BLOCK_N = 32  # cache slots per step-kernel program
 
 
+class StepLayer(NamedTuple):
+    """One layer's cache tensors as the step reads and writes them; None for a kind of head the layer lacks.
+    Retrieval heads are KV heads ``[0, n_retrieval)``, the rest streaming heads."""
+
+    arena: QuantArena | None  # the retrieval heads' codes, ``n_quant`` an int32 [1] device tensor
+    tail: tuple[torch.Tensor, torch.Tensor] | None  # the retrieval heads' fp k, v [n_retrieval, group, D]
+    sink: tuple[torch.Tensor, torch.Tensor] | None  # the streaming heads' sinks k, v [n_streaming, sink, D]
+    ring: tuple[torch.Tensor, torch.Tensor] | None  # and their rings k, v [n_streaming, recent, D]
+
+    @property
+    def n_retrieval(self) -> int:
+        return 0 if self.arena is None else self.arena.k_data.shape[0]
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], s: dict,
-    n_retrieval: int, tail_idx: torch.Tensor, ring_idx: torch.Tensor, n_quant: torch.Tensor, bits: int,
-    sm_scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], s: StepLayer,
+    tail_idx: torch.Tensor, ring_idx: torch.Tensor, sm_scale: float,
 ) -> torch.Tensor:  # fmt: skip
-    """The step for layer tensors ``s`` (``DuoKVCache.layers[i]``): the fused kernels where Triton runs, else
-    ``reference``. ``tail_idx``/``ring_idx`` are int64 [1], ``n_quant`` int32 [1], all on q's device."""
+    """The step over layer ``s``: the fused kernels where Triton runs, else ``reference``. ``tail_idx`` and
+    ``ring_idx`` are int64 [1] on q's device."""
     path = fused if use_triton(backend(), q, INTERPRETED) else reference
-    return path(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale)
+    return path(q, k, v, rope, s, tail_idx, ring_idx, sm_scale)
 
 
 def masked_attention(
@@ -64,28 +81,30 @@ def masked_attention(
     return out.reshape(1, hq, d).to(q.dtype), lse.reshape(1, hq)
 
 
-def reference(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale) -> torch.Tensor:
+def reference(q, k, v, rope, s: StepLayer, tail_idx, ring_idx, sm_scale: float) -> torch.Tensor:
     """``attend`` in torch ops: the whole arena de-quantized and masked, the tail masked, the ring concatenated."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
     def retrieval(_, q, k, v):
-        s["k_tail"].index_copy_(1, tail_idx, k)
-        s["v_tail"].index_copy_(1, tail_idx, v)
-        out, lse = masked_attention(q, s["k_tail"], s["v_tail"], tail_idx + 1, sm_scale)
-        k_q = dequantize_keys(s["k_data"], s["k_scale"], s["k_zero"], bits, s["k_tail"].shape[1])
-        v_q = dequantize_values(s["v_data"], s["v_scale"], s["v_zero"], bits)
-        out_q, lse_q = masked_attention(q, k_q, v_q, n_quant, sm_scale)
+        a, (k_tail, v_tail) = s.arena, s.tail
+        k_tail.index_copy_(1, tail_idx, k)
+        v_tail.index_copy_(1, tail_idx, v)
+        out, lse = masked_attention(q, k_tail, v_tail, tail_idx + 1, sm_scale)
+        k_q = dequantize_keys(a.k_data, a.k_scale, a.k_zero, a.bits, a.group)
+        v_q = dequantize_values(a.v_data, a.v_scale, a.v_zero, a.bits)
+        out_q, lse_q = masked_attention(q, k_q, v_q, a.n_quant, sm_scale)
         return merge(out_q, lse_q, out, lse)[0]
 
     def streaming(_, q, k, v):
-        k_all = torch.cat([s["sink_k"], s["ring_k"], k], dim=1)
-        v_all = torch.cat([s["sink_v"], s["ring_v"], v], dim=1)
+        (sink_k, sink_v), (ring_k, ring_v) = s.sink, s.ring
+        k_all = torch.cat([sink_k, ring_k, k], dim=1)
+        v_all = torch.cat([sink_v, ring_v, v], dim=1)
         out, _ = dense_attention(q, k_all, v_all, n_ctx=k_all.shape[1], sm_scale=sm_scale)
-        s["ring_k"].index_copy_(1, ring_idx, k)
-        s["ring_v"].index_copy_(1, ring_idx, v)
+        ring_k.index_copy_(1, ring_idx, k)
+        ring_v.index_copy_(1, ring_idx, v)
         return out
 
-    return split_heads(n_retrieval, 0, q, k, v, retrieval, streaming)
+    return split_heads(s.n_retrieval, 0, q, k, v, retrieval, streaming)
 
 
 @triton.jit
@@ -179,29 +198,27 @@ def _step_kernel(
         tl.store(rv_ptr + (hs * RECENT + ring) * D + d, v_new)
 
 
-def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_scale) -> torch.Tensor:
+def fused(q, k, v, rope, s: StepLayer, tail_idx, ring_idx, sm_scale: float) -> torch.Tensor:
     """``attend`` in three launches (module docstring). Chunk and split counts depend only on the cache's
     shapes, so the launches are the same for every position."""
     _, hq, d = q.shape
     hkv = k.shape[1]
-    g, n_r, n_s = hq // hkv, n_retrieval, hkv - n_retrieval
+    g, n_r = hq // hkv, s.n_retrieval
+    n_s = hkv - n_r
     if any(x.stride(-1) != 1 for x in (q, k, v)):
         raise ValueError("q, k, v need contiguous head vectors")
     unused = q  # the pointer passed for absent tensors (no retrieval heads, no streaming heads, no sinks)
-    tails = (s["k_tail"], s["v_tail"]) if n_r else (unused, unused)
-    sink = s["sink_k"].shape[1] if n_s else 0
-    recent = s["ring_k"].shape[1] if n_s else 1
-    sinks = (s["sink_k"], s["sink_v"]) if sink else (unused, unused)
-    rings = (s["ring_k"], s["ring_v"]) if n_s else (unused, unused)
-    group = tails[0].shape[1] if n_r else 1
+    tails = s.tail if n_r else (unused, unused)
+    sink = s.sink[0].shape[1] if n_s else 0
+    recent = s.ring[0].shape[1] if n_s else 1
+    sinks = s.sink if sink else (unused, unused)
+    rings = s.ring if n_s else (unused, unused)
+    group = s.arena.group if n_r else 1
     n_chunks = triton.cdiv(max(group, sink + recent + 1 if n_s else 0), BLOCK_N)
-    arena = [s[x] for x in ("k_data", "k_scale", "k_zero", "v_data", "v_scale", "v_zero")] if n_r else []
     code_splits = 0
     if n_r:  # code splits + chunks in one merge tile, as for the prefix alone
         max_splits = kv_attention.MAX_SPLITS - n_chunks
-        code_splits = kv_attention.decode_splits(
-            q[:, : n_r * g], arena[0], n_quant, group, max_splits=max_splits
-        )
+        code_splits = kv_attention.decode_splits(q[:, : n_r * g], s.arena, max_splits=max_splits)
     n_parts = code_splits + n_chunks
     po = torch.empty((hkv, n_parts, g, d), dtype=torch.float32, device=q.device)
     plse = torch.empty((hkv, n_parts, g), dtype=torch.float32, device=q.device)
@@ -214,9 +231,7 @@ def fused(q, k, v, rope, s, n_retrieval, tail_idx, ring_idx, n_quant, bits, sm_s
         BLOCK_N=BLOCK_N, num_warps=4,
     )  # fmt: skip
     if n_r:
-        kv_attention.code_partials(
-            q_rot[:, : n_r * g], *arena, n_quant, bits, group, sm_scale, po, plse, code_splits
-        )
+        kv_attention.code_partials(q_rot[:, : n_r * g], s.arena, sm_scale, po, plse, code_splits)
     out = torch.empty_like(q)
     lse = torch.empty((1, hq), dtype=torch.float32, device=q.device)
     kv_attention.merge_partials(po, plse, out, lse, code_splits, n_r)

@@ -25,6 +25,7 @@ log-sum-exp so the cache can merge it with attention over the fp tail and the ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -45,25 +46,48 @@ SLAB_BYTES = 256 << 20  # bound on the pre-fill path's fp K+V buffer
 LOG2E = 1.4426950408889634
 
 
-def reference(
-    q: torch.Tensor,
-    k_data: torch.Tensor,
-    k_scale: torch.Tensor,
-    k_zero: torch.Tensor,
-    v_data: torch.Tensor,
-    v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
-    n_quant: int,
-    bits: int,
-    group: int,
-    sm_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, Hq, D]; k_data/v_data [Hkv, N, D*bits/8] uint8; k_scale/k_zero [Hkv, N/group, D];
-    v_scale/v_zero [Hkv, N]. Attends to tokens ``[0, n_quant)``. Returns (out [T, Hq, D], lse [T, Hq])."""
-    ng = n_quant // group
-    k = dequantize_keys(k_data[:, :n_quant], k_scale[:, :ng], k_zero[:, :ng], bits, group)
-    v = dequantize_values(v_data[:, :n_quant], v_scale[:, :n_quant], v_zero[:, :n_quant], bits)
-    return dense_attention(q, k, v, n_ctx=n_quant, sm_scale=sm_scale)
+class QuantArena(NamedTuple):
+    """One layer's quantized retrieval-head KV as the kernels read it: tokens ``[0, n_quant)`` of a capacity of N
+    (whole key groups) held as codes (layout in ``duo_qserve.quant.kv_quant``). The cache builds it; every kernel
+    takes this one value instead of the six tensors and their lengths. A NamedTuple, immutable and cheap to
+    build: the eager cache builds one per layer and forward.
+
+    ``n_quant`` is a host int, or an int32 [1] device tensor (CUDA graphs: one launch serves every length)."""
+
+    k_data: torch.Tensor  # [Hkv, N, D * bits / 8] uint8
+    k_scale: torch.Tensor  # [Hkv, N / group, D], per channel over each key group
+    k_zero: torch.Tensor
+    v_data: torch.Tensor  # [Hkv, N, D * bits / 8] uint8
+    v_scale: torch.Tensor  # [Hkv, N], per token
+    v_zero: torch.Tensor
+    n_quant: int | torch.Tensor
+    bits: int
+    group: int
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(k_data, k_scale, k_zero, v_data, v_scale, v_zero): the kernels' pointer arguments, in that order."""
+        return self[:6]
+
+    @property
+    def on_device(self) -> bool:
+        """Whether ``n_quant`` is read on the device (the grid is then sized for the whole capacity)."""
+        return isinstance(self.n_quant, torch.Tensor)
+
+
+PrefixAttention = Callable[[torch.Tensor, QuantArena, float], tuple[torch.Tensor, torch.Tensor]]
+"""Attention of q [T, Hq, D] over an arena's tokens -> (out [T, Hq, D], lse [T, Hq] float32): the signature of
+``quantized_prefix_attention``, ``reference`` and any stand-in a benchmark hands the cache."""
+
+
+def reference(q: torch.Tensor, arena: QuantArena, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D] over the arena's tokens ``[0, n_quant)`` (a host length), de-quantized in full: the oracle.
+    Returns (out [T, Hq, D], lse [T, Hq])."""
+    a, n = arena, arena.n_quant
+    ng = n // a.group
+    k = dequantize_keys(a.k_data[:, :n], a.k_scale[:, :ng], a.k_zero[:, :ng], a.bits, a.group)
+    v = dequantize_values(a.v_data[:, :n], a.v_scale[:, :n], a.v_zero[:, :n], a.bits)
+    return dense_attention(q, k, v, n_ctx=n, sm_scale=sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- decode
@@ -328,40 +352,40 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group) -> None:
+def _check_cache(q: torch.Tensor, a: QuantArena) -> None:
     t, hq, d = q.shape
-    hkv, n, _ = k_data.shape
+    hkv, n, _ = a.k_data.shape
+    bits, group, n_quant = a.bits, a.group, a.n_quant
     qmax(bits)
     if hq % hkv or d % 8 or n_quant % group or n_quant > n:
         raise ValueError(
-            f"q {tuple(q.shape)} vs cache {tuple(k_data.shape)}, n_quant {n_quant}, group {group}"
+            f"q {tuple(q.shape)} vs cache {tuple(a.k_data.shape)}, n_quant {n_quant}, group {group}"
         )
-    if tuple(k_data.shape) != (hkv, n, d * bits // 8) or v_data.shape != k_data.shape:
+    if tuple(a.k_data.shape) != (hkv, n, d * bits // 8) or a.v_data.shape != a.k_data.shape:
         raise ValueError(f"k_data/v_data must be [Hkv, N, D*bits/8] = {(hkv, n, d * bits // 8)}")
-    if tuple(k_scale.shape) != (hkv, n // group, d) or k_zero.shape != k_scale.shape:
+    if tuple(a.k_scale.shape) != (hkv, n // group, d) or a.k_zero.shape != a.k_scale.shape:
         raise ValueError(f"k_scale/k_zero must be [Hkv, N/group, D] = {(hkv, n // group, d)}")
-    if tuple(v_scale.shape) != (hkv, n) or v_zero.shape != v_scale.shape:
+    if tuple(a.v_scale.shape) != (hkv, n) or a.v_zero.shape != a.v_scale.shape:
         raise ValueError(f"v_scale/v_zero must be [Hkv, N] = {(hkv, n)}")
-    if not all(x.is_contiguous() for x in (k_data, k_scale, k_zero, v_data, v_scale, v_zero)):
+    if not all(x.is_contiguous() for x in a.tensors):
         raise ValueError("the quantized cache tensors must be contiguous")
 
 
 def decode_splits(
-    q: torch.Tensor, k_data: torch.Tensor, n_quant: int | torch.Tensor, group: int, block_n: int | None = None,
-    waves: float | None = None, num_splits: int | None = None, block_m: int | None = None,
-    max_splits: int = MAX_SPLITS,
+    q: torch.Tensor, arena: QuantArena, block_n: int | None = None, waves: float | None = None,
+    num_splits: int | None = None, block_m: int | None = None, max_splits: int = MAX_SPLITS,
 ) -> int:  # fmt: skip
     """How many splits ``decode_attention`` cuts the tokens into: at most ``waves`` (kv head, split, row tile)
     programs per SM, so one long sequence at batch 1 fills the GPU in one wave (``num_splits``: asked for,
     clamped): a few programs more than an SM holds at once would run as a second, nearly empty wave.
     ``block_n``, ``waves``: see ``_program``."""
     t, hq, _ = q.shape
-    hkv = k_data.shape[0]
+    hkv, capacity, _ = arena.k_data.shape
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
     default = _program(block_m)
     block_n, waves = block_n or default.block_n, waves or default.waves
-    n_blocks = (k_data.shape[1] if isinstance(n_quant, torch.Tensor) else n_quant) // min(block_n, group)
+    n_blocks = (capacity if arena.on_device else arena.n_quant) // min(block_n, arena.group)
     if num_splits is None:
         num_splits = int(waves * _sm_count(q.device)) // (hkv * triton.cdiv(n_rows, block_m))
     num_splits = max(1, min(num_splits, n_blocks, max_splits))
@@ -369,19 +393,15 @@ def decode_splits(
 
 
 def code_partials(
-    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
-    po: torch.Tensor, plse: torch.Tensor, num_splits: int,
+    q: torch.Tensor, arena: QuantArena, sm_scale: float, po: torch.Tensor, plse: torch.Tensor, num_splits: int,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None, block_m: int | None = None,
 ) -> None:  # fmt: skip
     """The split-K code kernel writing row r of split s of kv head h to ``po[h, s, r]`` and ``plse[h, s, r]``
     (``po`` [>= Hkv, >= num_splits, T * G, D] float32, contiguous): the partials for ``merge_partials``."""
-    g = q.shape[1] // k_data.shape[0]
+    g = q.shape[1] // arena.k_data.shape[0]
     so = (po.stride(0), po.stride(1), g * po.stride(2), po.stride(2))
     sl = (plse.stride(0), plse.stride(1), g * plse.stride(2), plse.stride(2))
-    _launch_codes(
-        q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse,
-        so, sl, num_splits, block_n, num_warps, num_stages, block_m,
-    )  # fmt: skip
+    _launch_codes(q, arena, sm_scale, po, plse, so, sl, num_splits, block_n, num_warps, num_stages, block_m)
 
 
 def merge_partials(
@@ -417,33 +437,31 @@ def _words(data: torch.Tensor, bits: int, block_n: int) -> TensorDescriptor:
 
 
 def _launch_codes(
-    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale, po, plse, so, sl,
-    num_splits, block_n, num_warps, num_stages, block_m,
-) -> None:  # fmt: skip
+    q, a: QuantArena, sm_scale, po, plse, so, sl, num_splits, block_n, num_warps, num_stages, block_m
+) -> None:
     """One launch of the code kernel: split s of kv head h at ``po + h * so[0] + s * so[1]`` (``sl`` for lse)."""
     t, hq, d = q.shape
-    hkv = k_data.shape[0]
+    hkv, capacity, _ = a.k_data.shape
     n_rows = t * hq // hkv
     block_m = _block_m(n_rows, block_m)
     default = _program(block_m)
-    block_n, num_warps = min(block_n or default.block_n, group), num_warps or default.num_warps
+    block_n, num_warps = min(block_n or default.block_n, a.group), num_warps or default.num_warps
     num_stages = num_stages or default.num_stages
-    on_device = isinstance(n_quant, torch.Tensor)
-    len_arg = n_quant if on_device else q  # any pointer: unread unless LEN_FROM_PTR
-    n_blocks = (k_data.shape[1] if on_device else n_quant) // block_n
+    len_arg = a.n_quant if a.on_device else q  # any pointer: unread unless LEN_FROM_PTR
+    n_blocks = (capacity if a.on_device else a.n_quant) // block_n
     dot = tl.float32 if q.dtype == torch.float32 else tl.float16
     _attn_codes_kernel[(hkv, num_splits, triton.cdiv(n_rows, block_m))](
-        q, _words(k_data, bits, block_n), k_scale, k_zero, _words(v_data, bits, block_n), v_scale, v_zero, po, plse,
-        len_arg, n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), k_scale.stride(0), v_scale.stride(0),
+        q, _words(a.k_data, a.bits, block_n), a.k_scale, a.k_zero, _words(a.v_data, a.bits, block_n), a.v_scale,
+        a.v_zero, po, plse, len_arg, n_rows, triton.cdiv(n_blocks, num_splits), n_blocks, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), a.k_scale.stride(0), a.v_scale.stride(0),
         *so, *sl,
-        G=hq // hkv, D=d, BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot, LEN_FROM_PTR=on_device,
-        ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        G=hq // hkv, D=d, BITS=a.bits, GROUP=a.group, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot,
+        LEN_FROM_PTR=a.on_device, ASM=not INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 
 def decode_attention(
-    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
+    q: torch.Tensor, arena: QuantArena, sm_scale: float,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None, waves: float | None = None,
     num_splits: int | None = None, block_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -452,26 +470,25 @@ def decode_attention(
     Splits: ``decode_splits``; with one split the kernel writes the result directly, without the merge kernel.
     Launch config left as None: ``_program``.
 
-    ``n_quant`` may be an int32 device tensor of one element (a multiple of ``group``, possibly 0): the grid is
-    then sized for the whole cache (``k_data.shape[1]`` tokens) and every program reads the length on the device,
-    so one launch serves every length (CUDA graphs). The result has lse = -inf where nothing was attended.
+    ``n_quant`` may be on the device (a multiple of ``group``, possibly 0): the grid is then sized for the whole
+    capacity and every program reads the length on the device, so one launch serves every length (CUDA graphs).
+    The result has lse = -inf where nothing was attended.
     """
     t, hq, d = q.shape
-    hkv = k_data.shape[0]
+    hkv = arena.k_data.shape[0]
     g = hq // hkv
-    arena = (k_data, k_scale, k_zero, v_data, v_scale, v_zero)
-    num_splits = decode_splits(q, k_data, n_quant, group, block_n, waves, num_splits, block_m)
+    num_splits = decode_splits(q, arena, block_n, waves, num_splits, block_m)
     config = (block_n, num_warps, num_stages, block_m)
     out = torch.empty_like(q)
     lse = torch.empty((t, hq), dtype=torch.float32, device=q.device)
     if num_splits == 1:  # write [T, Hq, ...] directly: row (t, g) of kv head h is query head h * G + g
         so = (g * out.stride(1), 0, out.stride(0), out.stride(1))
         sl = (g * lse.stride(1), 0, lse.stride(0), lse.stride(1))
-        _launch_codes(q, *arena, n_quant, bits, group, sm_scale, out, lse, so, sl, 1, *config)
+        _launch_codes(q, arena, sm_scale, out, lse, so, sl, 1, *config)
         return out, lse
     po = torch.empty((hkv, num_splits, t * g, d), dtype=torch.float32, device=q.device)
     plse = torch.empty((hkv, num_splits, t * g), dtype=torch.float32, device=q.device)
-    code_partials(q, *arena, n_quant, bits, group, sm_scale, po, plse, num_splits, *config)
+    code_partials(q, arena, sm_scale, po, plse, num_splits, *config)
     merge_partials(po, plse, out, lse)
     return out, lse
 
@@ -516,17 +533,16 @@ def _dequant_kernel(
     tl.store(vo_ptr + o + HALF, (v_hi.to(tl.float32) * vs + vz).to(ty))
 
 
-def dequantize_kv(
-    k_data, k_scale, k_zero, v_data, v_scale, v_zero, start: int, n: int, bits: int, group: int,
-    k_out: torch.Tensor, v_out: torch.Tensor,
-) -> None:  # fmt: skip
-    """Tokens ``[start, start + n)`` (whole groups) into ``k_out``/``v_out`` [Hkv, >= n, D] (contiguous)."""
+def dequantize_kv(arena: QuantArena, start: int, n: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+    """Tokens ``[start, start + n)`` (whole groups) of the arena into ``k_out``/``v_out`` [Hkv, >= n, D]
+    (contiguous)."""
+    a = arena
     hkv, _, d = k_out.shape
-    block_n = min(64, group)
+    block_n = min(64, a.group)
     _dequant_kernel[(hkv, n // block_n)](
-        k_data, k_scale, k_zero, v_data, v_scale, v_zero, k_out, v_out, start,
-        k_data.stride(0), k_scale.stride(0), v_data.stride(0), v_scale.stride(0), k_out.stride(0),
-        D=d, BITS=bits, GROUP=group, BLOCK_N=block_n, num_warps=4,
+        *a.tensors, k_out, v_out, start,
+        a.k_data.stride(0), a.k_scale.stride(0), a.v_data.stride(0), a.v_scale.stride(0), k_out.stride(0),
+        D=d, BITS=a.bits, GROUP=a.group, BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
 
 
@@ -542,16 +558,16 @@ def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
 
 
 def prefill_attention(
-    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale,
-    slab_bytes: int = SLAB_BYTES, kernel: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q: torch.Tensor, arena: QuantArena, sm_scale: float, slab_bytes: int = SLAB_BYTES, kernel: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Slab path: de-quantize at most ``slab_bytes`` of K+V at a time into one reused buffer, attend with
     ``sdpa_lse``, merge slabs by lse. Queries are regrouped per kv head as [Hkv, T * G, D] (non-causal, so the
     G query heads of a kv head are just more rows): no GQA support needed and longer query tiles."""
     t, hq, d = q.shape
-    hkv = k_data.shape[0]
+    hkv = arena.k_data.shape[0]
     g = hq // hkv
     fp = q.dtype
+    group, n_quant = arena.group, arena.n_quant
     slab = max(group, slab_bytes // (2 * hkv * d * q.element_size()) // group * group)
     slab = min(slab, n_quant)
     kbuf = torch.empty((hkv, slab, d), dtype=fp, device=q.device)
@@ -560,7 +576,7 @@ def prefill_attention(
     out = lse = None
     for start in range(0, n_quant, slab):
         n = min(slab, n_quant - start)
-        dequantize_kv(k_data, k_scale, k_zero, v_data, v_scale, v_zero, start, n, bits, group, kbuf, vbuf)
+        dequantize_kv(arena, start, n, kbuf, vbuf)
         o, s = sdpa_lse(qh, kbuf[:, :n], vbuf[:, :n], sm_scale, kernel)
         out, lse = (o.float(), s) if out is None else merge(out, lse, o.float(), s)
     out = out.to(fp).reshape(hkv, t, g, d).permute(1, 0, 2, 3).reshape(t, hq, d)
@@ -568,14 +584,14 @@ def prefill_attention(
 
 
 def quantized_prefix_attention(
-    q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale
+    q: torch.Tensor, arena: QuantArena, sm_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch used by the cache: the reference on CPU (unless ``DUO_QSERVE_TRITON=1``), else the code kernel
-    for up to ``DECODE_MAX_T`` queries (and a head size it takes) and the slab path for the rest."""
-    _check_cache(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group)
+    """Dispatch used by the cache (host ``n_quant``): the reference on CPU (unless ``DUO_QSERVE_TRITON=1``), else
+    the code kernel for up to ``DECODE_MAX_T`` queries (and a head size it takes) and the slab path for the rest."""
+    _check_cache(q, arena)
     if not use_triton(backend(), q, INTERPRETED):
-        return reference(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
-    if n_quant == 0:
+        return reference(q, arena, sm_scale)
+    if arena.n_quant == 0:
         return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), device=q.device)
     d = q.shape[2]
     if d & (d - 1):
@@ -583,4 +599,4 @@ def quantized_prefix_attention(
     q = q if q.stride(-1) == 1 else q.contiguous()
     decode = q.shape[0] <= DECODE_MAX_T and code_kernel_fits(d)
     path = decode_attention if decode else prefill_attention
-    return path(q, k_data, k_scale, k_zero, v_data, v_scale, v_zero, n_quant, bits, group, sm_scale)
+    return path(q, arena, sm_scale)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..kernels.int8_gemm import w8a8_matmul, w8a8_matmul_group
 from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
+from ..model import CausalAttention
 
 FORMAT = "duo-qserve-w8a8"
 VERSION = 1
@@ -160,20 +160,6 @@ class SiluMulQuant(nn.Module):
         return QuantizedActivation(*silu_mul_quantize(gate, up))
 
 
-class _NoPastCache:
-    """Causal attention within one calibration sequence that keeps nothing: calibration needs no past tokens."""
-
-    seq_len = 0
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        rep = q.shape[1] // k.shape[1]
-        q, k, v = (t.transpose(0, 1) for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
-
-    def advance(self, n_tokens: int) -> None:
-        pass
-
-
 def _smooth_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     """(RMSNorm, the linears reading its output) pairs; the first linear of each group is hooked for statistics."""
     groups = []
@@ -203,7 +189,7 @@ def activation_absmax(model: nn.Module, calibration_ids: torch.Tensor) -> list[t
     handles = [linears[0].register_forward_pre_hook(hook(i)) for i, (_, linears) in enumerate(groups)]
     try:
         for ids in calibration_ids.reshape(-1, calibration_ids.shape[-1]):
-            model(ids.to(model.embed_tokens.weight.device), _NoPastCache())
+            model(ids.to(model.embed_tokens.weight.device), CausalAttention())
     finally:
         for h in handles:
             h.remove()
