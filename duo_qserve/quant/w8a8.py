@@ -311,6 +311,8 @@ def quantize_model_w8a8(
     model.w8a8 = {"alpha": alpha, "smoothquant": act_absmax is not None}
     if keep_16bit:
         model.w8a8["keep_16bit"] = sorted(keep_16bit)
+    if getattr(model, "rotation", None) is not None:
+        model.w8a8["rotation"] = model.rotation
     return model
 
 
