@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..kernels.quantize_act import quantize_per_token_reference
-from .w8a8 import _NoPastCache, _smooth_groups, quantize_weight_per_channel, smoothing_scale
+from .w8a8 import _smooth_groups, forward_with_input_hooks, quantize_weight_per_channel, smoothing_scale
 
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -34,22 +34,6 @@ def w8a8_error(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     ref = x.float() @ w.float().T
     err = _dequantized_rows(x) @ _dequantized_weight(w).T - ref
     return err.pow(2).sum().item(), ref.pow(2).sum().item()
-
-
-def _run_with_hooks(
-    model: nn.Module, calibration_ids: torch.Tensor, hooks: dict[nn.Module, Callable]
-) -> None:
-    """Forward each calibration sequence (``[T]`` or ``[n, T]``) with ``hooks[module](x)`` called on the input of
-    each module."""
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, f=f: f(args[0].detach())) for m, f in hooks.items()
-    ]
-    try:
-        for ids in calibration_ids.reshape(-1, calibration_ids.shape[-1]):
-            model(ids.to(model.embed_tokens.weight.device), _NoPastCache())
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -84,7 +68,9 @@ def choose_alphas(
 
         return record
 
-    _run_with_hooks(model, calibration_ids, {linears[0]: measure(i) for i, (_, linears) in enumerate(groups)})
+    forward_with_input_hooks(
+        model, calibration_ids, {linears[0]: measure(i) for i, (_, linears) in enumerate(groups)}
+    )
     return [
         float(grid[int((e / r.clamp_min(1e-30)).sum(dim=0).argmin())]) for e, r in zip(err, ref, strict=True)
     ]
@@ -105,7 +91,7 @@ def linear_sensitivity(model: nn.Module, calibration_ids: torch.Tensor) -> dict[
 
         return record
 
-    _run_with_hooks(model, calibration_ids, {m: measure(n) for n, m in linears.items()})
+    forward_with_input_hooks(model, calibration_ids, {m: measure(n) for n, m in linears.items()})
     return {n: err / max(ref, 1e-30) for n, (err, ref) in sq.items()}
 
 

@@ -204,20 +204,32 @@ def activation_absmax(model: nn.Module, calibration_ids: torch.Tensor) -> list[t
     stats: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook(i: int) -> Callable:
-        def record(_module, args):
-            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+        def record(x: torch.Tensor) -> None:
+            m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             stats[i] = m if stats[i] is None else torch.maximum(stats[i], m)
 
         return record
 
-    handles = [linears[0].register_forward_pre_hook(hook(i)) for i, (_, linears) in enumerate(groups)]
+    forward_with_input_hooks(
+        model, calibration_ids, {linears[0]: hook(i) for i, (_, linears) in enumerate(groups)}
+    )
+    return stats
+
+
+def forward_with_input_hooks(
+    model: nn.Module, calibration_ids: torch.Tensor, hooks: dict[nn.Module, Callable[[torch.Tensor], None]]
+) -> None:
+    """Forward each calibration sequence (``[T]`` or ``[n, T]``, no past) with ``hooks[module](x)`` called on
+    the (detached) input of each module; the hooks are removed afterwards."""
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, f=f: f(args[0].detach())) for m, f in hooks.items()
+    ]
     try:
         for ids in calibration_ids.reshape(-1, calibration_ids.shape[-1]):
             model(ids.to(model.embed_tokens.weight.device), _NoPastCache())
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 def smoothing_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
