@@ -60,7 +60,9 @@ def info_summary(s: dict) -> str:
     gib = 2**30
     dev = s["device_memory"]
     weights = (
-        "W8A8" + (" (SmoothQuant)" if s["smoothquant"] else "") if s["w8a8"] else f"{s['dtype']} weights"
+        "W8A8" + (" (rotated)" if s["rotated"] else "") + (" (SmoothQuant)" if s["smoothquant"] else "")
+        if s["w8a8"]
+        else f"{s['dtype']} weights"
     )
     heads = s["retrieval_heads"]
     lines = [

@@ -86,8 +86,9 @@ class EngineSettings:
     chunk_size: int | None = None  # None: 32768 on CUDA, 512 on CPU
     max_tokens: int | None = None  # None: what fits in GPU memory (CUDA) or 32768 (CPU)
     w8a8: bool | None = None  # None: on for CUDA (when available), off for CPU
-    # SmoothQuant for on-the-fly W8A8: activation statistics of calibration text ("auto": the ones shipped for
-    # this model in duo_qserve/quant/calibration/, if any; None: no smoothing)
+    # how on-the-fly W8A8 prepares the model: a recipe file (quant.recipe: rotation and/or SmoothQuant statistics
+    # of calibration text; "auto": the one shipped for this model in duo_qserve/quant/calibration/, if any; None:
+    # plain W8A8)
     smoothing: str | None = "auto"
 
 
@@ -121,11 +122,14 @@ class Engine:
             settings.w8a8 if settings.w8a8 is not None else self.device.type == "cuda"
         )
         if self.w8a8 and not prequantized:
-            from duo_qserve.quant.w8a8 import load_activation_absmax, quantize_model_w8a8
+            from duo_qserve.quant.recipe import quantize_with_recipe
+            from duo_qserve.quant.w8a8 import quantize_model_w8a8
 
-            stats = self._resolve_smoothing(settings.smoothing)
-            act_absmax = None if stats is None else load_activation_absmax(stats, self.model)
-            quantize_model_w8a8(self.model, act_absmax=act_absmax)
+            recipe = self._resolve_smoothing(settings.smoothing)
+            if recipe is None:
+                quantize_model_w8a8(self.model)
+            else:
+                quantize_with_recipe(self.model, recipe)
         self.cache_config = CacheConfig(
             kv_bits=settings.kv_bits,
             key_group=settings.key_group,
@@ -655,6 +659,7 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "w8a8": self.w8a8,
             "smoothquant": bool((getattr(self.model, "w8a8", None) or {}).get("smoothquant")),
+            "rotated": bool((getattr(self.model, "w8a8", None) or {}).get("rotation")),
             "kv_bits": self.cache_config.kv_bits,
             "pattern": self.pattern.name,
             "sparsity": self.sparsity,

@@ -102,14 +102,16 @@ def test_checkpoint_restore_matches_fresh_ingests(tmp_path):
     assert re.search(r"\w", reused[0])
 
 
-def test_w8a8_smooths_the_default_model_with_its_shipped_statistics():
-    """On-the-fly W8A8 of the default model applies SmoothQuant from the statistics shipped for it (folded
-    into the norms, so the weights differ from plain W8A8); ``smoothing=None`` turns it off."""
-    smoothed = Engine.from_pretrained("default", max_tokens=512, pattern=None, w8a8=True)
+def test_w8a8_prepares_the_default_model_with_its_shipped_recipe():
+    """On-the-fly W8A8 of the default model applies the recipe shipped for it (quant/calibration/: a rotation,
+    which changes the embedding and puts a Hadamard before down_proj); ``smoothing=None`` turns it off."""
+    from duo_qserve.quant.w8a8 import SiluMulHadamardQuant
+
+    shipped = Engine.from_pretrained("default", max_tokens=512, pattern=None, w8a8=True)
     plain = Engine.from_pretrained("default", max_tokens=512, pattern=None, w8a8=True, smoothing=None)
-    assert smoothed.stats()["smoothquant"] and not plain.stats()["smoothquant"]
-    norm = [e.model.layers[0].input_layernorm.weight for e in (smoothed, plain)]
-    assert not torch.equal(*norm)
+    assert shipped.stats()["rotated"] and not plain.stats()["rotated"]
+    assert isinstance(shipped.model.layers[0].mlp.act, SiluMulHadamardQuant)
+    assert not torch.equal(shipped.model.embed_tokens.weight, plain.model.embed_tokens.weight)
 
 
 def test_two_threads_asking_at_once_get_the_answers_asked_in_turn(engine):

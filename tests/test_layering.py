@@ -12,7 +12,8 @@ from duo_qserve.environment import REPO_ROOT
 LAYERS = [
     ["environment", "documents", "conversation", "eta"],  # no torch state: settings, files, bookkeeping
     ["kernels", "quant.kv_quant", "sampling"],  # functions of tensors and numbers
-    ["model", "quant.w8a8", "data"],  # the network, its int8 linears, the text tools read
+    # the network, its int8 linears and how they are prepared (rotation, calibration choices), the text tools read
+    ["model", "quant.w8a8", "quant.rotation", "quant.search", "quant.recipe", "data"],
     ["cache", "patterns", "planner"],  # what the model attends over, and its sizes
     ["loading", "models", "decode_graph", "evidence"],  # models from disk, the captured decode step, evidence
     ["engine"],

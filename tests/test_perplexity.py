@@ -17,7 +17,8 @@ def test_perplexity_compares_w8a8_with_16_bit_on_both_held_out_texts(tmp_path):
     torch.set_num_threads(1)  # a shared CPU: more threads than free cores is many times slower
     try:
         argv = ["--model", "default", "--device", "cpu", "--calib-tokens", "64", "--eval-tokens", "128",
-                "--window", "64", "--alphas", "0.5", "--out", str(tmp_path)]  # fmt: skip
+                "--window", "64", "--alphas", "0.5", "--keep-16bit", "2", "--skip", "per-layer",
+                "--out", str(tmp_path)]  # fmt: skip
         assert perplexity.main(argv) == 0
     finally:
         torch.set_num_threads(threads)
@@ -29,10 +30,15 @@ def test_perplexity_compares_w8a8_with_16_bit_on_both_held_out_texts(tmp_path):
     names = [r["config"] for r in res["rows"]]
     assert names == [
         "16-bit (float32)",
+        "16-bit (float32) rotated",
         "w8a8",
         "w8a8+smoothquant(alpha=0.5)",
-        "w8a8+shipped statistics (alpha=0.7)",
+        "w8a8+rotation",
+        "w8a8+rotation+smoothquant(alpha=0.5)",
+        "w8a8+rotation+keep-16bit(2)",
+        "w8a8+shipped recipe",
     ]
+    assert abs(res["rows"][1]["vs_16bit_essays"]) < 1e-4  # the rotation keeps the float model's function
     for r in res["rows"]:
         assert 1 < r["ppl_essays"] < 1000 and 1 < r["ppl_pydocs"] < 1000
     assert all(abs(r["vs_16bit_pydocs"]) < 0.5 for r in res["rows"][1:])

@@ -591,8 +591,8 @@ def build_engine(loaded, cfg: Config, trained: str, scratch: Path, settings: dic
 
 def engine_record(engine) -> dict:
     s = engine.stats()
-    keys = ("dtype", "w8a8", "smoothquant", "kv_bits", "pattern", "sparsity", "retrieval_heads", "sink_tokens",
-            "recent_tokens")  # fmt: skip
+    keys = ("dtype", "w8a8", "smoothquant", "rotated", "kv_bits", "pattern", "sparsity", "retrieval_heads",
+            "sink_tokens", "recent_tokens")  # fmt: skip
     return {k: s[k] for k in keys} | {"chunk_size": engine.chunk_size}
 
 

@@ -16,7 +16,7 @@ linears is divided by ``s`` and their weight columns multiplied by it, which lea
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +27,7 @@ from torch import nn
 from ..kernels.int8_gemm import w8a8_matmul, w8a8_matmul_group
 from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
 from ..model import CausalAttention
+from .rotation import SiluMulHadamard
 
 FORMAT = "duo-qserve-w8a8"
 VERSION = 1
@@ -160,6 +161,15 @@ class SiluMulQuant(nn.Module):
         return QuantizedActivation(*silu_mul_quantize(gate, up))
 
 
+class SiluMulHadamardQuant(nn.Module):
+    """``rotation.SiluMulHadamard`` followed by per-token int8 quantization: the input of a rotated model's
+    down_proj. The Hadamard runs in torch (fp32) between the activation and the quantization kernel, so it
+    costs one more pass over the activation than ``SiluMulQuant``'s fused kernel."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> QuantizedActivation:
+        return QuantizedActivation(*quantize_per_token(SiluMulHadamard()(gate.float(), up.float())))
+
+
 def _smooth_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
     """(RMSNorm, the linears reading its output) pairs; the first linear of each group is hooked for statistics."""
     groups = []
@@ -180,30 +190,53 @@ def activation_absmax(model: nn.Module, calibration_ids: torch.Tensor) -> list[t
     stats: list[torch.Tensor | None] = [None] * len(groups)
 
     def hook(i: int) -> Callable:
-        def record(_module, args):
-            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+        def record(x: torch.Tensor) -> None:
+            m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             stats[i] = m if stats[i] is None else torch.maximum(stats[i], m)
 
         return record
 
-    handles = [linears[0].register_forward_pre_hook(hook(i)) for i, (_, linears) in enumerate(groups)]
+    forward_with_input_hooks(
+        model, calibration_ids, {linears[0]: hook(i) for i, (_, linears) in enumerate(groups)}
+    )
+    return stats
+
+
+def forward_with_input_hooks(
+    model: nn.Module, calibration_ids: torch.Tensor, hooks: dict[nn.Module, Callable[[torch.Tensor], None]]
+) -> None:
+    """Forward each calibration sequence (``[T]`` or ``[n, T]``, no past) with ``hooks[module](x)`` called on
+    the (detached) input of each module; the hooks are removed afterwards."""
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, f=f: f(args[0].detach())) for m, f in hooks.items()
+    ]
     try:
         for ids in calibration_ids.reshape(-1, calibration_ids.shape[-1]):
             model(ids.to(model.embed_tokens.weight.device), CausalAttention())
     finally:
         for h in handles:
             h.remove()
-    return stats
+
+
+def smoothing_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel scale ``max|X_j|^alpha / max|W_j|^(1-alpha)`` (floored, so a dead channel
+    cannot divide by zero)."""
+    return (x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, act_absmax: list[torch.Tensor], alpha: float = DEFAULT_ALPHA) -> None:
+def smooth_model(
+    model: nn.Module, act_absmax: list[torch.Tensor], alpha: float | Sequence[float] = DEFAULT_ALPHA
+) -> None:
     """SmoothQuant in place on a float model: fold ``1/s`` into each RMSNorm, ``s`` into the weight columns;
-    ``act_absmax`` is ``activation_absmax`` of calibration text."""
-    for (norm, linears), x_max in zip(_smooth_groups(model), act_absmax, strict=True):
+    ``act_absmax`` is ``activation_absmax`` of calibration text; ``alpha`` one value, or one per smoothing group
+    (``search.choose_alphas``)."""
+    groups = _smooth_groups(model)
+    alphas = [alpha] * len(groups) if isinstance(alpha, (int, float)) else list(alpha)
+    for (norm, linears), x_max, alpha in zip(groups, act_absmax, alphas, strict=True):
         x_max = x_max.to(norm.weight.device, torch.float32)
         w_max = torch.cat([lin.weight.detach().abs().float() for lin in linears]).amax(dim=0)
-        s = (x_max.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+        s = smoothing_scale(x_max, w_max, alpha)
         norm.weight.copy_((norm.weight.float() / s).to(norm.weight.dtype))
         for lin in linears:
             lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
@@ -234,26 +267,50 @@ def load_activation_absmax(path: str | Path, model: nn.Module) -> list[torch.Ten
 def quantize_model_w8a8(
     model: nn.Module,
     calibration_ids: torch.Tensor | None = None,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float | Sequence[float] = DEFAULT_ALPHA,
     act_absmax: list[torch.Tensor] | None = None,
+    keep_16bit: Collection[str] = (),
 ) -> nn.Module:
     """Swap norms, linears and the MLP activation for their W8A8 versions, in place. SmoothQuant first when
-    ``calibration_ids`` or their statistics ``act_absmax`` (``load_activation_absmax``) are given. The output
-    dtype of every linear is the model's current dtype."""
+    ``calibration_ids`` or their statistics ``act_absmax`` (``load_activation_absmax``) are given, with ``alpha``
+    one value or one per smoothing group. The output dtype of every linear is the model's current dtype.
+
+    ``keep_16bit``: linears, by module name (``"layers.3.mlp.down_proj"``, ``search.most_sensitive``), left in
+    the model's float dtype with float inputs: the norm or activation in front of them stays float too, and the
+    int8 linears that share that input quantize it themselves. A rotated model (``rotation.rotate_model``) keeps
+    its online Hadamard before down_proj."""
     if calibration_ids is not None:
         act_absmax = activation_absmax(model, calibration_ids)
     if act_absmax is not None:
         smooth_model(model, act_absmax, alpha)
+    known = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if unknown := set(keep_16bit) - known:
+        raise ValueError(f"keep_16bit names no linear of this model: {', '.join(sorted(unknown))}")
     dtype = model.embed_tokens.weight.dtype
-    for block in model.layers:
-        for name in ("input_layernorm", "post_attention_layernorm"):
+    for i, block in enumerate(model.layers):
+        prefix = f"layers.{i}."
+        kept = {n.removeprefix(prefix) for n in keep_16bit if n.startswith(prefix)}  # "mlp.down_proj", ...
+        for name, readers in (
+            ("input_layernorm", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
+            ("post_attention_layernorm", {"mlp.gate_proj", "mlp.up_proj"}),
+        ):
             norm = getattr(block, name)
-            setattr(block, name, RMSNormQuant(norm.weight, norm.eps))
-        for parent, names in ((block.self_attn, _ATTN), (block.mlp, _MLP)):
+            if not kept & readers:
+                setattr(block, name, RMSNormQuant(norm.weight, norm.eps))
+        for part, names in (("self_attn", _ATTN), ("mlp", _MLP)):
+            parent = getattr(block, part)
             for name in names:
-                setattr(parent, name, W8A8Linear.from_linear(getattr(parent, name), compute_dtype=dtype))
-        block.mlp.act = SiluMulQuant()
+                if f"{part}.{name}" not in kept:
+                    setattr(parent, name, W8A8Linear.from_linear(getattr(parent, name), compute_dtype=dtype))
+        if "mlp.down_proj" not in kept:
+            rotated = isinstance(block.mlp.act, SiluMulHadamard)
+            block.mlp.act = SiluMulHadamardQuant() if rotated else SiluMulQuant()
+    alpha = alpha if isinstance(alpha, (int, float)) else list(alpha)
     model.w8a8 = {"alpha": alpha, "smoothquant": act_absmax is not None}
+    if keep_16bit:
+        model.w8a8["keep_16bit"] = sorted(keep_16bit)
+    if getattr(model, "rotation", None) is not None:
+        model.w8a8["rotation"] = model.rotation
     return model
 
 
