@@ -1,7 +1,7 @@
 """Rotations (quant/rotation.py) and the calibration searches (quant/search.py) against float references.
 
-Tolerances come from the arithmetic: a float64 transform of log2(b) <= 9 butterfly passes rounds each element at
-most ~9 times by 2^-53 relative, so 1e-12 leaves a wide margin; a float32 model has ~2^-24 relative rounding per
+Tolerances come from the arithmetic: a float64 Hadamard product sums b <= 512 terms of size |x|/sqrt(b), so each
+element's rounding is at most ~b * 2^-53 ~ 6e-14 relative to |x| sqrt(b), and 1e-12 leaves a wide margin; a float32 model has ~2^-24 relative rounding per
 operation, accumulated over sums of ~100 terms and a few layers, i.e. well under 1e-5 relative in the logits, so
 1e-4 is loose for rounding yet far below what any wrong sign, transpose or missing fold produces (O(1), checked
 by the negative control).
@@ -62,6 +62,9 @@ def test_fast_hadamard_is_the_blockwise_hadamard(n):
     b = hadamard_block(n)
     assert b & (b - 1) == 0 and n % b == 0 and (n // b) % 2 == 1  # the largest power-of-two factor
     h = hadamard_matrix(b)
+    i = torch.arange(b)
+    parity = torch.tensor([[bin(r & c).count("1") % 2 for c in i.tolist()] for r in i.tolist()])
+    assert torch.equal(h, (1 - 2 * parity).to(torch.float64) / b**0.5)  # Sylvester's closed form
     torch.testing.assert_close(h @ h, torch.eye(b, dtype=torch.float64), rtol=0, atol=FLOAT64_TOL)
     x = torch.randn(5, n, dtype=torch.float64)
     ref = x @ torch.block_diag(*[h] * (n // b))

@@ -13,8 +13,9 @@ it to rounding):
 3. each value head is rotated by a Hadamard matrix and o_proj's input columns by the same (exact, since the
    attention output of a head is a weighted sum of its values): o_proj's input gets no outliers of its own;
 4. down_proj's input (the MLP activation, no RMSNorm in front of it) gets an *online* Hadamard
-   (``SiluMulHadamard``), with its inverse folded into down_proj's weight. It costs ``O(I log b)`` additions per
-   token per layer (``I`` the intermediate size, ``b`` its Hadamard block): the only run-time cost of rotation.
+   (``SiluMulHadamard``), with its inverse folded into down_proj's weight. It costs ``I b`` multiply-adds per
+   token per layer (``I`` the intermediate size, ``b`` its Hadamard block), one matrix product: the only
+   run-time cost of rotation.
 
 Tied embeddings cannot stay tied: step 1 changes lm_head and not the embedding, so ``rotate_model`` unties them
 (one extra ``vocab x dim`` matrix) and records it in ``model.args``.
@@ -30,6 +31,7 @@ the Hadamard within them, and random signs ``D`` (QuaRot's randomized Hadamard w
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -56,18 +58,22 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def fast_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """``x @ blockdiag(H_b, ..., H_b)`` along the last axis, ``b = hadamard_block(x.shape[-1])``, by the fast
-    Walsh-Hadamard butterfly: ``log2 b`` passes of one addition and one subtraction per element, in fp32 (or
-    in x's dtype if wider), returned in x's dtype. Orthogonal and its own inverse."""
+    """``x @ blockdiag(H_b, ..., H_b)`` along the last axis, ``b = hadamard_block(x.shape[-1])``, in fp32 (or in
+    x's dtype if wider), returned in x's dtype. Orthogonal and its own inverse.
+
+    One batched matrix product with the cached ``H_b`` rather than the ``log2 b`` butterfly passes: on a GPU
+    each pass is a kernel launch and a trip through memory, while the product is a single launch whose ``b``
+    multiply-adds per element are small next to down_proj's own work."""
     n = x.shape[-1]
     b = hadamard_block(n)
-    y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, n // b, b)
-    h = 1
-    while h < b:
-        pairs = y.reshape(y.shape[0], n // b, b // (2 * h), 2, h)
-        y = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
-        h *= 2
-    return (y.reshape(x.shape) * b**-0.5).to(x.dtype)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(dtype).reshape(-1, n // b, b) @ _hadamard_on(b, dtype, x.device)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return hadamard_matrix(n).to(dtype=dtype, device=device)
 
 
 def residual_rotation(n: int, seed: int = 0) -> torch.Tensor:
