@@ -68,7 +68,7 @@ class DocumentInfo:
     prefill_seconds: float
     loaded_by: str = ""
     prefilled: int = 0  # tokens pre-filled by this ingest (fewer than ``tokens`` after a resume)
-    # the token ids (int32), kept by ``ingest`` for ``ask(evidence=True)``; None for a book loaded from the library
+    # the token ids (int32), kept by ``ingest`` and ``library.load`` for ``ask(evidence=True)``
     ids: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
@@ -470,9 +470,10 @@ class Engine:
         with ``meta``, when the stream ends, however it ends. A question that does not fit in the room the
         document leaves is refused (``QuestionTooLong``) before any work; the document's checkpoint is restored
         before every question, so nothing an answer does reaches the next one except through its conversation.
-        ``last.ended_by`` says how the answer ended. With ``evidence``, once the answer has ended (however it
-        ended), one more pass finds the passages the retrieval heads attended to most while answering
-        (``duo_qserve.evidence``) into ``last.evidence``; decoding is the same either way.
+        ``last.ended_by`` says how the answer ended. With ``evidence``, once the answer has ended (at its end or at
+        a Stop; not when an error or a closed stream cut it off), one more pass finds the passages the retrieval
+        heads attended to most while answering (``duo_qserve.evidence``) into ``last.evidence``; decoding is the
+        same either way.
         """
         check_max_new_tokens(max_new_tokens)
         unknown = set(sampling) - set(Sampling.__dataclass_fields__)
@@ -536,6 +537,7 @@ class Engine:
             self.last = stats
             out_ids: list[int] = []
             text_so_far = ""
+            ended = False  # the answer ran to its end (a Stop included), not out through an exception
             try:
                 try:
                     logits = self._prefill(history_ids + q_ids, then="the document is kept")
@@ -573,6 +575,7 @@ class Engine:
                     logits = self._decode_step(token)
                     stats.answer_tokens = len(out_ids)
                 stats.answer_tokens = len(out_ids)
+                ended = True
                 if t_first is not None and len(out_ids) > 1:
                     stats.decode_ms_per_token = (time.perf_counter() - t_first) * 1000 / (len(out_ids) - 1)
             except GeneratorExit:
@@ -580,7 +583,7 @@ class Engine:
                 raise
             finally:
                 stats.answer_tokens = len(out_ids)
-                if evidence and out_ids:
+                if evidence and ended and out_ids:
                     t_evidence = time.perf_counter()
                     mass, focus = attention_mass(
                         self.model, self.cache, doc.tokens, history_ids + q_ids, out_ids, self.chunk_size

@@ -156,8 +156,7 @@ def describe(
     """Passages from ``top_passages`` as a reader sees them: ``{"chapter", "position", "tokens", "share",
     "snippet"}``. ``position`` is the first token's offset in the book's text, as ``chapters`` (title, token
     offset) count them (``text_start``: the text's first position in the document's ids); the chapter is that of
-    the most attended token. Without ``document_ids`` (a book loaded from the library keeps no text) the snippet
-    is empty."""
+    the most attended token. Without ``document_ids`` the snippet is empty."""
     out = []
     for p in passages:
         peak = p["peak"] - text_start

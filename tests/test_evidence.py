@@ -41,6 +41,16 @@ def test_top_passage_holds_the_needle(engine, start_file, depth):
     assert 0 < shown[0]["share"] < 1
 
 
+def test_no_evidence_pass_when_the_stream_is_closed(engine):
+    """A caller that closes the stream (the answer cut off from outside) gets no extra model pass."""
+    engine.ingest(haystack_text(3000))
+    stream = engine.ask(QUESTION, max_new_tokens=16, evidence=True)
+    next(stream)
+    stream.close()
+    assert engine.last.ended_by == "cancel" and engine.last.answer_tokens >= 1
+    assert engine.last.evidence == [] and engine.last.evidence_s == 0
+
+
 def test_retrieval_keys_cover_quantized_groups_and_the_tail(engine):
     engine.ingest(haystack_text(3000))
     cache, layer = engine.cache, next(i for i, n in enumerate(engine.cache.n_retrieval) if n)
