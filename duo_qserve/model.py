@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from duo_qserve.kernels.attention import apply_rope
 
@@ -333,8 +334,16 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer: ``model.half()`` would round a buffer's float64 frequencies.
         self.inv_freq = rope_inv_freq(args)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None):
-        """Final normed hidden states [T, dim] of ``input_ids`` [T], appended to ``cache``."""
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        recompute: bool = False,
+    ):
+        """Final normed hidden states [T, dim] of ``input_ids`` [T], appended to ``cache``. ``recompute`` (for
+        training): autograd keeps only each block's input and recomputes the block in the backward pass, so a
+        backward at 32K tokens holds one block's activations instead of every block's."""
         if positions is None:
             positions = torch.arange(
                 cache.seq_len, cache.seq_len + input_ids.shape[0], device=input_ids.device
@@ -342,7 +351,7 @@ class Transformer(nn.Module):
         rope = rope_cos_sin(self.inv_freq.to(input_ids.device), positions)
         h = self.embed_tokens(input_ids)
         for block in self.layers:
-            h = block(h, rope, cache)
+            h = checkpoint(block, h, rope, cache, use_reentrant=False) if recompute else block(h, rope, cache)
         cache.advance(input_ids.shape[0])
         return self.norm(h)
 

@@ -64,20 +64,49 @@ class TrainSettings:
     depth_ratio_num_intervals: int = 1000
     dataset_name: str = "paul_graham_essays (multi-passkey retrieval)"
     supervision: str = "distill"
-    streaming_attn_implementation: str = "sdpa (token-exact mask)"
+    streaming_attn_implementation: str = "sdpa over sink + band blocks (token-exact)"
     full_attention_term: str = "recomputed on the gated model's q/k/v"
     checkpoint_every: int = 10
+    recompute: bool = False  # activation recompute per block (memory only: the same gradients)
     seed: int = 42
     device: str = "cpu"
     dtype: str = "float32"
 
 
 # ---- the gated attention ---------------------------------------------------------------------------------------
-def streaming_mask(t: int, sink: int, recent: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean [T, T]: key j visible to query i iff causal and (j < sink or j > i - recent)."""
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
-    return (j <= i) & ((j < sink) | (j > i - recent))
+def streaming_attention(
+    qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, sink: int, recent: int
+) -> torch.Tensor:
+    """Attention of [H, T, D] heads where key j is visible to query i iff ``j <= i and (j < sink or j > i -
+    recent)`` (token-exact), back as [H, T, D], in memory O(T·(sink + 2·recent)) instead of a [T, T] mask's.
+
+    Queries go in blocks of ``recent``; block n attends to the sink tokens and to the band of keys from ``recent``
+    before its first query to its last. A sink key counts only outside the band (``j <= i - recent``), a band key
+    only inside it (``i - recent < j <= i``), so no key is seen twice and every query sees at least itself."""
+    if recent < 1:
+        raise ValueError(f"recent must be at least 1, got {recent}")
+    h, t, d = qh.shape
+    b, s = recent, min(sink, t)
+    nb = -(-t // b)
+    pad = nb * b - t
+    band = recent + b
+    k_band = F.pad(kh, (0, 0, recent, pad)).unfold(1, band, b).transpose(-1, -2)  # [H, nb, band, D]
+    v_band = F.pad(vh, (0, 0, recent, pad)).unfold(1, band, b).transpose(-1, -2)
+    keys = torch.cat([kh[:, None, :s].expand(h, nb, s, d), k_band], dim=2)
+    values = torch.cat([vh[:, None, :s].expand(h, nb, s, d), v_band], dim=2)
+    i = torch.arange(nb * b, device=qh.device).view(nb, b, 1)  # query positions
+    j_sink = torch.arange(s, device=qh.device).view(1, 1, s)
+    j_band = (torch.arange(nb, device=qh.device) * b - recent).view(nb, 1, 1) + torch.arange(
+        band, device=qh.device
+    )
+    mask = torch.cat(
+        [(j_sink <= i - recent).expand(nb, b, s), (j_band >= 0) & (j_band <= i) & (j_band > i - recent)],
+        dim=-1,
+    )
+    out = F.scaled_dot_product_attention(
+        F.pad(qh, (0, 0, 0, pad)).view(h, nb, b, d), keys, values, attn_mask=mask
+    )
+    return out.reshape(h, nb * b, d)[:, :t]
 
 
 class GatedAttention(CausalAttention):
@@ -92,13 +121,13 @@ class GatedAttention(CausalAttention):
     second attention per layer, small next to the MLPs at these lengths.
     """
 
-    def __init__(self, gates: torch.Tensor, mask: torch.Tensor):
-        self.gates, self.mask = gates, mask
+    def __init__(self, gates: torch.Tensor, sink: int, recent: int):
+        self.gates, self.sink, self.recent = gates, sink, recent
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         qh, kh, vh = self.heads(q, k, v)
         full = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-        stream = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self.mask)
+        stream = streaming_attention(qh, kh, vh, self.sink, self.recent)
         q_per_kv = q.shape[1] // k.shape[1]
         alpha = self.gates[layer].clamp(0, 1).repeat_interleave(q_per_kv)[:, None, None].to(q.dtype)
         return (stream + alpha * (full - stream)).transpose(0, 1)
@@ -255,8 +284,8 @@ def train_gates(
             teacher = model.hidden_states(ids, CausalAttention())
         with torch.no_grad():
             gates.clamp_(0, 1)
-        mask = streaming_mask(len(ids), settings.sink_size, settings.recent_size, device)
-        student = model.hidden_states(ids, GatedAttention(gates, mask))
+        gated = GatedAttention(gates, settings.sink_size, settings.recent_size)
+        student = model.hidden_states(ids, gated, recompute=settings.recompute)
         distill = distill_loss(student, teacher, supervised)
         reg = gates.abs().mean()
         loss = distill + settings.reg_weight * reg
@@ -299,8 +328,7 @@ def deployed_loss(
         sample = make_sample(rng)
         ids, supervised = sample.ids.to(device), sample.supervised.to(device)
         teacher = model.hidden_states(ids, CausalAttention())
-        mask = streaming_mask(len(ids), settings.sink_size, settings.recent_size, device)
-        student = model.hidden_states(ids, GatedAttention(full, mask))
+        student = model.hidden_states(ids, GatedAttention(full, settings.sink_size, settings.recent_size))
         total += distill_loss(student, teacher, supervised).item()
     return total / n_samples
 
@@ -367,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passkey-length", type=int, default=defaults.passkey_length)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument(
+        "--recompute", action="store_true",
+        help="recompute each block's activations in the backward pass (long contexts: memory of one block)",
+    )  # fmt: skip
+    p.add_argument(
         "--checkpoint-dir", default=None, help="default: test-output/train_patterns/<out dir name>"
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
@@ -405,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name=loaded.name, steps=a.steps, lr=a.lr, reg_weight=a.reg_weight, sink_size=a.sink,
         recent_size=a.recent, context_length_min=a.context_min, context_length_max=a.context_max,
         num_passkeys=a.passkeys, passkey_length=a.passkey_length, checkpoint_every=a.checkpoint_every,
-        seed=a.seed, device=a.device, dtype=a.dtype,
+        recompute=a.recompute, seed=a.seed, device=a.device, dtype=a.dtype,
     )  # fmt: skip
     out = Path(a.out)
     ckpt = (

@@ -201,10 +201,16 @@ def test_linear_sensitivity_ranks_by_measured_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rotated_w8a8_on_cuda_fp16():
-    """The rotated W8A8 data flow through the Triton kernels, in fp16 as served."""
-    model = tiny_model().cuda()
-    ref = logits(model, IDS.cuda())
+    """The rotated W8A8 data flow through the Triton kernels, in fp16 as served, computes what the same quantized
+    model computes on the CPU in fp16. (The quantization error itself is test_rotation_reduces_w8a8_error's
+    concern: this model's x30 outlier channels make it ~0.07 in fp16 on either device.) Only the order of
+    accumulation differs between the two, so an activation lands on another int8 code only where it sits within
+    an fp16 rounding (2^-11 relative) of a code boundary, and each such flip moves one product by one step
+    (1/127 of its row's absmax): 0.02 admits a few percent of flipped codes and is far below what a wrong scale,
+    sign or transpose gives (O(1), test_a_broken_rotation_is_caught)."""
+    model = tiny_model()
     rotate_model(model)
     model.half()
-    quantize_model_w8a8(model)
-    assert rel_err(logits(model, IDS.cuda()), ref) < 0.05
+    on_cpu = quantize_model_w8a8(copy.deepcopy(model))
+    on_gpu = quantize_model_w8a8(model.cuda())
+    assert rel_err(logits(on_gpu, IDS.cuda()).cpu(), logits(on_cpu, IDS)) < 0.02

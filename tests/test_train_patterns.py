@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
 from duo_qserve.model import CausalAttention, ModelArgs, Transformer
 from duo_qserve.patterns import load_pattern, save_pattern
@@ -17,7 +19,7 @@ from duo_qserve.train_patterns import (
     deployed_loss,
     lr_multiplier,
     select_best,
-    streaming_mask,
+    streaming_attention,
     train_gates,
 )
 
@@ -79,6 +81,13 @@ def settings(**kw) -> TrainSettings:
     return TrainSettings(**(base | kw))
 
 
+def streaming_mask(t: int, sink: int, recent: int) -> torch.Tensor:
+    """The definition: boolean [T, T], key j visible to query i iff causal and (j < sink or j > i - recent)."""
+    i = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    return (j <= i) & ((j < sink) | (j > i - recent))
+
+
 def test_streaming_mask_is_token_exact():
     m = streaming_mask(8, sink=2, recent=3)
     assert m[7].tolist() == [True, True, False, False, False, True, True, True]
@@ -86,14 +95,43 @@ def test_streaming_mask_is_token_exact():
     assert not m.triu(1).any()
 
 
+@pytest.mark.parametrize(
+    "t, sink, recent", [(1, 4, 8), (7, 4, 8), (64, 4, 8), (100, 4, 8), (100, 0, 16), (37, 40, 5), (96, 8, 1)]
+)
+def test_streaming_attention_is_the_masked_attention(t, sink, recent):
+    """Blockwise sink + band attention against SDPA under the [T, T] mask, in float64 on random inputs: the same
+    keys with the same weights, so they agree to float64 rounding (1e-12 on O(1) values). Lengths below, at and
+    off a multiple of the block, a sink longer than the sequence, no sink, and a window of one."""
+    g = torch.Generator().manual_seed(t * 1000 + sink * 10 + recent)
+    q, k, v = (torch.randn(3, t, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=streaming_mask(t, sink, recent))
+    torch.testing.assert_close(streaming_attention(q, k, v, sink, recent), ref, rtol=0, atol=1e-12)
+    if t > sink + recent > sink + 1:  # the control: a window one token shorter is another function
+        assert (streaming_attention(q, k, v, sink, recent - 1) - ref).abs().max() > 1e-3
+
+
 def test_gates_at_one_reproduce_full_attention_and_at_zero_differ():
     model, sample = planted_model(), copy_task(random.Random(0))
     full = model.hidden_states(sample.ids, CausalAttention())
-    mask = streaming_mask(LENGTH, SINK, RECENT)
-    ones = model.hidden_states(sample.ids, GatedAttention(torch.ones(2, 2), mask))
-    zeros = model.hidden_states(sample.ids, GatedAttention(torch.zeros(2, 2), mask))
+    ones = model.hidden_states(sample.ids, GatedAttention(torch.ones(2, 2), SINK, RECENT))
+    zeros = model.hidden_states(sample.ids, GatedAttention(torch.zeros(2, 2), SINK, RECENT))
     torch.testing.assert_close(ones, full)
     assert (zeros[-ANSWER:] - full[-ANSWER:]).abs().max() > 0.1
+
+
+def test_recompute_gives_the_gradients_of_a_plain_backward():
+    """Activation recompute changes memory only: the gates' gradient equals a plain backward's to float32
+    rounding (the same operations run twice; only their order of accumulation may differ)."""
+    model, sample = planted_model(), copy_task(random.Random(1))
+    model.requires_grad_(False)
+    grads = []
+    for recompute in (False, True):
+        gates = torch.full((2, 2), 0.5, requires_grad=True)
+        h = model.hidden_states(sample.ids, GatedAttention(gates, SINK, RECENT), recompute=recompute)
+        h[-ANSWER:].pow(2).sum().backward()
+        grads.append(gates.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule_warms_up_plateaus_and_decays():
