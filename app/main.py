@@ -45,9 +45,11 @@ from duo_qserve.documents import (
 from duo_qserve.engine import (
     ANSWER_RESERVE,
     Cancelled,
+    DocumentInfo,
     DocumentTooLarge,
     Engine,
     EngineSettings,
+    GenerationStats,
     token_sha256,
 )
 from duo_qserve.eta import PrefillClock
@@ -154,6 +156,29 @@ def _delete_uploads(paths: list[str]) -> None:
             p.parent.rmdir()
         except OSError:  # not empty, or already gone
             pass
+
+
+def _answer_stats_line(stats: GenerationStats, doc: DocumentInfo, max_new_tokens: int) -> str:
+    """The line under an answer: its speed, length and ending, the question's and the earlier turns' tokens in
+    context (and turns that no longer fit), where the document's tokens came from, the evidence pass's time."""
+    ending = render.ENDINGS[stats.ended_by]
+    if stats.ended_by == "cancel":
+        ending = f"stopped after {stats.answer_tokens} of at most {max_new_tokens} tokens; ready"
+    turns = f"turn {stats.history_turns + 1} of this conversation ({stats.history_turns} earlier in context"
+    turns += f", {stats.history_tokens:,} tokens)"
+    if stats.dropped_turns:
+        turns += (
+            f" · **the oldest {stats.dropped_turns} turn{'s' if stats.dropped_turns > 1 else ''} no longer "
+            "fit after the document and left the model's context** (they stay in the export)"
+        )
+    line = (
+        f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
+        f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
+        f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
+    )
+    if stats.evidence:
+        line += f" · sources found in {stats.evidence_s:.2f} s"
+    return line
 
 
 def _check_paths(settings: EngineSettings) -> None:
@@ -457,33 +482,23 @@ class Server:
         stats = job.result
         shown = answer[0] or "_(no answer)_"
         if stats.evidence:
-            passages = describe(
-                stats.evidence, engine.document_text_start, engine.tokenizer, doc.ids,
-                self.chapters.get(doc.sha256, []),
-            )  # fmt: skip
-            if conversation.turns and conversation.turns[-1].question == question:
-                conversation.turns[-1].meta["passages"] = passages  # for the export
-            shown += "\n\n" + render.passages_markdown(passages)
-        ending = render.ENDINGS[stats.ended_by]
-        if stats.ended_by == "cancel":
-            ending = f"stopped after {stats.answer_tokens} of at most {int(max_new_tokens)} tokens; ready"
-        turns = (
-            f"turn {stats.history_turns + 1} of this conversation ({stats.history_turns} earlier in context"
-        )
-        turns += f", {stats.history_tokens:,} tokens)"
-        if stats.dropped_turns:
-            turns += (
-                f" · **the oldest {stats.dropped_turns} turn{'s' if stats.dropped_turns > 1 else ''} no longer "
-                "fit after the document and left the model's context** (they stay in the export)"
-            )
-        line = (
-            f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
-            f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
-            f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
-        )
-        if stats.evidence:
-            line += f" · sources found in {stats.evidence_s:.2f} s"
+            shown += "\n\n" + self._evidence_markdown(stats, doc, question, conversation)
+        line = _answer_stats_line(stats, doc, int(max_new_tokens))
         yield [*history, {"role": "assistant", "content": shown}], gr.skip(), line
+
+    def _evidence_markdown(
+        self, stats: GenerationStats, doc: DocumentInfo, question: str, conversation: Conversation
+    ) -> str:
+        """The passages an answer came from (``stats.evidence``, not empty), as shown under it; they are also
+        kept in the question's turn of ``conversation`` for the export."""
+        engine = self.engine
+        passages = describe(
+            stats.evidence, engine.document_text_start, engine.tokenizer, doc.ids,
+            self.chapters.get(doc.sha256, []),
+        )  # fmt: skip
+        if conversation.turns and conversation.turns[-1].question == question:
+            conversation.turns[-1].meta["passages"] = passages  # for the export
+        return render.passages_markdown(passages)
 
     def export(self, fmt: str, conversation: Conversation) -> str:
         """Write every turn of the conversation with its provenance to a file for download."""
