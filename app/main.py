@@ -45,9 +45,11 @@ from duo_qserve.documents import (
 from duo_qserve.engine import (
     ANSWER_RESERVE,
     Cancelled,
+    DocumentInfo,
     DocumentTooLarge,
     Engine,
     EngineSettings,
+    GenerationStats,
     token_sha256,
 )
 from duo_qserve.eta import PrefillClock
@@ -154,6 +156,29 @@ def _delete_uploads(paths: list[str]) -> None:
             p.parent.rmdir()
         except OSError:  # not empty, or already gone
             pass
+
+
+def _answer_stats_line(stats: GenerationStats, doc: DocumentInfo, max_new_tokens: int) -> str:
+    """The line under an answer: its speed, length and ending, the question's and the earlier turns' tokens in
+    context (and turns that no longer fit), where the document's tokens came from, the evidence pass's time."""
+    ending = render.ENDINGS[stats.ended_by]
+    if stats.ended_by == "cancel":
+        ending = f"stopped after {stats.answer_tokens} of at most {max_new_tokens} tokens; ready"
+    turns = f"turn {stats.history_turns + 1} of this conversation ({stats.history_turns} earlier in context"
+    turns += f", {stats.history_tokens:,} tokens)"
+    if stats.dropped_turns:
+        turns += (
+            f" · **the oldest {stats.dropped_turns} turn{'s' if stats.dropped_turns > 1 else ''} no longer "
+            "fit after the document and left the model's context** (they stay in the export)"
+        )
+    line = (
+        f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
+        f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
+        f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
+    )
+    if stats.evidence:
+        line += f" · sources found in {stats.evidence_s:.2f} s"
+    return line
 
 
 def _check_paths(settings: EngineSettings) -> None:
@@ -457,33 +482,23 @@ class Server:
         stats = job.result
         shown = answer[0] or "_(no answer)_"
         if stats.evidence:
-            passages = describe(
-                stats.evidence, engine.document_text_start, engine.tokenizer, doc.ids,
-                self.chapters.get(doc.sha256, []),
-            )  # fmt: skip
-            if conversation.turns and conversation.turns[-1].question == question:
-                conversation.turns[-1].meta["passages"] = passages  # for the export
-            shown += "\n\n" + render.passages_markdown(passages)
-        ending = render.ENDINGS[stats.ended_by]
-        if stats.ended_by == "cancel":
-            ending = f"stopped after {stats.answer_tokens} of at most {int(max_new_tokens)} tokens; ready"
-        turns = (
-            f"turn {stats.history_turns + 1} of this conversation ({stats.history_turns} earlier in context"
-        )
-        turns += f", {stats.history_tokens:,} tokens)"
-        if stats.dropped_turns:
-            turns += (
-                f" · **the oldest {stats.dropped_turns} turn{'s' if stats.dropped_turns > 1 else ''} no longer "
-                "fit after the document and left the model's context** (they stay in the export)"
-            )
-        line = (
-            f"{stats.ttft_s:.2f} s to first token · {stats.decode_ms_per_token:.0f} ms/token · "
-            f"{stats.answer_tokens} answer tokens, {ending} · question {stats.question_tokens} tokens · {turns}; "
-            f"the {doc.tokens:,} document tokens came from the cache ('{doc.title}', loaded by {doc.loaded_by})"
-        )
-        if stats.evidence:
-            line += f" · sources found in {stats.evidence_s:.2f} s"
+            shown += "\n\n" + self._evidence_markdown(stats, doc, question, conversation)
+        line = _answer_stats_line(stats, doc, int(max_new_tokens))
         yield [*history, {"role": "assistant", "content": shown}], gr.skip(), line
+
+    def _evidence_markdown(
+        self, stats: GenerationStats, doc: DocumentInfo, question: str, conversation: Conversation
+    ) -> str:
+        """The passages an answer came from (``stats.evidence``, not empty), as shown under it; they are also
+        kept in the question's turn of ``conversation`` for the export."""
+        engine = self.engine
+        passages = describe(
+            stats.evidence, engine.document_text_start, engine.tokenizer, doc.ids,
+            self.chapters.get(doc.sha256, []),
+        )  # fmt: skip
+        if conversation.turns and conversation.turns[-1].question == question:
+            conversation.turns[-1].meta["passages"] = passages  # for the export
+        return render.passages_markdown(passages)
 
     def export(self, fmt: str, conversation: Conversation) -> str:
         """Write every turn of the conversation with its provenance to a file for download."""
@@ -664,6 +679,314 @@ class Server:
         return dataclasses.replace(self.settings, sparsity=ratio, max_tokens=max_tokens)
 
 
+# ---- the page ------------------------------------------------------------------------------------------------
+# ``build_app`` lays the page out area by area (the ``_*_area`` functions, in the order the areas appear: the
+# left column top to bottom, then the right one), then wires the events (the ``_wire_*`` functions). An area
+# function must be called inside the page's ``gr.Blocks``, where its components go; it returns them for wiring.
+
+ON_GPU = dict(concurrency_limit=1, concurrency_id=GPU)  # the event arguments of every model-running event
+
+
+@dataclasses.dataclass
+class DocumentArea:
+    """Accordion "1 · Document": read an upload or pasted text, then pre-fill it."""
+
+    files: gr.File
+    pasted: gr.Textbox
+    read_button: gr.Button
+    summary: gr.Markdown
+    ratio_button: gr.Button  # "Reload" at the streaming ratio the read document needs (operator only)
+    load_button: gr.Button
+    cancel_button: gr.Button
+    progress: gr.HTML
+    doc_status: gr.Markdown
+    chapters: gr.Dataframe
+
+
+@dataclasses.dataclass
+class AskArea:
+    """Accordion "2 · Ask": the conversation, its sampling settings and its export."""
+
+    chatbot: gr.Chatbot
+    question: gr.Textbox
+    ask_button: gr.Button
+    stop_button: gr.Button
+    clear_button: gr.Button
+    answer_stats: gr.Markdown
+    # in ``Server.ask``'s order: temperature, top-p, max new tokens, repetition penalty, no-repeat n-gram, repeat stop
+    sampling: list[gr.Slider]
+    export_format: gr.Radio
+    export_button: gr.Button
+    export_file: gr.File
+
+
+@dataclasses.dataclass
+class LibraryArea:
+    """Accordion "Library (saved books)": this owner's saved books."""
+
+    book: gr.Dropdown
+    load_book_button: gr.Button
+    remove_book_button: gr.Button
+    refresh_books_button: gr.Button
+    save_book_button: gr.Button
+    library_status: gr.Markdown
+
+
+@dataclasses.dataclass
+class SettingsArea:
+    """Accordion "Settings (operator only)": the engine's model and settings, changed with the admin token."""
+
+    model: gr.Textbox
+    pattern: gr.Textbox
+    sparsity: gr.Slider
+    kv_bits: gr.Radio
+    w8a8: gr.Checkbox
+    admin: gr.Textbox
+    apply_button: gr.Button
+    settings_status: gr.Markdown
+
+
+def _document_area() -> DocumentArea:
+    """Lay out the document accordion: upload or paste, Read and its summary, Reload (hidden until a read
+    document needs another ratio), Load into model (enabled by a read) and Cancel, the pre-fill's progress bar
+    and status, and the chapters table."""
+    with gr.Accordion("1 · Document", open=True):
+        files = gr.File(
+            label="Upload a book (several files become one document)",
+            file_count="multiple",
+            file_types=list(SUPPORTED_SUFFIXES),
+            height=120,
+        )
+        pasted = gr.Textbox(label="…or paste text", lines=3, max_lines=8)
+        read_button = gr.Button("Read", variant="secondary")
+        summary = gr.Markdown(elem_id="summary")
+        ratio_button = gr.Button("Reload", visible=False, variant="secondary")
+        with gr.Row():
+            load_button = gr.Button("Load into model", variant="primary", interactive=False)
+            cancel_button = gr.Button("Cancel", variant="stop")
+        progress = gr.HTML(elem_id="progress")
+        doc_status = gr.Markdown(elem_id="doc-status")
+        with gr.Accordion("Chapters", open=False):
+            chapters = gr.Dataframe(
+                headers=["Chapter", "Token offset"], datatype=["str", "number"], interactive=False
+            )
+    return DocumentArea(
+        files, pasted, read_button, summary, ratio_button, load_button, cancel_button, progress, doc_status,
+        chapters,
+    )  # fmt: skip
+
+
+def _ask_area() -> AskArea:
+    """Lay out the ask accordion: the conversation, the question box, Ask / Stop / New conversation, the last
+    answer's stats line, the sampling sliders (greedy by default) and the export (Markdown or JSON)."""
+    with gr.Accordion("2 · Ask", open=True):
+        chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chat")
+        question = gr.Textbox(label="Question", placeholder="What is the book about?", lines=1)
+        with gr.Row():
+            ask_button = gr.Button("Ask", variant="primary")
+            stop_button = gr.Button("Stop", variant="stop")
+            clear_button = gr.Button("New conversation")
+        answer_stats = gr.Markdown(elem_id="answer-stats")
+        with gr.Accordion("Sampling", open=False):
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            max_new = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
+            repetition_penalty = gr.Slider(
+                1.0, 2.0, value=Sampling.repetition_penalty, step=0.05,
+                label="Repetition penalty on the answer's own tokens (1 = off)",
+            )  # fmt: skip
+            no_repeat_ngram = gr.Slider(
+                0, 8, value=Sampling.no_repeat_ngram, step=1,
+                label="No repeated n-grams of this length in the answer (0 = off)",
+            )  # fmt: skip
+            repeat_stop = gr.Slider(
+                0, 128, value=Sampling.repeat_stop, step=4,
+                label="Stop once the answer repeats this many tokens (0 = off)",
+            )  # fmt: skip
+        with gr.Accordion("Export the conversation (with model, settings and document hash)", open=False):
+            with gr.Row():
+                export_format = gr.Radio(["Markdown", "JSON"], value="Markdown", label="Format")
+                export_button = gr.Button("Export")
+            export_file = gr.File(label="Download", interactive=False, height=70)
+    sampling = [temperature, top_p, max_new, repetition_penalty, no_repeat_ngram, repeat_stop]
+    return AskArea(
+        chatbot, question, ask_button, stop_button, clear_button, answer_stats, sampling, export_format,
+        export_button, export_file,
+    )  # fmt: skip
+
+
+def _memory_area(engine: Engine) -> tuple[gr.HTML, gr.HTML]:
+    """Lay out the live readouts of the right column: the memory bar and the head map, drawn for ``engine``
+    now (``_wire_live_readouts`` refreshes them); returns (memory, head map)."""
+    gr.Markdown("### Memory (live)")
+    memory = gr.HTML(render.memory_html(engine), elem_id="memory")
+    gr.Markdown("### Head map")
+    head_map = gr.HTML(render.head_map_html(engine), elem_id="head-map")
+    return memory, head_map
+
+
+def _library_area() -> LibraryArea:
+    """Lay out the library accordion (closed): the saved-books dropdown (filled on page load), Load book /
+    Remove / Refresh, Save the loaded document, and a status line."""
+    with gr.Accordion("Library (saved books)", open=False):
+        book = gr.Dropdown(label="Saved books", choices=[], allow_custom_value=False)
+        with gr.Row():
+            load_book_button = gr.Button("Load book")
+            remove_book_button = gr.Button("Remove")
+            refresh_books_button = gr.Button("Refresh")
+        save_book_button = gr.Button("Save the loaded document")
+        library_status = gr.Markdown()
+    return LibraryArea(
+        book, load_book_button, remove_book_button, refresh_books_button, save_book_button, library_status
+    )
+
+
+def _settings_area(server: Server) -> SettingsArea:
+    """Lay out the settings accordion, shown only when the server has an admin token: the running engine's
+    model, pattern, streaming ratio, KV bits and W8A8 as starting values, the admin token box and Apply."""
+    engine = server.engine
+    with gr.Accordion("Settings (operator only)", open=False, visible=server.admin_token is not None):
+        model = gr.Textbox(
+            value=engine.settings.model,
+            label="Model (a name such as qwen2.5-coder-0.5b, a checkpoint dir or .gguf)",
+        )
+        pattern = gr.Textbox(
+            value=str(engine.settings.pattern),
+            label="Attention pattern (a path, 'auto' or 'none')",
+        )
+        sparsity = gr.Slider(
+            0.0, 1.0, value=engine.settings.sparsity, step=0.05, label="Streaming-head ratio"
+        )
+        kv_bits = gr.Radio(["4", "8", "16"], value=str(engine.cache_config.kv_bits), label="KV bits")
+        w8a8 = gr.Checkbox(value=engine.w8a8, label="W8A8 weights and activations")
+        admin = gr.Textbox(label="Admin token (the app's --admin-token)", type="password")
+        apply_button = gr.Button("Apply (reloads the model)")
+        settings_status = gr.Markdown()
+    return SettingsArea(model, pattern, sparsity, kv_bits, w8a8, admin, apply_button, settings_status)
+
+
+def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: gr.State) -> None:
+    """Read ("/read": files or pasted text into ``pending``, the summary, chapters and buttons), Load into model
+    ("/prefill", on the GPU: ``pending`` pre-filled, ``mine`` set to its hash) and Cancel ("/cancel", outside
+    the queue: it only tells the engine to stop this session's job)."""
+    doc.read_button.click(
+        server.read,
+        [doc.files, doc.pasted, mine],
+        [doc.summary, doc.chapters, pending, doc.ratio_button, doc.load_button],
+        api_name="read",
+    )
+    doc.load_button.click(
+        server.prefill, [pending, mine], [doc.progress, doc.doc_status, mine], api_name="prefill", **ON_GPU
+    )
+    doc.cancel_button.click(server.cancel, None, None, api_name="cancel", concurrency_limit=None)
+
+
+def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
+    """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
+    answer into the chat and clears the question; Stop ("/stop") only tells the engine; New conversation
+    ("/clear") empties the chat and ``conversation``; Export ("/export") writes it to a file."""
+    ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
+    ask_outputs = [ask.chatbot, ask.question, ask.answer_stats]
+    ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **ON_GPU)
+    ask.question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **ON_GPU)
+    # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
+    # the event would leave its last status standing and show an error badge for the user's own action).
+    ask.stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
+    ask.clear_button.click(
+        lambda: ([], Conversation(), ""),
+        None,
+        [ask.chatbot, conversation, ask.answer_stats],
+        api_name="clear",
+    )
+    ask.export_button.click(
+        server.export, [ask.export_format, conversation], ask.export_file, api_name="export"
+    )
+
+
+def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.State) -> None:
+    """The dropdown is filled on page load and by Refresh ("/books"); Save ("/save_book") and Load book
+    ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book") deletes a saved book."""
+    lib.refresh_books_button.click(server.books, None, lib.book, api_name="books")
+    demo.load(server.books, None, lib.book, api_visibility="undocumented")
+    lib.save_book_button.click(
+        server.save_book, mine, [lib.library_status, lib.book], api_name="save_book", **ON_GPU
+    )
+    lib.load_book_button.click(
+        server.load_book, [lib.book, mine], [lib.library_status, mine], api_name="load_book", **ON_GPU
+    )
+    lib.remove_book_button.click(
+        server.remove_book, lib.book, [lib.library_status, lib.book], api_name="remove_book"
+    )
+
+
+def _wire_settings(
+    server: Server, settings: SettingsArea, doc: DocumentArea, pending: gr.State, headline: gr.Markdown
+) -> None:
+    """Apply ("/apply") and the document area's Reload ("/apply_ratio") re-create the engine on the GPU, each
+    only with the admin token (``Server.check_operator``), and redraw the capacity headline; Reload also
+    re-summarizes the read document and sets the ratio slider to the ratio it applied."""
+
+    def apply_settings(
+        model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, token: str, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        server.check_operator(token)
+        for message in server.apply(server.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request):
+            yield message, render.capacity_headline(server.engine)
+
+    engine_fields = [settings.model, settings.pattern, settings.sparsity, settings.kv_bits, settings.w8a8]
+    settings.apply_button.click(
+        apply_settings,
+        [*engine_fields, settings.admin],
+        [settings.settings_status, headline],
+        api_name="apply",
+        **ON_GPU,
+    )
+
+    def apply_ratio(p: Pending | None, token: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        server.check_operator(token)
+        target = server.ratio_settings(p)
+        for message in server.apply(target, request):
+            yield (
+                message,
+                render.capacity_headline(server.engine),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+            )
+        yield (
+            gr.skip(),
+            render.capacity_headline(server.engine),
+            *server._summary(p, request),
+            server.settings.sparsity,
+        )
+
+    doc.ratio_button.click(
+        apply_ratio,
+        [pending, settings.admin],
+        [doc.doc_status, headline, doc.summary, doc.ratio_button, doc.load_button, settings.sparsity],
+        api_name="apply_ratio",
+        **ON_GPU,
+    )
+
+
+def _wire_live_readouts(
+    server: Server,
+    mine: gr.State,
+    memory: gr.HTML,
+    banner: gr.Markdown,
+    head_map: gr.HTML,
+    warm_up: gr.Markdown,
+) -> None:
+    """Add the page's 1 s timer: it redraws the memory bar, this session's banner, the head map and the warm-up
+    line (outside the queue, never shown as progress)."""
+    timer = gr.Timer(1.0)
+    timer.tick(
+        server.tick, mine, [memory, banner, head_map, warm_up], show_progress="hidden", concurrency_limit=None,
+        api_visibility="undocumented",
+    )  # fmt: skip
+
+
 def build_app(server: Server) -> gr.Blocks:
     """The UI, wired to ``server``; every model-running event is in the one GPU concurrency group."""
     engine = server.engine
@@ -678,177 +1001,19 @@ def build_app(server: Server) -> gr.Blocks:
         banner = gr.Markdown("No document loaded yet.", elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Accordion("1 · Document", open=True):
-                    files = gr.File(
-                        label="Upload a book (several files become one document)",
-                        file_count="multiple",
-                        file_types=list(SUPPORTED_SUFFIXES),
-                        height=120,
-                    )
-                    pasted = gr.Textbox(label="…or paste text", lines=3, max_lines=8)
-                    read_button = gr.Button("Read", variant="secondary")
-                    summary = gr.Markdown(elem_id="summary")
-                    ratio_button = gr.Button("Reload", visible=False, variant="secondary")
-                    with gr.Row():
-                        load_button = gr.Button("Load into model", variant="primary", interactive=False)
-                        cancel_button = gr.Button("Cancel", variant="stop")
-                    progress = gr.HTML(elem_id="progress")
-                    doc_status = gr.Markdown(elem_id="doc-status")
-                    with gr.Accordion("Chapters", open=False):
-                        chapters = gr.Dataframe(
-                            headers=["Chapter", "Token offset"], datatype=["str", "number"], interactive=False
-                        )
-                with gr.Accordion("2 · Ask", open=True):
-                    chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chat")
-                    question = gr.Textbox(label="Question", placeholder="What is the book about?", lines=1)
-                    with gr.Row():
-                        ask_button = gr.Button("Ask", variant="primary")
-                        stop_button = gr.Button("Stop", variant="stop")
-                        clear_button = gr.Button("New conversation")
-                    answer_stats = gr.Markdown(elem_id="answer-stats")
-                    with gr.Accordion("Sampling", open=False):
-                        temperature = gr.Slider(
-                            0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"
-                        )
-                        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                        max_new = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
-                        repetition_penalty = gr.Slider(
-                            1.0, 2.0, value=Sampling.repetition_penalty, step=0.05,
-                            label="Repetition penalty on the answer's own tokens (1 = off)",
-                        )  # fmt: skip
-                        no_repeat_ngram = gr.Slider(
-                            0, 8, value=Sampling.no_repeat_ngram, step=1,
-                            label="No repeated n-grams of this length in the answer (0 = off)",
-                        )  # fmt: skip
-                        repeat_stop = gr.Slider(
-                            0, 128, value=Sampling.repeat_stop, step=4,
-                            label="Stop once the answer repeats this many tokens (0 = off)",
-                        )  # fmt: skip
-                    with gr.Accordion(
-                        "Export the conversation (with model, settings and document hash)", open=False
-                    ):
-                        with gr.Row():
-                            export_format = gr.Radio(["Markdown", "JSON"], value="Markdown", label="Format")
-                            export_button = gr.Button("Export")
-                        export_file = gr.File(label="Download", interactive=False, height=70)
+                doc = _document_area()
+                ask = _ask_area()
             with gr.Column(scale=2):
-                gr.Markdown("### Memory (live)")
-                memory = gr.HTML(render.memory_html(engine), elem_id="memory")
-                gr.Markdown("### Head map")
-                head_map = gr.HTML(render.head_map_html(engine), elem_id="head-map")
-                with gr.Accordion("Library (saved books)", open=False):
-                    book = gr.Dropdown(label="Saved books", choices=[], allow_custom_value=False)
-                    with gr.Row():
-                        load_book_button = gr.Button("Load book")
-                        remove_book_button = gr.Button("Remove")
-                        refresh_books_button = gr.Button("Refresh")
-                    save_book_button = gr.Button("Save the loaded document")
-                    library_status = gr.Markdown()
-                with gr.Accordion(
-                    "Settings (operator only)", open=False, visible=server.admin_token is not None
-                ):
-                    model = gr.Textbox(
-                        value=engine.settings.model,
-                        label="Model (a name such as qwen2.5-coder-0.5b, a checkpoint dir or .gguf)",
-                    )
-                    pattern = gr.Textbox(
-                        value=str(engine.settings.pattern),
-                        label="Attention pattern (a path, 'auto' or 'none')",
-                    )
-                    sparsity = gr.Slider(
-                        0.0, 1.0, value=engine.settings.sparsity, step=0.05, label="Streaming-head ratio"
-                    )
-                    kv_bits = gr.Radio(
-                        ["4", "8", "16"], value=str(engine.cache_config.kv_bits), label="KV bits"
-                    )
-                    w8a8 = gr.Checkbox(value=engine.w8a8, label="W8A8 weights and activations")
-                    admin = gr.Textbox(label="Admin token (the app's --admin-token)", type="password")
-                    apply_button = gr.Button("Apply (reloads the model)")
-                    settings_status = gr.Markdown()
+                memory, head_map = _memory_area(engine)
+                lib = _library_area()
+                settings = _settings_area(server)
 
-        gpu = dict(concurrency_limit=1, concurrency_id=GPU)
-        read_button.click(
-            server.read,
-            [files, pasted, mine],
-            [summary, chapters, pending, ratio_button, load_button],
-            api_name="read",
-        )
-        load_button.click(
-            server.prefill, [pending, mine], [progress, doc_status, mine], api_name="prefill", **gpu
-        )
-        cancel_button.click(server.cancel, None, None, api_name="cancel", concurrency_limit=None)
-
-        ask_inputs = [question, chatbot, conversation, mine, temperature, top_p, max_new]
-        ask_inputs += [repetition_penalty, no_repeat_ngram, repeat_stop]
-        ask_outputs = [chatbot, question, answer_stats]
-        ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **gpu)
-        question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **gpu)
-        # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
-        # the event would leave its last status standing and show an error badge for the user's own action).
-        stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
-        clear_button.click(
-            lambda: ([], Conversation(), ""), None, [chatbot, conversation, answer_stats], api_name="clear"
-        )
-        export_button.click(server.export, [export_format, conversation], export_file, api_name="export")
-
-        refresh_books_button.click(server.books, None, book, api_name="books")
-        demo.load(server.books, None, book, api_visibility="undocumented")
-        save_book_button.click(server.save_book, mine, [library_status, book], api_name="save_book", **gpu)
-        load_book_button.click(
-            server.load_book, [book, mine], [library_status, mine], api_name="load_book", **gpu
-        )
-        remove_book_button.click(server.remove_book, book, [library_status, book], api_name="remove_book")
+        _wire_document(server, doc, pending, mine)
+        _wire_ask(server, ask, conversation, mine)
+        _wire_library(server, demo, lib, mine)
         demo.unload(server.end_session)
-
-        def apply_settings(
-            model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, token: str, request: gr.Request
-        ) -> Iterator[tuple[Any, ...]]:
-            server.check_operator(token)
-            for message in server.apply(
-                server.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request
-            ):
-                yield message, render.capacity_headline(server.engine)
-
-        apply_button.click(
-            apply_settings,
-            [model, pattern, sparsity, kv_bits, w8a8, admin],
-            [settings_status, headline],
-            api_name="apply",
-            **gpu,
-        )
-
-        def apply_ratio(p: Pending | None, token: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-            server.check_operator(token)
-            settings = server.ratio_settings(p)
-            for message in server.apply(settings, request):
-                yield (
-                    message,
-                    render.capacity_headline(server.engine),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                )
-            yield (
-                gr.skip(),
-                render.capacity_headline(server.engine),
-                *server._summary(p, request),
-                server.settings.sparsity,
-            )
-
-        ratio_button.click(
-            apply_ratio,
-            [pending, admin],
-            [doc_status, headline, summary, ratio_button, load_button, sparsity],
-            api_name="apply_ratio",
-            **gpu,
-        )
-
-        timer = gr.Timer(1.0)
-        timer.tick(
-            server.tick, mine, [memory, banner, head_map, warm_up], show_progress="hidden", concurrency_limit=None,
-            api_visibility="undocumented",
-        )  # fmt: skip
+        _wire_settings(server, settings, doc, pending, headline)
+        _wire_live_readouts(server, mine, memory, banner, head_map, warm_up)
     return demo
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from duo_qserve import library
+from duo_qserve import book_format, library
 from duo_qserve.cache import DuoKVCache
 from duo_qserve.documents import DocumentError
 from duo_qserve.engine import DocumentInfo, DocumentTooLarge, Engine, token_sha256
@@ -214,7 +214,7 @@ class SessionStore:
             return book.info
 
     def _load(self, path: Path, loaded_by: str, on_progress: Progress | None) -> DocumentInfo:
-        tokens = library._read_manifest(path)["tokens"]
+        tokens = book_format.read_manifest(path)["tokens"]
         self.engine.use(self._room_for(tokens), None)
         return library.load(self.engine, path, on_progress=on_progress, loaded_by=loaded_by)
 

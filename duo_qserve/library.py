@@ -3,17 +3,11 @@
 A pre-fill of a million tokens takes minutes; its compressed cache reads back from disk in seconds (Llama-3-8B,
 1M tokens, KV4, 50 % streaming heads: an 18.3 GB book saved in 15 s and loaded cold in 12 s on the H100 machine,
 near its disk's 1.2 GB/s write and 2.1 GB/s read; benchmarks/results/library-*.json). A book is a directory
-``<library>/<book_id>/`` with three files:
-
-- ``manifest.json``: what the cache was made with (model name, shape and a weight checksum; dtype, W8A8 and KV
-  settings; the attention pattern's gates hash, achieved sparsity and per-layer retrieval heads; sink/recent), the
-  document (title, files, token count, sha256 of its int64 token ids), the byte layout of the data file and one
-  sha256 per block of it.
-- ``cache.bin``: the checkpointed state only (whole quantized groups, scales, fp tails, sinks, rings; for every
-  tensor just the entries valid at the document's length, head by head in ``CacheSpec`` order), cut into blocks of
-  ``BLOCK_BYTES``;
-- ``tokens.bin``: the document's token ids as little-endian int64, so its sha256 is the manifest's
-  ``token_sha256``: a load checks one against the other, and the ids give answers' evidence passages their text.
+``<library>/<book_id>/`` of three files: ``manifest.json`` (what the cache was made with, the document, the data
+file's layout and one sha256 per block of it), ``cache.bin`` (the checkpointed cache state only, written in blocks
+of ``BLOCK_BYTES``) and ``tokens.bin`` (the document's token ids). ``duo_qserve.book_format`` says what each holds
+and checks a book's files and manifest; this module checks a book against the running engine and moves the cache's
+bytes.
 
 Data moves through one bounded host buffer (``SLOTS`` blocks, pinned on CUDA): no second copy of the cache in GPU
 or host memory. Several blocks are hashed and read or written at once, one thread each, because one sha256
@@ -39,12 +33,10 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,21 +48,26 @@ import numpy as np
 import torch
 
 from duo_qserve import environment
+from duo_qserve.book_format import (
+    DATA,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKENS,
+    BookCorrupt,
+    BookMismatch,
+    LibraryError,
+    read_manifest,
+    read_tokens,
+    write_tokens,
+)
 from duo_qserve.cache import CacheConfig, DuoKVCache
 from duo_qserve.engine import DocumentInfo, Engine, EngineSettings, token_sha256
 from duo_qserve.patterns import UNIFORM_PATTERN_NAME
 
-FORMAT = "duo-qserve-book"
-FORMAT_VERSION = 2  # 2: tokens.bin
-MANIFEST = "manifest.json"
-DATA = "cache.bin"
-TOKENS = "tokens.bin"
-FILES = (MANIFEST, DATA, TOKENS)
 BLOCK_BYTES = 64 << 20  # one checksum per block; a write or read is one block
 # Blocks hashed and moved at once, one thread each; the host buffer is SLOTS * BLOCK_BYTES.
 SLOTS = min(8, max(2, os.cpu_count() or 2))
-MAX_BLOCK_BYTES = 1 << 30  # a manifest asking for larger blocks would make the host buffer unbounded
-MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest (one line per 64 MB block and cache tensor)
 LOCK = ".lock"  # in the library directory: held by a save, and by start-up recovery
 # Stages of a save beside its book: .<book>.writing-<tag> (being written), .<book>.new-<tag> (complete, not yet
 # in place), .<book>.old-<tag> (the replaced copy, being deleted); see _write_book and recover.
@@ -80,18 +77,6 @@ WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 16, 4096
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
-
-
-class LibraryError(ValueError):
-    """A book that cannot be saved, found or loaded; the message says why and what to do."""
-
-
-class BookMismatch(LibraryError):
-    """The book was saved by an engine with another model or other settings."""
-
-
-class BookCorrupt(LibraryError):
-    """The book's files are damaged or incomplete."""
 
 
 @dataclass
@@ -161,7 +146,7 @@ def load(
     book directory. The returned ``prefill_seconds`` is the time the load took (nothing was pre-filled)."""
     t0 = time.perf_counter()
     path = _book_dir(book, directory)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if manifest["partial"]:
         raise LibraryError(
             f"{path} holds an unfinished pre-fill ({manifest['tokens']:,} of {manifest['total_tokens']:,} tokens): "
@@ -169,7 +154,7 @@ def load(
         )
     with engine.job():
         _check_compatible(engine, manifest, path)
-        ids = _read_tokens(path, manifest)
+        ids = read_tokens(path, manifest)
         _load_data(engine, path, manifest, protect=engine.document is not None, on_progress=on_progress)
         seconds = time.perf_counter() - t0
         info = DocumentInfo(
@@ -193,7 +178,7 @@ def scan(directory: str | Path | None = None) -> tuple[list[BookInfo], list[Brok
         if d.name.startswith("."):  # staged saves, resume checkpoints, the lock
             continue
         try:
-            books.append(_info(_read_manifest(d), d))
+            books.append(_info(read_manifest(d), d))
         except (LibraryError, OSError) as e:
             broken.append(BrokenBook(d.name, str(d), str(e)))
     return sorted(books, key=lambda b: b.created, reverse=True), broken
@@ -217,7 +202,7 @@ def find_by_hash(
     fits = []
     for b in found:
         try:
-            if not _mismatches(engine, _read_manifest(Path(b.path))):
+            if not _mismatches(engine, read_manifest(Path(b.path))):
                 fits.append(b)
         except LibraryError as e:  # changed since it was listed
             log.warning("skipping %s: %s", b.path, e)
@@ -579,7 +564,7 @@ def _write_book(
         try:
             layout = _layout(engine.cache, meta["tokens"])
             digests = _write_data(engine.cache, layout, writing / DATA, on_progress)
-            _write_tokens(writing / TOKENS, ids)
+            write_tokens(writing / TOKENS, ids)
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -675,206 +660,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_manifest(path: Path) -> dict:
-    """The book's manifest, every field checked for type, range and consistency with the data layout; any
-    problem is a LibraryError naming the book and the field."""
-    _check_files(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise BookCorrupt(
-            f"book {path.name}: {MANIFEST} cannot be read ({e}): save the document again"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BookCorrupt(f"book {path.name}: {MANIFEST} is not a duo-qserve book manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BookMismatch(
-            f"{path.name} was written in book format {manifest.get('format_version')!r}; this duo_qserve reads "
-            f"format {FORMAT_VERSION}: save the document again"
-        )
-    for name, (ok, expected) in _FIELDS.items():
-        _check_field(path, manifest, name, ok, expected)
-    if manifest["partial"]:
-        _check_field(
-            path,
-            manifest,
-            "total_tokens",
-            lambda v: _int(v) and v > manifest["tokens"],
-            "an integer above tokens",
-        )
-    else:
-        _check_field(path, manifest, "prefill_seconds", _seconds, "a finite number >= 0")
-    _check_data(path, manifest)
-    return manifest
-
-
-def _write_tokens(path: Path, ids: Sequence[int]) -> None:
-    with open(path, "wb") as f:
-        f.write(np.asarray(ids, dtype="<i8").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_tokens(path: Path, manifest: dict) -> np.ndarray:
-    """The book's token ids (int32, as the engine keeps them), checked against the manifest's token_sha256."""
-    size, expected = (path / TOKENS).stat().st_size, 8 * manifest["tokens"]
-    if size != expected:
-        raise BookCorrupt(f"book {path.name}: {TOKENS} has {size:,} bytes, but {manifest['tokens']:,} token ids "
-                          f"make {expected:,}: save the document again")  # fmt: skip
-    raw = (path / TOKENS).read_bytes()
-    if hashlib.sha256(raw).hexdigest() != manifest["token_sha256"]:
-        raise BookCorrupt(f"book {path.name}: its token ids do not match the manifest's token_sha256 (one of "
-                          f"them was changed): save the document again")  # fmt: skip
-    return np.frombuffer(raw, dtype="<i8").astype(np.int32)
-
-
-def _check_files(path: Path) -> None:
-    """A book is a real directory holding exactly its three regular files (no links, nothing else)."""
-    if path.is_symlink() or not path.is_dir():
-        raise LibraryError(f"{path} is not a book: a book is a directory (not a link) holding {MANIFEST}")
-    names = {p.name for p in path.iterdir()}
-    if MANIFEST not in names:
-        raise LibraryError(f"{path} is not a book: it has no {MANIFEST}")
-    extra, missing = sorted(names - set(FILES)), sorted(set(FILES) - names)
-    if extra or missing:
-        found = ", ".join([f"unexpected {n}" for n in extra] + [f"no {n}" for n in missing])
-        raise BookCorrupt(f"book {path.name} should hold {', '.join(FILES)} only, but has {found}: "
-                          f"save the document again")  # fmt: skip
-    for name in FILES:
-        mode = os.lstat(path / name).st_mode
-        if not stat.S_ISREG(mode):
-            raise BookCorrupt(f"book {path.name}: {name} is not a regular file (a link or a device): save the "
-                              f"document again")  # fmt: skip
-    if (path / MANIFEST).stat().st_size > MAX_MANIFEST_BYTES:
-        raise BookCorrupt(f"book {path.name}: {MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB, far larger than a "
-                          f"manifest: save the document again")  # fmt: skip
-
-
-def _int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _count(v: object) -> bool:
-    return _int(v) and v >= 0
-
-
-def _sha(v: object) -> bool:
-    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
-
-
-def _seconds(v: object) -> bool:
-    return (_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0
-
-
-def _iso_time(v: object) -> bool:
-    try:
-        return isinstance(v, str) and datetime.datetime.fromisoformat(v).tzinfo is not None
-    except ValueError:
-        return False
-
-
-def _dtype_name(v: object) -> bool:
-    return isinstance(v, str) and isinstance(getattr(torch, v, None), torch.dtype)
-
-
-_STR = (lambda v: isinstance(v, str), "a string")
-_COUNT = (_count, "an integer >= 0")
-_SHA = (_sha, "a sha256 (64 lowercase hex digits)")
-_FIELDS = {  # dotted path: (test, what it should be)
-    "book_id": _STR,
-    "created": (_iso_time, "an ISO 8601 time with a time zone"),
-    "title": _STR,
-    "files": (lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v), "a list of file names"),
-    "partial": (lambda v: isinstance(v, bool), "true or false"),
-    "tokens": (lambda v: _int(v) and v > 0, "an integer > 0"),
-    "token_sha256": _SHA,
-    "chunk_size": (lambda v: _int(v) and v > 0, "an integer > 0"),
-    "model.name": _STR,
-    "model.source": _STR,
-    "model.args": (lambda v: isinstance(v, dict), "an object"),
-    "model.weights_sha256": _SHA,
-    "settings.dtype": (_dtype_name, "a torch dtype name"),
-    "settings.w8a8": (lambda v: isinstance(v, bool), "true or false"),
-    "settings.kv_bits": (lambda v: _int(v) and v in (4, 8, 16), "4, 8 or 16"),
-    "settings.key_group": (lambda v: _int(v) and v > 0, "an integer > 0"),
-    "settings.sink_tokens": _COUNT,
-    "settings.recent_tokens": _COUNT,
-    "pattern.name": _STR,
-    "pattern.gates_sha256": _SHA,
-    "pattern.sparsity": (lambda v: _seconds(v) and v <= 1, "a number in [0, 1]"),
-    "pattern.retrieval_heads": (
-        lambda v: isinstance(v, list) and all(_count(h) for h in v),
-        "a list of counts",
-    ),
-    "data.file": (lambda v: v == DATA, repr(DATA)),
-    "data.bytes": _COUNT,
-    "data.block_bytes": (
-        lambda v: _int(v) and 0 < v <= MAX_BLOCK_BYTES,
-        f"an integer in [1, {MAX_BLOCK_BYTES:,}]",
-    ),
-    "data.blocks": (lambda v: isinstance(v, list) and all(_sha(d) for d in v), "a list of sha256s"),
-    "data.tensors": (
-        lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v),
-        "a list of objects",
-    ),
-}
-_TENSOR_FIELDS = {
-    "layer": _COUNT,
-    "name": _STR,
-    "dtype": (_dtype_name, "a torch dtype name"),
-    "heads": (lambda v: _int(v) and v > 0, "an integer > 0"),
-    "row_shape": (lambda v: isinstance(v, list) and all(_int(n) and n > 0 for n in v), "a list of sizes"),
-    "valid": _COUNT,
-    "offset": _COUNT,
-    "nbytes": _COUNT,
-}
-
-
-def _check_field(path: Path, manifest: dict, name: str, ok: Callable[[object], bool], expected: str) -> None:
-    value: object = manifest
-    for key in name.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise BookCorrupt(f"book {path.name}: its manifest lacks {name}: save the document again")
-        value = value[key]
-    if not ok(value):
-        shown = json.dumps(value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise BookCorrupt(
-            f"book {path.name}: manifest field {name} is {shown}, expected {expected}: save the document again"
-        )
-
-
-def _check_data(path: Path, manifest: dict) -> None:
-    """The data section agrees with itself: contiguous tensors whose sizes add up to ``data.bytes``, one
-    checksum per block, and one layer of retrieval heads per layer the tensors name."""
-    data = manifest["data"]
-    offset = 0
-    for i, entry in enumerate(data["tensors"]):
-        for key, (ok, expected) in _TENSOR_FIELDS.items():
-            if key not in entry or not ok(entry[key]):
-                raise BookCorrupt(f"book {path.name}: manifest field data.tensors[{i}].{key} is "
-                                  f"{entry.get(key)!r}, expected {expected}: save the document again")  # fmt: skip
-        itemsize = getattr(torch, entry["dtype"]).itemsize
-        size = entry["heads"] * entry["valid"] * math.prod(entry["row_shape"]) * itemsize
-        if entry["nbytes"] != size or entry["offset"] != offset:
-            raise BookCorrupt(
-                f"book {path.name}: manifest field data.tensors[{i}] ({entry['name']} of layer {entry['layer']}) "
-                f"says {entry['nbytes']:,} bytes at offset {entry['offset']:,}, but its shape makes {size:,} bytes "
-                f"at offset {offset:,}: save the document again"
-            )
-        if entry["layer"] >= len(manifest["pattern"]["retrieval_heads"]):
-            raise BookCorrupt(f"book {path.name}: manifest field data.tensors[{i}].layer is {entry['layer']}, but "
-                              f"pattern.retrieval_heads has {len(manifest['pattern']['retrieval_heads'])} layers")  # fmt: skip
-        offset += size
-    if data["bytes"] != offset:
-        raise BookCorrupt(f"book {path.name}: manifest field data.bytes is {data['bytes']:,}, but its tensors "
-                          f"hold {offset:,} bytes: save the document again")  # fmt: skip
-    blocks = -(-data["bytes"] // data["block_bytes"])
-    if len(data["blocks"]) != blocks:
-        raise BookCorrupt(f"book {path.name}: manifest field data.blocks has {len(data['blocks'])} checksums, but "
-                          f"{data['bytes']:,} bytes make {blocks} blocks: save the document again")  # fmt: skip
-
-
 def _book_dir(book: BookInfo | str | Path, directory: str | Path | None, ids_only: bool = False) -> Path:
     if isinstance(book, BookInfo):
         return Path(book.path)
@@ -911,7 +696,7 @@ def _resume_from(engine: Engine, ids: list[int], ckpt: Path) -> tuple[int, bool]
     if not (ckpt / MANIFEST).is_file():
         return 0, False
     try:
-        manifest = _read_manifest(ckpt)
+        manifest = read_manifest(ckpt)
         done = manifest["tokens"]
         if done > len(ids) or token_sha256(ids[:done]) != manifest["token_sha256"]:
             log.warning("%s is a checkpoint of another document; starting the pre-fill over", ckpt)
@@ -919,7 +704,7 @@ def _resume_from(engine: Engine, ids: list[int], ckpt: Path) -> tuple[int, bool]
         _check_compatible(engine, manifest, ckpt)
         if done == len(ids) and not manifest["partial"]:
             return done, True
-        _read_tokens(ckpt, manifest)
+        read_tokens(ckpt, manifest)
         _load_data(engine, ckpt, manifest, protect=False)
     except LibraryError as e:
         log.warning("cannot resume from %s (%s); starting the pre-fill over", ckpt, e)
@@ -931,7 +716,7 @@ def _resume_from(engine: Engine, ids: list[int], ckpt: Path) -> tuple[int, bool]
 def book_settings(book: BookInfo | str | Path, directory: str | Path | None = None) -> EngineSettings:
     """The engine settings a saved book was made with (model source, pattern, sparsity, KV and W8A8 settings,
     windows, dtype): an engine built from them can load it."""
-    manifest = _read_manifest(_book_dir(book, directory))
+    manifest = read_manifest(_book_dir(book, directory))
     s, p = manifest["settings"], manifest["pattern"]
     return EngineSettings(
         model=manifest["model"]["source"], dtype=getattr(torch, s["dtype"]),

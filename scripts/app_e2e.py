@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from duo_qserve import environment
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     result = {
-        "device": _device(), "date": datetime.date.today().isoformat(), "commit": _commit(),
+        "device": _device(), "date": datetime.date.today().isoformat(), "commit": environment.commit(),
         "command": " ".join(["python scripts/app_e2e.py", *(sys.argv[1:] if argv is None else argv)]),
         "app_command": " ".join(cmd[1:]), "book": a.book.name, "book_chars": len(a.book.read_text(errors="replace")),
         "startup_s": startup_s, "read_s": read_s, "read_summary": summary, "prefill_s": prefill_s,
@@ -133,13 +135,6 @@ def _device() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def _commit() -> str:
-    if os.environ.get("DUO_QSERVE_COMMIT"):
-        return os.environ["DUO_QSERVE_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_args, tiny_model
 
-from duo_qserve import library
+from duo_qserve import book_format, library
 from duo_qserve.engine import Engine, EngineSettings
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.loading import LoadedModel
@@ -107,7 +107,7 @@ def editing(change):
 
 FIELD_CASES = [
     (f"{how} {field}", editing(make(field)), field.replace(".", r"\."))
-    for field in library._FIELDS
+    for field in book_format.FIELDS
     for how, make in (("deleted", delete), ("wrong type", wrong_type))
 ]
 

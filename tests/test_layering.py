@@ -17,7 +17,8 @@ LAYERS = [
     ["cache", "patterns", "planner"],  # what the model attends over, and its sizes
     ["loading", "models", "decode_graph", "evidence"],  # models from disk, the captured decode step, evidence
     ["engine"],
-    ["library", "options", "eval", "train_patterns", "score_patterns", "quant.cli", "bench"],
+    # the book library (book_format: its files on disk and their checks), the engine options, the tools on top
+    ["library", "book_format", "options", "eval", "train_patterns", "score_patterns", "quant.cli", "bench"],
     ["library_cli", "__main__"],  # the command line
     ["app"],  # the UI
 ]

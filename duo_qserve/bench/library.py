@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from duo_qserve import library
+from duo_qserve import book_format, library
 from duo_qserve.engine import ANSWER_RESERVE, DocumentInfo, Engine, EngineSettings
 from duo_qserve.environment import commit
 from duo_qserve.options import add_engine_args, settings_from_args
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             for layer in engine.cache.layers:
                 for t in layer.values():
                     t.zero_()
-            note = _drop_from_page_cache(Path(book.path) / library.DATA) if cold else "likely hot"
+            note = _drop_from_page_cache(Path(book.path) / book_format.DATA) if cold else "likely hot"
             s = timed(lambda: library.load(engine, book))
             loads[name] = {"s": s, "GBps": size / s / 1e9, "passes": 1, "page_cache": note}
             assert torch.equal(fingerprint(engine), expected), (
