@@ -6,6 +6,7 @@ import torch
 from conftest import UPSTREAM_PATTERNS, tiny_args, tiny_model
 
 from duo_qserve.cache import FullKVCache
+from duo_qserve.engine import PATTERNS_DIR
 from duo_qserve.model import ModelArgs
 from duo_qserve.patterns import PatternError, load_pattern, reorder_heads, save_pattern, sparsify
 
@@ -20,6 +21,25 @@ def test_upstream_patterns_load(model_dir):
     assert (p.sink_size, p.recent_size) == (128, 256)
     mask, achieved = p.retrieval_mask(0.5)
     assert achieved == 0.5 and mask.sum() == mask.size // 2
+
+
+SHIPPED = sorted(d for d in PATTERNS_DIR.iterdir() if d.is_dir())
+SHIPPED_SHAPES = {  # layers x KV heads of each model a pattern ships for
+    "SmolLM2-135M-Instruct": (30, 3), "Qwen2.5-Coder-0.5B-Instruct": (24, 2), "Qwen2.5-Coder-1.5B-Instruct": (28, 2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_patterns_fit_their_model_and_were_selected_on_held_out_loss(pattern_dir):
+    """Every pattern in attn_patterns/ is for the model it is named after, is served with the windows it was
+    validated at, and records a held-out deployed loss well below a random pattern's (what training selects on)."""
+    p = load_pattern(pattern_dir)
+    assert p.config["model_name"] == pattern_dir.name
+    assert p.gates.shape == SHIPPED_SHAPES[pattern_dir.name]
+    assert p.gates.min() >= 0 and p.gates.max() <= 1
+    assert (p.sink_size, p.recent_size) == (p.config["deploy_sink_size"], p.config["deploy_recent_size"])
+    val = p.config["validation"]
+    assert val["sparsity"] == 0.5 and val["distill_trained"] < val["distill_random"] / 2
 
 
 def test_sparsify_is_global_deterministic_and_reports_ratio():
