@@ -25,6 +25,7 @@ from duo_qserve.conversation import Conversation, Turn
 from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.evidence import attention_mass, top_passages
+from duo_qserve.kernels.int8_gemm import tuned_row_counts
 from duo_qserve.loading import LoadedModel, load_model
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
@@ -280,8 +281,8 @@ class Engine:
         Triton compiles each kernel at its first launch and auto-tunes its GEMMs per power-of-two row count, and a
         CUDA graph is captured at the first decode step: left to the first question, that made the first answer
         seconds slower than the later ones. Call this at model load instead. The scratch pre-fill fills the
-        streaming ring and one quantized key group, pre-fills of 8 to 64 tokens tune the GEMMs for
-        question-sized inputs, and decode steps run across the next key-group boundary, so the fused decode step,
+        streaming ring and one quantized key group, pre-fills of 8 to ``TUNE_MAX_M`` tokens tune the GEMMs for
+        every input length a question, a follow-up or a document chunk can have, and decode steps run across the next key-group boundary, so the fused decode step,
         the code kernel and the tail commit all run. Everything the engine holds is put back as it was: its cache
         (the scratch one is freed), document, context readout, decoder, ``last`` and ``prefilled_tokens``. A
         decode graph belongs to one cache, so a book's first answer still captures its own, with every kernel
@@ -290,7 +291,7 @@ class Engine:
         """
         c, cuda = self.cache_config, self.device.type == "cuda"
         document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8
-        questions = (8, 16, 32, 64) if cuda else ()
+        questions = tuple(m for m in tuned_row_counts() if m >= 8) if cuda else ()
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(self.args.vocab_size, (document + sum(questions),), generator=gen).tolist()
         say = on_progress or (lambda message: None)

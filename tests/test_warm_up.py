@@ -44,3 +44,25 @@ def test_warm_up_restores_the_engine_and_keeps_answers():
         assert all(torch.equal(layer[n], t) for n, t in saved.items())
     assert engine.answer(QUESTION, max_new_tokens=12, temperature=0.0) == before
     assert "48213" in before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_after_warm_up_no_input_length_tunes_a_gemm_again():
+    """On the GPU the warm-up tunes every row-count bucket of the W8A8 GEMMs, so no later pre-fill (a question, a
+    follow-up with earlier turns, a document chunk of any length) pays a tuning: the autotuners' caches stay as
+    the warm-up left them."""
+    from duo_qserve.engine import EngineSettings
+    from duo_qserve.kernels import int8_gemm
+    from duo_qserve.loading import load_model
+
+    loaded = load_model("synthetic:qwen2.5-coder-0.5b", "cuda")
+    engine = Engine(loaded, EngineSettings(model=loaded.source, w8a8=True, max_tokens=40_000))
+    engine.warm_up()
+    tuners = (int8_gemm._prefill_gemm, int8_gemm._decode_gemm, int8_gemm._gemv)
+    tuned = [dict(t.cache) for t in tuners]
+    assert all(tuned)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in (9, 100, 700, 3000, 5000, 30_000):
+            engine._prefill(torch.randint(loaded.model.args.vocab_size, (n,), generator=gen).tolist())
+    assert [dict(t.cache) for t in tuners] == tuned

@@ -25,6 +25,22 @@ import triton.language as tl
 from . import INTERPRETED, use_triton
 
 DECODE_MAX_M = 16
+# One tuning per power-of-two row count up to this, and one for every longer input: a document's pre-fill chunks (up
+# to 32K rows) then share a single tuning instead of each new length paying its own, and the warm-up can tune them
+# all (``tuned_row_counts``) before the first question.
+TUNE_MAX_M = 4096
+
+
+def tuned_row_counts() -> tuple[int, ...]:
+    """The row counts that each have their own GEMM tuning (the smallest of each bucket): 2, 4, ..., TUNE_MAX_M."""
+    return tuple(2**i for i in range(1, TUNE_MAX_M.bit_length()))
+
+
+def _tune_timer(fn, quantiles):
+    """The autotuner's timer, with 5 ms of warm-up and 20 ms of repeats instead of Triton's 25 and 100: a kernel of
+    well under a millisecond still runs dozens of times per config, and tuning every bucket at warm-up costs a
+    fifth of the time."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 @triton.jit
@@ -35,7 +51,7 @@ def _w8a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_RES: tl.constexpr,
 ):  # fmt: skip
-    # m_bucket only keys the autotuner (one tuning per power-of-two M, not per chunk length).
+    # m_bucket only keys the autotuner (see TUNE_MAX_M).
     pid = tl.program_id(0)
     n_tiles_m = tl.cdiv(M, BLOCK_M)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
@@ -150,9 +166,13 @@ _GEMV_CONFIGS = [  # the best per Llama-3-8B shape in a sweep (o/qkv: 2-8 rows; 
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
     for bn, bk, w in [(2, 128, 1), (1, 256, 2), (1, 512, 1), (2, 256, 1), (4, 256, 8), (8, 128, 8)]
 ]
-_prefill_gemm = triton.autotune(_PREFILL_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
-_decode_gemm = triton.autotune(_DECODE_CONFIGS, key=["m_bucket", "N", "K"])(_w8a8_gemm_kernel)
-_gemv = triton.autotune(_GEMV_CONFIGS, key=["n0", "n1", "n2", "K4"])(_w8a8_gemv_kernel)
+_prefill_gemm = triton.autotune(_PREFILL_CONFIGS, key=["m_bucket", "N", "K"], do_bench=_tune_timer)(
+    _w8a8_gemm_kernel
+)
+_decode_gemm = triton.autotune(_DECODE_CONFIGS, key=["m_bucket", "N", "K"], do_bench=_tune_timer)(
+    _w8a8_gemm_kernel
+)
+_gemv = triton.autotune(_GEMV_CONFIGS, key=["n0", "n1", "n2", "K4"], do_bench=_tune_timer)(_w8a8_gemv_kernel)
 
 
 def _check(
@@ -231,7 +251,7 @@ def _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual) -> torch.Tensor:
         return out
     res = out if residual is None else residual.contiguous()  # out: a pointer no program reads
     tuned = _decode_gemm if m <= DECODE_MAX_M else _prefill_gemm
-    args = (x_q, x_scale, w_q, w_scale, out, res, m, n, k, triton.next_power_of_2(m), x_q.stride(0),
+    args = (x_q, x_scale, w_q, w_scale, out, res, m, n, k, min(triton.next_power_of_2(m), TUNE_MAX_M), x_q.stride(0),
             w_q.stride(0), n)  # fmt: skip
     _launch(
         tuned,
