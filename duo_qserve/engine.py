@@ -281,19 +281,21 @@ class Engine:
         Triton compiles each kernel at its first launch and auto-tunes its GEMMs per power-of-two row count, and a
         CUDA graph is captured at the first decode step: left to the first question, that made the first answer
         seconds slower than the later ones. Call this at model load instead. The scratch pre-fill fills the
-        streaming ring and one quantized key group, pre-fills of 8 to ``TUNE_MAX_M`` tokens tune the GEMMs for
-        every input length a question, a follow-up or a document chunk can have, and decode steps run across the next key-group boundary, so the fused decode step,
-        the code kernel and the tail commit all run. Everything the engine holds is put back as it was: its cache
-        (the scratch one is freed), document, context readout, decoder, ``last`` and ``prefilled_tokens``. A
-        decode graph belongs to one cache, so a book's first answer still captures its own, with every kernel
-        already compiled (one step). On the CPU nothing compiles: a minimal pass (8 tokens, 2 steps) runs the
+        streaming ring and one quantized key group; pre-fills of 8 to ``TUNE_MAX_M`` tokens tune the GEMMs for
+        every input length a question, a follow-up or a document chunk can have; decode steps run across the next
+        key-group boundary, so the fused decode step, the code kernel and the tail commit all run; and one pass
+        finds a short answer's passages, so the evidence under the first answer compiles nothing. Everything the
+        engine holds is put back as it was: its cache (the scratch one is freed), document, context readout,
+        decoder, ``last`` and ``prefilled_tokens``. A decode graph belongs to one cache, so a book's first answer
+        still captures its own, with every kernel already compiled (one step). On the CPU nothing compiles: a minimal pass (8 tokens, 2 steps) runs the
         same code. ``on_progress`` gets a short message before each stage. Runs as one job (see ``cancel``).
         """
         c, cuda = self.cache_config, self.device.type == "cuda"
         document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8
         questions = tuple(m for m in tuned_row_counts() if m >= 8) if cuda else ()
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(self.args.vocab_size, (document + sum(questions),), generator=gen).tolist()
+        # the last 6 ids: a 2-token context and a 4-token answer for the passages pass
+        ids = torch.randint(self.args.vocab_size, (document + sum(questions) + 6,), generator=gen).tolist()
         say = on_progress or (lambda message: None)
         t0 = time.perf_counter()
         with self.job(), torch.inference_mode():
@@ -303,6 +305,7 @@ class Engine:
             try:
                 say("compiling the pre-fill kernels")
                 self._prefill(ids[:document])
+                self.cache.checkpoint()
                 say("tuning for question-sized inputs")
                 start = document
                 for n in questions:
@@ -312,6 +315,8 @@ class Engine:
                 steps = (-self.cache.seq_len) % c.key_group + 2 if cuda else 2
                 for _ in range(steps):
                     self._decode_step(ids[0])
+                say("finding an answer's passages")
+                attention_mass(self.model, self.cache, document, ids[-6:-4], ids[-4:], self.chunk_size)
                 if cuda:
                     torch.cuda.synchronize(self.device)
             finally:

@@ -38,7 +38,7 @@ def test_warm_up_restores_the_engine_and_keeps_answers():
     messages: list[str] = []
     engine.warm_up(messages.append)
     assert messages == ["compiling the pre-fill kernels", "tuning for question-sized inputs",
-                        "capturing the decode graph"]  # fmt: skip
+                        "capturing the decode graph", "finding an answer's passages"]  # fmt: skip
     assert _state(engine) == state
     for layer, saved in zip(engine.cache.layers, tensors, strict=True):
         assert all(torch.equal(layer[n], t) for n, t in saved.items())
