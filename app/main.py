@@ -597,7 +597,7 @@ class Server:
         engine = self.engine
         if engine is None:  # being replaced
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        memory = render.memory_html(engine)
+        memory = render.memory_html(engine, books=self.store.residency())
         return memory, self.banner(mine, request), render.head_map_html(engine), self.warm_status
 
     # ---- settings --------------------------------------------------------------------------------------------

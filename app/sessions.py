@@ -53,6 +53,18 @@ class Book:
     last_used: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class Residency:
+    """Counts for the memory readout, over every session (counts only: nothing names another's book)."""
+
+    resident: int  # books whose caches are on the device
+    resident_bytes: int
+    budget_bytes: int
+    in_libraries: int  # evicted books, waiting in their owners' libraries
+    evictions: int  # since start
+    reloads: int  # evicted books loaded back because their owner asked again
+
+
 @dataclass
 class Session:
     key: str  # the login, or the browser session's hash
@@ -85,6 +97,7 @@ class SessionStore:
         self.root = library.library_dir(library_root) / ".sessions"
         self.max_document_tokens = self._largest_fitting(engine.max_document_tokens)
         self._sessions: dict[str, Session] = {}
+        self.evictions = self.reloads = 0
         # guards the session table; the books' caches change only inside an engine job
         self._lock = threading.Lock()
 
@@ -151,6 +164,13 @@ class SessionStore:
                 b.cache.spec.nbytes for s in self._sessions.values() for b in s.books.values() if b.cache
             )
 
+    def residency(self) -> Residency:
+        with self._lock:
+            books = [b for s in self._sessions.values() for b in s.books.values()]
+        resident = [b for b in books if b.cache]
+        return Residency(len(resident), sum(b.cache.spec.nbytes for b in resident), self.budget_bytes,
+                         len(books) - len(resident), self.evictions, self.reloads)  # fmt: skip
+
     def book(self, key: str, sha256: str | None) -> Book:
         book = self.session(key).books.get(sha256 or "")
         if book is None:
@@ -208,6 +228,7 @@ class SessionStore:
             if book.cache is None:
                 info = self._load(Path(book.saved), book.info.loaded_by, on_progress)
                 book.cache, book.info.prefill_seconds = self.engine.cache, info.prefill_seconds
+                self.reloads += 1
             elif book.cache is not self.engine.cache:
                 self.engine.use(book.cache, book.info)
             book.last_used = time.monotonic()
@@ -243,4 +264,5 @@ class SessionStore:
             self.engine.use(book.cache, book.info)
             book.saved = library.save(self.engine, self.library_of(key)).path
         book.cache = None
+        self.evictions += 1
         self.engine.use(self.engine.new_cache(0), None)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from app.sessions import Residency
 from duo_qserve.engine import Engine
 
 COMPONENTS = (  # memory components in the order the bar stacks them, with their colours
@@ -109,8 +110,10 @@ def progress_html(done: int, total: int, elapsed: float, note: str = "", left: f
     )
 
 
-def memory_html(engine: Engine, now: float | None = None) -> str:
-    """Device memory used/total, the engine's bytes by component as a stacked bar, context and speed."""
+def memory_html(engine: Engine, now: float | None = None, books: Residency | None = None) -> str:
+    """Device memory used/total, the engine's bytes by component as a stacked bar, context and speed, and with
+    ``books`` how many books (every session's, counted, never named) are resident in the budget or wait in a
+    library."""
     s = engine.stats()
     dev, mem = s["device_memory"], s["memory"]
     if dev["kind"] == "gpu":
@@ -142,6 +145,14 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
     turns, turn_tokens = engine.conversation_in_cache
     conversation = f"conversation {turns} earlier turn{'s' if turns != 1 else ''}, {turn_tokens:,} tokens"
     clock = time.strftime("%H:%M:%S", time.localtime(now if now is not None else time.time()))
+    resident = ""
+    if books is not None:
+        resident = (
+            f'<div style="font-size:0.9em;margin-top:2px">Books on the device: {books.resident} '
+            f"({fmt_bytes(books.resident_bytes)} of a {fmt_bytes(books.budget_bytes)} budget) · "
+            f"{books.in_libraries} waiting in a library · {books.evictions} evicted, {books.reloads} loaded back "
+            f"since start</div>"
+        )
     return (
         f'<div class="memory-readout">'
         f'<div style="font-weight:600;margin-bottom:4px">{head}</div>'
@@ -150,7 +161,7 @@ def memory_html(engine: Engine, now: float | None = None) -> str:
         f'<div style="font-size:0.85em;margin-top:4px">{"".join(legend)}</div>'
         f'<div style="font-size:0.9em;margin-top:6px">Context held: {s["context_tokens"]:,} of '
         f"{s['capacity_tokens']:,} tokens (document {s['document_tokens']:,}, {conversation}) · {speed} · "
-        f"updated {clock}</div></div>"
+        f"updated {clock}</div>{resident}</div>"
     )
 
 

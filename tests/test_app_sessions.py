@@ -42,16 +42,18 @@ def app_url(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    yield f"http://127.0.0.1:{port}/", server
     demo.close()
     patch.undo()
 
 
 def test_five_sessions_each_get_answers_about_their_own_book_only(app_url, tmp_path):
-    def user(i: int) -> tuple[str, str]:
+    url, server = app_url
+
+    def user(i: int) -> tuple[str, str, Client]:
         book = tmp_path / f"book-{i}.txt"
         book.write_text(planted(i))
-        client = Client(app_url, verbose=False)
+        client = Client(url, verbose=False)
         summary, _chapters = client.predict([handle_file(str(book))], "", api_name="/read")
         assert "Fits" in summary, summary
         _progress, status = client.predict(api_name="/prefill")
@@ -59,17 +61,25 @@ def test_five_sessions_each_get_answers_about_their_own_book_only(app_url, tmp_p
         first = answer_text(client.predict(QUESTION, [], 0.0, 1.0, 24, api_name="/ask")[0])
         # asked again after the others loaded theirs: the book may have gone to the library and come back
         history, _question, stats = client.predict(QUESTION, [], 0.0, 1.0, 24, api_name="/ask")
-        return first + " " + answer_text(history), stats
+        return first + " " + answer_text(history), stats, client
 
     with ThreadPoolExecutor(5) as pool:
         results = list(pool.map(user, range(5)))
-    for i, (answers, stats) in enumerate(results):
+    # each asks once more, in order: five books in a budget of about three, so the first books asked about now
+    # were evicted to their owner's library and load back
+    for i, (answers, stats, client) in enumerate(results):
+        history, _question, again = client.predict(QUESTION, [], 0.0, 1.0, 24, api_name="/ask")
+        results[i] = (answers + " " + answer_text(history), stats + " " + again, client)
+    for i, (answers, stats, _client) in enumerate(results):
         assert SECRETS[i] in answers, (i, answers)
         others = [s for j, s in enumerate(SECRETS) if j != i]
         assert not any(s in answers or s in stats for s in others), (i, answers, stats)
         assert not any(f"book-{j}" in stats for j in range(5) if j != i), stats
 
-    stranger = Client(app_url, verbose=False)
+    books = server.store.residency()
+    assert books.evictions >= 2 and books.reloads >= 1, books
+    assert books.resident + books.in_libraries == 5 and books.resident_bytes <= books.budget_bytes
+    stranger = Client(url, verbose=False)
     with pytest.raises(Exception) as refused:
         stranger.predict(QUESTION, [], 0.0, 1.0, 24, api_name="/ask")
     message = str(refused.value)

@@ -6,6 +6,7 @@ import pytest
 from conftest import haystack_text
 
 from app.sessions import NoBook, SessionStore
+from app.ui_render import memory_html
 from duo_qserve.engine import DocumentTooLarge, Engine
 
 QUESTION = "According to the document, what is the secret number?"
@@ -38,6 +39,12 @@ def test_books_share_a_budget_the_least_recently_used_is_evicted_and_reloads(eng
     assert "48213" in engine.answer(QUESTION, max_new_tokens=24)
     assert store.session("session:b").books[b.sha256].cache is None  # now beta waits in its owner's library
     assert list(store.library_of("session:a").iterdir()) and list(store.library_of("session:b").iterdir())
+    books = store.residency()
+    assert (books.resident, books.in_libraries, books.evictions, books.reloads) == (1, 1, 2, 1)
+    assert books.resident_bytes == store.resident_bytes() <= books.budget_bytes
+    readout = memory_html(engine, books=books)
+    assert "Books on the device: 1 " in readout and "1 waiting in a library · 2 evicted, 1 loaded back" in readout
+    assert "alpha" not in readout and "beta" not in readout
 
 
 def test_a_session_never_reaches_another_sessions_book(engine, tmp_path):
