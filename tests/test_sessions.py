@@ -43,7 +43,10 @@ def test_books_share_a_budget_the_least_recently_used_is_evicted_and_reloads(eng
     assert (books.resident, books.in_libraries, books.evictions, books.reloads) == (1, 1, 2, 1)
     assert books.resident_bytes == store.resident_bytes() <= books.budget_bytes
     readout = memory_html(engine, books=books)
-    assert "Books on the device: 1 " in readout and "1 waiting in a library · 2 evicted, 1 loaded back" in readout
+    assert (
+        "Books on the device: 1 " in readout
+        and "1 waiting in a library · 2 evicted, 1 loaded back" in readout
+    )
     assert "alpha" not in readout and "beta" not in readout
 
 
