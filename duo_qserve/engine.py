@@ -287,8 +287,9 @@ class Engine:
         finds a short answer's passages, so the evidence under the first answer compiles nothing. Everything the
         engine holds is put back as it was: its cache (the scratch one is freed), document, context readout,
         decoder, ``last`` and ``prefilled_tokens``. A decode graph belongs to one cache, so a book's first answer
-        still captures its own, with every kernel already compiled (one step). On the CPU nothing compiles: a minimal pass (8 tokens, 2 steps) runs the
-        same code. ``on_progress`` gets a short message before each stage. Runs as one job (see ``cancel``).
+        still captures its own, with every kernel already compiled (one step). On the CPU nothing compiles: a
+        minimal pass (8 tokens, 2 steps) runs the same code. ``on_progress`` gets a short message before each stage.
+        Runs as one job (see ``cancel``).
         """
         c, cuda = self.cache_config, self.device.type == "cuda"
         document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8
