@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import gc
 import hmac
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -1051,6 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    faulthandler.register(
+        signal.SIGUSR1
+    )  # `kill -USR1 <pid>` prints every thread's stack: what a hang waits on
     a = parse_args(argv)
     settings = settings_from_args(a)
     print(f"loading {settings.model}…", flush=True)

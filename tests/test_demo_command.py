@@ -67,8 +67,12 @@ def test_run_demo_serves_answers_and_stops_cleanly(tmp_path):
         try:
             output, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGUSR1)  # the app prints every thread's stack (faulthandler)
+            time.sleep(2)
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-            raise AssertionError("the app did not stop within 30 s of Ctrl-C") from None
+            raise AssertionError(
+                f"the app did not stop within 30 s of Ctrl-C; its output ends:\n{output[-6000:]}"
+            ) from None
     assert proc.returncode in (0, -signal.SIGINT, 130), (proc.returncode, output[-3000:])
     assert "Traceback" not in output, output[-5000:]
