@@ -38,13 +38,20 @@ def _wait_until_serving(url: str, proc: subprocess.Popen) -> None:
     raise AssertionError(f"the app did not answer at {url} within {START_TIMEOUT_S} s")
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child: Ctrl-C's default action, as in a terminal, also when this test runs where SIGINT is ignored
+    (a command started in the background by a non-interactive shell, as CI may be, inherits SIG_IGN, and Python
+    then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_run_demo_serves_answers_and_stops_cleanly(tmp_path):
     port = free_port()
     env = {**os.environ, "DUO_QSERVE_LIBRARY": str(tmp_path / "library"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         ["bash", "scripts/run_demo.sh", "--port", str(port), "--cpu", "--max-tokens", "2048"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
