@@ -1,4 +1,5 @@
-"""The text every tool reads, in one place: essays split by file, a Python-documentation haystack, passkey filler.
+"""The text every tool reads, in one place: essays split by file, a Python-documentation haystack, passkey filler,
+and the multi-passkey retrieval samples that pattern training and scoring both draw (``PasskeyRetrieval``).
 
 Training (``train_patterns``), fast scoring (``score_patterns``), evaluation (``eval.niah``, ``eval.perplexity``)
 and SmoothQuant calibration (``quant.cli``) all take their text from here, so they agree on which text is which;
@@ -26,10 +27,17 @@ about 540K characters: more than 32K tokens at any tokenizer's rate.
 from __future__ import annotations
 
 import functools
+import random
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
 
 from duo_qserve import environment
 
@@ -109,3 +117,90 @@ def pydocs_text() -> str:
         sections = [s for s in _SECTION.split(text) if s.split("\n", 1)[0] not in _VOLATILE_SECTIONS]
         parts.append(re.sub(r" at 0x[0-9a-fA-F]+", "", "".join(sections)).rstrip())
     return "\n\n".join(parts)
+
+
+# ---- passkey retrieval samples (pattern training and scoring) ---------------------------------------------
+NATO = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+class PasskeyRecipe(Protocol):
+    """What a passkey sample is drawn by (``train_patterns.TrainSettings`` has these, among its other settings)."""
+
+    context_length_min: int
+    context_length_max: int
+    context_lengths_num_intervals: int
+    num_passkeys: int
+    passkey_length: int
+    min_needle_depth_ratio: float
+    max_needle_depth_ratio: float
+    depth_ratio_num_intervals: int
+
+
+@dataclass
+class Sample:
+    ids: torch.Tensor  # [T] token ids
+    supervised: torch.Tensor  # [T] bool: the question/answer tokens the loss looks at
+    needle: (
+        torch.Tensor
+    )  # [T] bool: the tokens the answers must be retrieved from (the passkeys in the context)
+
+
+SampleFn = Callable[[random.Random], Sample]
+
+
+class PasskeyRetrieval:
+    """Multi-passkey retrieval samples on real text: NATO-word passkeys at sorted random depths of a haystack slice,
+    then one question and answer per passkey (supervised). The haystack is the essays' evaluation split
+    (``duo_qserve.data``: never the calibration text) of ``essays`` (a directory; None: ``$DUO_QSERVE_ESSAYS``)."""
+
+    def __init__(self, tokenizer, settings: PasskeyRecipe, essays: str | Path | None = None):
+        self.tok, self.s = tokenizer, settings
+        self.haystack = self._encode(essay_text("evaluation", essays))
+        self.lengths = np.linspace(
+            settings.context_length_min, settings.context_length_max, settings.context_lengths_num_intervals
+        ).astype(int)
+        self.depths = np.linspace(
+            settings.min_needle_depth_ratio,
+            settings.max_needle_depth_ratio,
+            settings.depth_ratio_num_intervals,
+        )
+        bos = tokenizer.bos_token or ""
+        self.prefix = self._encode(bos + "<|im_start|>user\nThis is a very long story book: <book> ")
+        self.book_end = self._encode(" </book>.\n\n")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, rng: random.Random) -> Sample:
+        s = self.s
+        n = int(rng.choice(list(self.lengths)))
+        start = rng.randrange(len(self.haystack) - n)
+        hay = self.haystack[start : start + n]
+        keys = [" ".join(rng.choice(NATO) for _ in range(s.passkey_length)) for _ in range(s.num_passkeys)]
+        depths = sorted(rng.sample(list(self.depths), s.num_passkeys))
+        ids, needle, prev = list(self.prefix), [], 0
+        for i, (key, depth) in enumerate(zip(keys, depths, strict=True)):
+            cut = int(n * depth)
+            ids += hay[prev:cut]
+            ids += self._encode(
+                f"\n\nRemember this sequence of words, it's the {ORDINALS[i]} passkey to the vault:"
+            )
+            key_ids = self._encode(f" {key}")
+            needle.append((len(ids), len(ids) + len(key_ids)))
+            ids += key_ids + self._encode("\n\n")
+            prev = cut
+        ids += hay[prev:] + self.book_end
+        n_context = len(ids)
+        for i, key in enumerate(keys):
+            question = f"Based on the content of the book, what is the {ORDINALS[i]} passkey to the vault?\nPasskey: "
+            ids += self._encode(question + key + "\n\n")
+        supervised = torch.zeros(len(ids), dtype=torch.bool)
+        supervised[n_context:] = True
+        needle_mask = torch.zeros(len(ids), dtype=torch.bool)
+        for start, end in needle:
+            needle_mask[start:end] = True
+        return Sample(torch.tensor(ids), supervised, needle_mask)

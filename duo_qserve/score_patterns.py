@@ -24,10 +24,11 @@ import time
 import numpy as np
 import torch
 
+from duo_qserve.data import PasskeyRetrieval, Sample, SampleFn
 from duo_qserve.loading import load_model
 from duo_qserve.model import CausalAttention, Transformer
 from duo_qserve.patterns import save_pattern
-from duo_qserve.train_patterns import PasskeyRetrieval, Sample, SampleFn, TrainSettings
+from duo_qserve.train_patterns import TrainSettings
 
 
 class NeedleMassProbe(CausalAttention):

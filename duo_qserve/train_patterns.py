@@ -30,17 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from duo_qserve.data import essay_text
+from duo_qserve.data import ORDINALS, PasskeyRetrieval, SampleFn
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.loading import load_model
 from duo_qserve.model import CausalAttention, Transformer
 from duo_qserve.patterns import load_pattern, random_pattern, save_pattern, sparsify
-
-NATO = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
-    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
-).split()
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 
 
 @dataclass
@@ -146,73 +140,6 @@ def lr_multiplier(step: int, total: int) -> float:
     (both floored at 0.1)."""
     fifth = max(total / 5, 1)
     return min(1.0, max((step + 1) / fifth, 0.1), max((total - step) / fifth, 0.1))
-
-
-# ---- data ------------------------------------------------------------------------------------------------------
-@dataclass
-class Sample:
-    ids: torch.Tensor  # [T] token ids
-    supervised: torch.Tensor  # [T] bool: the question/answer tokens the loss looks at
-    needle: (
-        torch.Tensor
-    )  # [T] bool: the tokens the answers must be retrieved from (the passkeys in the context)
-
-
-SampleFn = Callable[[random.Random], Sample]
-
-
-class PasskeyRetrieval:
-    """Multi-passkey retrieval samples on real text: NATO-word passkeys at sorted random depths of a haystack slice,
-    then one question and answer per passkey (supervised). The haystack is the essays' evaluation split
-    (``duo_qserve.data``: never the calibration text) of ``essays`` (a directory; None: ``$DUO_QSERVE_ESSAYS``)."""
-
-    def __init__(self, tokenizer, settings: TrainSettings, essays: str | Path | None = None):
-        self.tok, self.s = tokenizer, settings
-        self.haystack = self._encode(essay_text("evaluation", essays))
-        self.lengths = np.linspace(
-            settings.context_length_min, settings.context_length_max, settings.context_lengths_num_intervals
-        ).astype(int)
-        self.depths = np.linspace(
-            settings.min_needle_depth_ratio,
-            settings.max_needle_depth_ratio,
-            settings.depth_ratio_num_intervals,
-        )
-        bos = tokenizer.bos_token or ""
-        self.prefix = self._encode(bos + "<|im_start|>user\nThis is a very long story book: <book> ")
-        self.book_end = self._encode(" </book>.\n\n")
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def __call__(self, rng: random.Random) -> Sample:
-        s = self.s
-        n = int(rng.choice(list(self.lengths)))
-        start = rng.randrange(len(self.haystack) - n)
-        hay = self.haystack[start : start + n]
-        keys = [" ".join(rng.choice(NATO) for _ in range(s.passkey_length)) for _ in range(s.num_passkeys)]
-        depths = sorted(rng.sample(list(self.depths), s.num_passkeys))
-        ids, needle, prev = list(self.prefix), [], 0
-        for i, (key, depth) in enumerate(zip(keys, depths, strict=True)):
-            cut = int(n * depth)
-            ids += hay[prev:cut]
-            ids += self._encode(
-                f"\n\nRemember this sequence of words, it's the {ORDINALS[i]} passkey to the vault:"
-            )
-            key_ids = self._encode(f" {key}")
-            needle.append((len(ids), len(ids) + len(key_ids)))
-            ids += key_ids + self._encode("\n\n")
-            prev = cut
-        ids += hay[prev:] + self.book_end
-        n_context = len(ids)
-        for i, key in enumerate(keys):
-            question = f"Based on the content of the book, what is the {ORDINALS[i]} passkey to the vault?\nPasskey: "
-            ids += self._encode(question + key + "\n\n")
-        supervised = torch.zeros(len(ids), dtype=torch.bool)
-        supervised[n_context:] = True
-        needle_mask = torch.zeros(len(ids), dtype=torch.bool)
-        for start, end in needle:
-            needle_mask[start:end] = True
-        return Sample(torch.tensor(ids), supervised, needle_mask)
 
 
 # ---- training --------------------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from duo_qserve.data import Sample
 from duo_qserve.model import CausalAttention, ModelArgs, Transformer
 from duo_qserve.patterns import load_pattern, save_pattern
 from duo_qserve.score_patterns import score_heads
 from duo_qserve.train_patterns import (
     GatedAttention,
-    Sample,
     TrainSettings,
     deployed_loss,
     lr_multiplier,
