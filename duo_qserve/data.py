@@ -154,8 +154,8 @@ SampleFn = Callable[[random.Random], Sample]
 
 class PasskeyRetrieval:
     """Multi-passkey retrieval samples on real text: NATO-word passkeys at sorted random depths of a haystack slice,
-    then one question and answer per passkey (supervised). The haystack is the essays' evaluation split
-    (``duo_qserve.data``: never the calibration text) of ``essays`` (a directory; None: ``$DUO_QSERVE_ESSAYS``)."""
+    then one question and answer per passkey (supervised). The haystack is the evaluation split of ``essays`` (a
+    directory; None: ``$DUO_QSERVE_ESSAYS``), never the calibration text."""
 
     def __init__(self, tokenizer, settings: PasskeyRecipe, essays: str | Path | None = None):
         self.tok, self.s = tokenizer, settings

@@ -188,10 +188,15 @@ class CausalAttention:
         )
 
     @staticmethod
-    def causal(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-        """Causal attention of ``heads``' output, back as [T, Hq, D]. (4-D inputs: SDPA's flash and memory-efficient
-        kernels take no others, and the fallback's [H, T, T] scores need 52 GB at 33K tokens.)"""
-        return F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True)[0].transpose(0, 1)
+    def causal_heads(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``heads``' output, [Hq, T, D]. (4-D inputs: SDPA's flash and memory-efficient kernels
+        take no others, and the fallback's [H, T, T] scores need 52 GB at 33K tokens.)"""
+        return F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True)[0]
+
+    @classmethod
+    def causal(cls, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+        """``causal_heads``, back as [T, Hq, D]."""
+        return cls.causal_heads(qh, kh, vh).transpose(0, 1)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.causal(*self.heads(q, k, v))

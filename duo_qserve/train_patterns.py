@@ -120,9 +120,7 @@ class GatedAttention(CausalAttention):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         qh, kh, vh = self.heads(q, k, v)
-        full = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True)[
-            0
-        ]  # 4-D: see causal
+        full = self.causal_heads(qh, kh, vh)
         stream = streaming_attention(qh, kh, vh, self.sink, self.recent)
         q_per_kv = q.shape[1] // k.shape[1]
         alpha = self.gates[layer].clamp(0, 1).repeat_interleave(q_per_kv)[:, None, None].to(q.dtype)
