@@ -159,10 +159,7 @@ class SessionStore:
 
     # ---- books -----------------------------------------------------------------------------------------------
     def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(
-                b.cache.spec.nbytes for s in self._sessions.values() for b in s.books.values() if b.cache
-            )
+        return self.residency().resident_bytes
 
     def residency(self) -> Residency:
         with self._lock:
