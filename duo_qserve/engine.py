@@ -374,8 +374,10 @@ class Engine:
     def attach_document(self, info: DocumentInfo) -> DocumentInfo:
         """Take the cache's current state, written in by ``duo_qserve.library`` from a saved book, as the
         document ``info`` describes: checkpoint it, so every question starts from it, and return ``info``."""
-        with self.job():
+        with self.job(), torch.inference_mode():
             self.cache.checkpoint()
+            if self.device.type == "cuda":
+                self._warm_cache(info.ids)
             self.document = info
             self.conversation_in_cache = (0, 0)
             return info
@@ -412,6 +414,8 @@ class Engine:
                 raise
             self.cache.checkpoint()
             seconds = time.perf_counter() - t0
+            if self.device.type == "cuda":
+                self._warm_cache(ids)
             self.document = DocumentInfo(
                 title,
                 len(ids),
@@ -422,6 +426,29 @@ class Engine:
                 ids=np.asarray(ids, dtype=np.int32),
             )
             return self.document
+
+    def _warm_cache(self, ids: Sequence[int] | None) -> None:
+        """Answer a tiny question (8 of ``ids`` and 2 decode steps) on the document just checkpointed in the cache,
+        then restore the checkpoint. On a GPU (where ``ingest`` and ``attach_document`` call it) the kernels that
+        this cache's sizes select (the split count of the decode attention and its merge, the pre-fill over this
+        prefix) compile now, and the cache's decode graph is captured, so the first question about a book is as
+        fast as the later ones: ``warm_up`` covers what every cache shares, this what depends on the book.
+        Nothing else changes: the cache holds the checkpoint again, counters and ``last`` are as they were. A
+        cancel that comes this late leaves the document loaded."""
+        if ids is None or len(ids) == 0 or self.cache.max_tokens - self.cache.seq_len < 16:
+            return
+        tokens, last = self.prefilled_tokens, self.last
+        try:
+            self._prefill(list(ids[:8]))
+            for token in ids[:2]:
+                self._decode_step(int(token))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Cancelled:
+            pass
+        finally:
+            self.cache.restore()
+            self.prefilled_tokens, self.last = tokens, last
 
     def _prefill(
         self,
