@@ -97,6 +97,8 @@ def _compiled_variants() -> dict[str, int]:
         for name, obj in vars(module).items():
             caches = getattr(getattr(obj, "fn", obj), "device_caches", None)
             if caches:
+                if not all(isinstance(c[0], dict) for c in caches.values()):
+                    pytest.skip("this Triton keeps its compiled kernels in another structure")
                 counts[f"{module.__name__}.{name}"] = sum(len(c[0]) for c in caches.values())
     return counts
 
