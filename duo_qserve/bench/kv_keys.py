@@ -122,23 +122,29 @@ def _had(quantize: Callable[[torch.Tensor], torch.Tensor]) -> Keys:
 
 
 SCHEMES: dict[str, Scheme] = {
-    "post-ch128": Scheme("today: post-RoPE, per channel over 128 tokens", _post_ch(128), lambda d: 4 * d / 128),
+    "post-ch128": Scheme(
+        "today: post-RoPE, per channel over 128 tokens", _post_ch(128), lambda d: 4 * d / 128
+    ),
     "post-ch64": Scheme("post-RoPE, per channel over 64 tokens", _post_ch(64), lambda d: 4 * d / 64),
     "pre-ch128": Scheme(
-        "pre-RoPE, per channel over 128 tokens, RoPE after de-quantization", _pre_ch(128), lambda d: 4 * d / 128
+        "pre-RoPE, per channel over 128 tokens, RoPE after de-quantization",
+        _pre_ch(128),
+        lambda d: 4 * d / 128,
     ),
     "pre-ch64": Scheme(
         "pre-RoPE, per channel over 64 tokens, RoPE after de-quantization", _pre_ch(64), lambda d: 4 * d / 64
     ),
     "had-ch128": Scheme(
         "post-RoPE x Hadamard (q too), per channel over 128 tokens",
-        _had(lambda k: per_channel(k, 128)), lambda d: 4 * d / 128,
+        _had(lambda k: per_channel(k, 128)),
+        lambda d: 4 * d / 128,
     ),  # fmt: skip
     "had-tok": Scheme("post-RoPE x Hadamard (q too), per token", _had(per_token), lambda d: 4.0),
     "post-tok": Scheme("post-RoPE, per token", lambda k, cos, sin: per_token(k), lambda d: 4.0),
     "pre-tok": Scheme(
         "pre-RoPE, per token, RoPE after de-quantization",
-        lambda k, cos, sin: rope(per_token(unrope(k, cos, sin)), cos, sin), lambda d: 4.0,
+        lambda k, cos, sin: rope(per_token(unrope(k, cos, sin)), cos, sin),
+        lambda d: 4.0,
     ),  # fmt: skip
 }
 BASELINE = "post-ch128"
@@ -156,7 +162,8 @@ class Capture(CausalAttention):
     def attend(self, layer, q, k, v):
         self.k[layer] = k.transpose(0, 1).float().clone()
         self.v[layer] = v.transpose(0, 1).float().clone()
-        self.q[layer] = q[-self.n_queries :].float().clone()
+        if self.n_queries:
+            self.q[layer] = q[-self.n_queries :].float().clone()
         return super().attend(layer, q, k, v)
 
 
@@ -171,7 +178,9 @@ def capture(model, ids: list[int], n_queries: int) -> Capture:
 METRICS = ("kl", "out_rel_err", "logit_rms", "top_recall", "top1_kept", "top_mass_err", "key_rel_err")
 
 
-def head_metrics(q: torch.Tensor, k_ref: torch.Tensor, k_hat: torch.Tensor, v: torch.Tensor, sm: float) -> dict:
+def head_metrics(
+    q: torch.Tensor, k_ref: torch.Tensor, k_hat: torch.Tensor, v: torch.Tensor, sm: float
+) -> dict:
     """Metrics of rows q [R, D] attending over keys k_ref vs k_hat [P, D] with values v [P, D] (see the module
     docstring), each averaged over the rows."""
     s_ref, s_hat = (q @ k_ref.T) * sm, (q @ k_hat.T) * sm
@@ -279,7 +288,9 @@ def attention_part(models: dict[str, list[int]], essays: str | None, schemes: li
                 tables = attention_run(cap, args, n, model.inv_freq, schemes)
                 del cap
                 summary = summarize(tables, retrieval)
-                log(f"{loaded.name} {text_name} {n}: capture {t1 - t0:.0f} s, metrics {time.perf_counter() - t1:.0f} s")
+                log(
+                    f"{loaded.name} {text_name} {n}: capture {t1 - t0:.0f} s, metrics {time.perf_counter() - t1:.0f} s"
+                )
                 for name in schemes:
                     s = summary[name]
                     log(f"  {name:>11}: KL {s['kl']['mean']:.4g} (median {s['kl']['median']:.3g}), "
@@ -313,7 +324,28 @@ def simulated_cache(cache, fp: list, inv_freq: torch.Tensor, scheme: str | None,
         layer["v_data"][:, :n] = per_token(v).to(v.dtype) if values else v
 
 
-NIAH_SCHEMES = ["fp", "fp-keys-v4", "post-ch128", "post-ch64", "pre-ch128", "had-ch128", "had-tok", "post-tok"]
+NIAH_SCHEMES = ["fp-keys-v4", "post-ch128", "post-ch64", "pre-ch128", "had-ch128"]
+NIAH_NEW_TOKENS = (
+    16  # enough for "The secret number is 4821377." in either tokenizer; greedy answers rarely wait
+)
+
+
+def prefill_fp(engine, ids: list[int]) -> None:
+    """The document ``ids`` pre-filled in one fp32 forward (causal SDPA: several times faster on the CPU than the
+    cache's chunked reference attention) into the engine's 16-bit cache, checkpointed, as ``Engine.ingest``
+    leaves it."""
+    from duo_qserve.engine import DocumentInfo, token_sha256
+
+    t0 = time.perf_counter()
+    cap = capture(engine.model, ids, 0)
+    cache, n = engine.cache, len(ids)
+    cache.reset()
+    for layer, s in enumerate(cache.layers):
+        s["k_data"][:, :n], s["v_data"][:, :n] = cap.k[layer], cap.v[layer]
+    cache.set_length(n)
+    cache.checkpoint()
+    engine.document = DocumentInfo("document", n, token_sha256(ids), time.perf_counter() - t0, "",
+                                   prefilled=n, ids=np.asarray(ids, dtype=np.int32))  # fmt: skip
 
 
 def niah_part(models: dict[str, list[int]], essays: str | None, trials: int, depths: list[float],
@@ -342,20 +374,26 @@ def niah_part(models: dict[str, list[int]], essays: str | None, trials: int, dep
                     stopped = "deadline"
                     break
                 t0 = time.perf_counter()
-                info = engine.ingest(doc.text)
-                whole = info.tokens // group * group
-                fp = [(lay["k_data"][:, :whole].clone(), lay["v_data"][:, :whole].clone()) for lay in engine.cache.layers]
+                ids = engine.document_ids(doc.text)
+                prefill_fp(engine, ids)
+                whole = len(ids) // group * group
+                fp = [
+                    (lay["k_data"][:, :whole].clone(), lay["v_data"][:, :whole].clone())
+                    for lay in engine.cache.layers
+                ]
                 hits = []
                 for name in schemes:
                     key_scheme = None if name in ("fp", "fp-keys-v4") else name
                     simulated_cache(engine.cache, fp, engine.model.inv_freq, key_scheme, values=name != "fp")
                     for fact in doc.facts:
-                        answer = niah.short_answer(engine, fact.question, sampling=niah.SAMPLINGS["greedy"])
+                        answer = niah.short_answer(
+                            engine, fact.question, NIAH_NEW_TOKENS, niah.SAMPLINGS["greedy"]
+                        )
                         records[name].append(dict(
                             trial=trial, haystack=doc.haystack, kind=doc.kind, length=doc.length, depth=fact.depth,
                             expected=fact.answer, answer=answer, found=niah.found(fact.kind, answer, fact.answer),
                         ))  # fmt: skip
-                    hits.append(f"{name} {sum(r['found'] for r in records[name][-len(doc.facts):])}")
+                    hits.append(f"{name} {sum(r['found'] for r in records[name][-len(doc.facts) :])}")
                 simulated_cache(engine.cache, fp, engine.model.inv_freq, None, values=False)
                 log(f"{loaded.name} trial {trial} {doc.haystack} {doc.kind} {doc.length} {doc.depth:g}%: "
                     f"{', '.join(hits)} of {len(doc.facts)} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
@@ -380,7 +418,9 @@ def niah_summary(records: dict[str, list[dict]]) -> dict:
         entry = dict(found=k / n if n else math.nan, questions=n, ci95=[_r(x) for x in wilson(k, n)])
         if base is not None and len(base) == n:
             entry["only_this"] = sum(r["found"] and not b["found"] for r, b in zip(recs, base, strict=True))
-            entry["only_baseline"] = sum(b["found"] and not r["found"] for r, b in zip(recs, base, strict=True))
+            entry["only_baseline"] = sum(
+                b["found"] and not r["found"] for r, b in zip(recs, base, strict=True)
+            )
         out[name] = entry
     return out
 
@@ -399,17 +439,25 @@ def _model_lengths(items: list[str] | None) -> dict[str, list[int]]:
 def main(argv: list[str] | None = None) -> int:
     from duo_qserve.eval.common import result_header, write_json
 
-    p = argparse.ArgumentParser(prog="python -m duo_qserve.bench.kv_keys", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m duo_qserve.bench.kv_keys", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--part", choices=("attention", "niah"), required=True)
-    p.add_argument("--attention", action="append", metavar="MODEL=LENGTHS", help="attention part: keys per run")
+    p.add_argument(
+        "--attention", action="append", metavar="MODEL=LENGTHS", help="attention part: keys per run"
+    )
     p.add_argument("--niah", action="append", metavar="MODEL=LENGTHS", help="niah part: document lengths")
     p.add_argument("--schemes", default=None, help=f"comma-separated, of: {', '.join(SCHEMES)} (niah also: fp, "
                    "fp-keys-v4)")  # fmt: skip
     p.add_argument("--trials", type=int, default=1)
     p.add_argument("--depths", default="10,30,50,70,90")
     p.add_argument("--kinds", default="number,word,two-facts")
-    p.add_argument("--essays", default=str(REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"))
-    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="niah: no new document after")
+    p.add_argument(
+        "--essays", default=str(REPO_ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays")
+    )
+    p.add_argument(
+        "--deadline", type=float, default=None, metavar="SECONDS", help="niah: no new document after"
+    )
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     a = p.parse_args(argv)
     t0 = time.monotonic()
