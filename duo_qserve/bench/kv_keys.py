@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "--deadline", type=float, default=None, metavar="SECONDS", help="niah: no new document after"
     )
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--name", default=None, help="results file kv-keys-<part>-<name>-cpu-<date>.json")
     a = p.parse_args(argv)
     t0 = time.monotonic()
     header = result_header("duo_qserve.bench.kv_keys", argv, "cpu") | dict(
@@ -482,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         result = header | niah_part(_model_lengths(a.niah), a.essays, a.trials,
                                     [float(x) for x in a.depths.split(",")], a.kinds.split(","), schemes, deadline)  # fmt: skip
     result["seconds"] = round(time.monotonic() - t0, 1)
-    out = write_json(Path(a.out_dir) / f"kv-keys-{a.part}-cpu-{header['date']}.json", result)
+    out = write_json(
+        Path(a.out_dir) / f"kv-keys-{a.part}{'-' + a.name if a.name else ''}-cpu-{header['date']}.json",
+        result,
+    )
     print(f"wrote {out}")
     return 0
 
