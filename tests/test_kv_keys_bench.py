@@ -110,3 +110,12 @@ def test_niah_summary_counts_the_questions_only_one_scheme_found():
     s = kv_keys.niah_summary({"post-ch128": rec(True, False, True), "pre-ch128": rec(True, True, False)})
     assert s["pre-ch128"]["only_this"] == 1 and s["pre-ch128"]["only_baseline"] == 1
     assert s["post-ch128"]["found"] == pytest.approx(2 / 3)
+
+
+def test_result_file_keeps_the_data_and_puts_a_table_row_on_one_line():
+    import json
+
+    result = {"a": [[0.1, 2e-05, float("nan")], [3, 4, 5]], "b": {"s": "x [1, 2]"}}
+    text = kv_keys.dumps(result)
+    assert json.loads(text) == {"a": [[0.1, 2e-05, None], [3, 4, 5]], "b": {"s": "x [1, 2]"}}
+    assert "[3,4,5]" in text.split("\n")[3]

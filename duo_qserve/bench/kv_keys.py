@@ -40,7 +40,9 @@ Results: ``benchmarks/results/kv-keys-<part>-cpu-<date>.json``. Accuracy only: n
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 
 from duo_qserve.environment import REPO_ROOT
+from duo_qserve.eval.common import _finite
 from duo_qserve.kernels.attention import apply_rope
 from duo_qserve.model import CausalAttention, rope_cos_sin
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
@@ -300,7 +303,7 @@ def attention_part(models: dict[str, list[int]], essays: str | None, schemes: li
                     model=loaded.name, text=text_name, keys=n, queries=QUERIES,
                     retrieval_heads=None if retrieval is None else int(retrieval.sum()),
                     seconds=dict(capture=round(t1 - t0, 1), metrics=round(time.perf_counter() - t1, 1)),
-                    summary=summary, per_head={s: {m: _round_table(t) for m, t in tables[s].items()} for s in schemes},
+                    summary=summary, per_head=per_head(tables),
                 ))  # fmt: skip
         head_dim = args.head_dim
         for r in runs:
@@ -309,8 +312,23 @@ def attention_part(models: dict[str, list[int]], essays: str | None, schemes: li
     return dict(runs=runs)
 
 
-def _round_table(t: list[list[float]]) -> list[list[float]]:
-    return [[_r(x) for x in row] for row in t]
+PER_HEAD = ("kl", "out_rel_err", "top_recall", "top1_kept")  # the per-head tables kept in the file
+
+
+def per_head(tables: dict) -> dict:
+    """The [layers][query heads] tables of ``PER_HEAD`` for each scheme, to 3 significant digits (the file keeps
+    every metric's summary; all seven tables of every run would make it megabytes)."""
+    return {
+        s: {m: [[float(f"{x:.3g}") for x in row] for row in t[m]] for m in PER_HEAD}
+        for s, t in tables.items()
+    }
+
+
+def dumps(result: dict) -> str:
+    """JSON, indented, with every list of numbers on one line: a per-head table is a line per layer."""
+    text = json.dumps(_finite(result), indent=1)
+    # A list's own line break follows its "[" (a string's are escaped), and only numbers and nulls may follow.
+    return re.sub(r"\[\n[-+0-9.eE,\snul]*\]", lambda m: re.sub(r"\s+", "", m.group(0)), text) + "\n"
 
 
 # ---- NIAH ------------------------------------------------------------------------------------------------------
@@ -437,7 +455,7 @@ def _model_lengths(items: list[str] | None) -> dict[str, list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from duo_qserve.eval.common import result_header, write_json
+    from duo_qserve.eval.common import result_header
 
     p = argparse.ArgumentParser(
         prog="python -m duo_qserve.bench.kv_keys", description=__doc__.split("\n\n")[0]
@@ -483,10 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         result = header | niah_part(_model_lengths(a.niah), a.essays, a.trials,
                                     [float(x) for x in a.depths.split(",")], a.kinds.split(","), schemes, deadline)  # fmt: skip
     result["seconds"] = round(time.monotonic() - t0, 1)
-    out = write_json(
-        Path(a.out_dir) / f"kv-keys-{a.part}{'-' + a.name if a.name else ''}-cpu-{header['date']}.json",
-        result,
-    )
+    out = Path(a.out_dir) / f"kv-keys-{a.part}{'-' + a.name if a.name else ''}-cpu-{header['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps(result))
     print(f"wrote {out}")
     return 0
 
