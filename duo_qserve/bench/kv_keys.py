@@ -32,7 +32,11 @@ file counts the questions a scheme gets right and today's scheme wrong, and the 
 
     python -m duo_qserve.bench.kv_keys --part attention --attention default=4096 \
         --attention qwen2.5-coder-0.5b=4096,8192
-    python -m duo_qserve.bench.kv_keys --part niah --niah default=2048 --niah qwen2.5-coder-0.5b=4096 --trials 1
+    python -m duo_qserve.bench.kv_keys --part niah --niah default=2048 --depths 10,50,90 --trials 2 --deadline 1500
+    python -m duo_qserve.bench.kv_keys --part niah --name qwen2.5-coder-0.5b --niah qwen2.5-coder-0.5b=4096 \
+        --depths 10,50,90 --kinds number,two-facts --schemes fp-keys-v4,post-ch128,post-ch64,pre-ch128 --deadline 1200
+
+On 2 shared CPU cores, one thread each, the three took 27, 25 and 20 minutes (the last two to their deadlines).
 
 Results: ``benchmarks/results/kv-keys-<part>-cpu-<date>.json``. Accuracy only: nothing here times a kernel.
 """
@@ -454,9 +458,7 @@ def _model_lengths(items: list[str] | None) -> dict[str, list[int]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from duo_qserve.eval.common import result_header
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m duo_qserve.bench.kv_keys", description=__doc__.split("\n\n")[0]
     )
@@ -478,7 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--name", default=None, help="results file kv-keys-<part>-<name>-cpu-<date>.json")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from duo_qserve.eval.common import result_header
+
+    a = build_parser().parse_args(argv)
     t0 = time.monotonic()
     header = result_header("duo_qserve.bench.kv_keys", argv, "cpu") | dict(
         threads=torch.get_num_threads(), bits=BITS,
