@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from conftest import HAYSTACK, haystack_text, tiny_args, tiny_model
 from duo_qserve.cache import CacheConfig
 from duo_qserve.distributed import ContextGroup, TokenShards
 from duo_qserve.engine import Cancelled, Engine, EngineSettings
+from duo_qserve.environment import REPO_ROOT
 from duo_qserve.kernels.attention import dense_attention
 from duo_qserve.loading import LoadedModel
 from duo_qserve.patterns import random_pattern, save_pattern
@@ -268,3 +271,19 @@ def test_default_model_answers_as_in_one_process(world2, single):
         assert r["smollm2"]["answer"] == ref["answer"]
         assert r["smollm2"]["cancelled"] == "cancel"
         assert r["smollm2"]["after_cancel"] == world2[0]["smollm2"]["after_cancel"] <= 1
+
+
+@pytest.mark.slow
+def test_torchrun_ask_prints_the_one_process_answer_once(work, single):
+    """``torchrun --nproc-per-node 2 -m duo_qserve ask``: both ranks answer, rank 0 alone prints."""
+    if "smollm2" not in single:
+        pytest.skip(f"shared haystack not found at {HAYSTACK}")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "duo_qserve",
+        "ask", QUESTION, "--doc", str(work / "essay.txt"), "--cpu", "--no-w8a8", "--max-tokens", "2048",
+        "--chunk-size", "256", "--max-new-tokens", str(ANSWER_TOKENS),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    res = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == single["smollm2"]["answer"] + "\n"
