@@ -534,7 +534,25 @@ class Engine:
             raise ValueError(f"stop must be a sequence of strings, got {stop!r}")
         if evidence and self.group is not None:
             raise ValueError("evidence is not available with context parallelism yet: ask without it")
-        return self._answer(question, max_new_tokens, params, tuple(stop), conversation, meta or {}, evidence)
+        stream = self._answer(
+            question, max_new_tokens, params, tuple(stop), conversation, meta or {}, evidence
+        )
+        return stream if self.group is None else self._to_the_end(stream)
+
+    def _to_the_end(self, stream: Iterator[str]) -> Iterator[str]:
+        """``stream`` that, closed early, still ends on every rank: it cancels and runs the answer on to its next
+        token, where rank 0's cancel reaches the other ranks (closed at once, rank 0 would leave them waiting
+        inside the next decode step's collective)."""
+        ended = False
+        try:
+            for piece in stream:  # noqa: UP028 (``yield from`` would close ``stream`` with this generator)
+                yield piece
+            ended = True
+        finally:
+            if not ended:
+                self.cancel()
+                for _ in stream:
+                    pass
 
     def _context(
         self, question: str, q_ids: list[int], max_new_tokens: int, conversation: Conversation | None
@@ -614,9 +632,9 @@ class Engine:
                     piece_end = cut if cut is not None else len(text)
                     # A trailing U+FFFD is half a multi-byte character: wait for the rest.
                     if not text.endswith("\ufffd") or cut is not None:
-                        if piece_end > len(text_so_far):
-                            yield text[len(text_so_far) : piece_end]
-                            text_so_far = text[:piece_end]
+                        if piece_end > len(text_so_far):  # shown once yielded: a stream closed there keeps it
+                            piece, text_so_far = text[len(text_so_far) : piece_end], text[:piece_end]
+                            yield piece
                     if cut is not None or repeating:
                         stats.ended_by = "stop" if cut is not None else "repetition"
                         break
