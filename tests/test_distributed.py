@@ -1,25 +1,21 @@
 """Context parallelism (``duo_qserve.distributed``): the ownership arithmetic, and engines on 2 and 3 gloo ranks
 that must give the single-process engine's logits and answers on the same document.
 
-Each world size is one spawn of CPU processes that runs every scenario below in order (the engine's calls are
-SPMD, so every rank runs the same ones) and saves its results; the tests compare them with the same scenario run
-here in one process. Ranks see a short collective timeout, so a rank that takes another branch fails the run
-instead of hanging it.
+Each world size is one spawn of CPU processes (``conftest.on_ranks``) that runs every scenario below in order (the
+engine's calls are SPMD, so every rank runs the same ones) and saves its results; the tests compare them with the
+same scenario run here in one process.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import HAYSTACK, haystack_text, tiny_args, tiny_model
+from conftest import HAYSTACK, haystack_text, on_ranks, tiny_args, tiny_model
 
 from duo_qserve.cache import CacheConfig
 from duo_qserve.distributed import ContextGroup, TokenShards
@@ -134,7 +130,8 @@ def merge_with_an_empty_rank(group: ContextGroup, work: Path) -> dict:
 
 
 def smollm2_answer(group: ContextGroup | None, work: Path) -> dict:
-    """The default model's greedy answer about real text; then an answer that rank 0 cancels after a piece."""
+    """The default model's greedy answer about real text; an answer that rank 0 cancels after a piece; one whose
+    stream rank 0 closes after a piece (the others read theirs to the end); then the first question again."""
     settings = EngineSettings(max_tokens=2048, chunk_size=256, device="cpu", w8a8=False)
     engine = Engine.from_settings(settings, group)
     engine.ingest((work / "essay.txt").read_text())
@@ -144,7 +141,15 @@ def smollm2_answer(group: ContextGroup | None, work: Path) -> dict:
     if group is None or group.is_leader:
         engine.cancel()
     rest = list(pieces)
-    return {"answer": answer, "cancelled": engine.last.ended_by, "after_cancel": len(rest)}
+    cancelled = engine.last.ended_by
+    pieces = engine.ask("Summarize the text.", max_new_tokens=ANSWER_TOKENS)
+    next(pieces)
+    if group is None or group.is_leader:
+        pieces.close()
+    else:
+        list(pieces)
+    again = engine.answer(QUESTION, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+    return {"answer": answer, "cancelled": cancelled, "after_cancel": len(rest), "again": again}
 
 
 SCENARIOS = {
@@ -156,28 +161,9 @@ SCENARIOS = {
 }
 
 
-def _rank_main(rank: int, world: int, port: int, work: str, out: str, scenarios: list[str]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )  # fmt: skip  (what torchrun sets)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
-    group = ContextGroup.from_env("cpu")
-    try:
-        results = {name: SCENARIOS[name](group, Path(work)) for name in scenarios}
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        group.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_scenarios(group: ContextGroup, work: str, out: str, scenarios: list[str]) -> None:
+    results = {name: SCENARIOS[name](group, Path(work)) for name in scenarios}
+    torch.save(results, Path(out) / f"rank{group.rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +187,7 @@ def _runs(name: str, work: Path) -> bool:
 def _spawn(world: int, work: Path, names: list[str]) -> list[dict]:
     out = work / f"world{world}"
     out.mkdir()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.multiprocessing.start_processes(
-        _rank_main, args=(world, _free_port(), str(work), str(out), [n for n in names if _runs(n, work)]), nprocs=world,
-        start_method="spawn",
-    )  # fmt: skip
+    on_ranks(world, _run_scenarios, str(work), str(out), [n for n in names if _runs(n, work)])
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -269,7 +251,7 @@ def test_default_model_answers_as_in_one_process(world2, single):
     assert ref["answer"].strip()
     for r in world2:
         assert r["smollm2"]["answer"] == ref["answer"]
-        assert r["smollm2"]["cancelled"] == "cancel"
+        assert r["smollm2"]["cancelled"] == "cancel" and r["smollm2"]["again"] == ref["answer"]
         assert r["smollm2"]["after_cancel"] == world2[0]["smollm2"]["after_cancel"] <= 1
 
 
