@@ -38,9 +38,9 @@ from duo_qserve.kernels.attention import dense_attention, merge
 from duo_qserve.kernels.kv_attention import PrefixAttention
 from duo_qserve.model import ModelArgs
 
-TIMEOUT = datetime.timedelta(
-    minutes=10
-)  # a rank that stops answering (crashed, diverged) fails the others then
+# a rank that stops answering (crashed, took another branch) fails the others after this long
+TIMEOUT = datetime.timedelta(minutes=10)
+IDLE = datetime.timedelta(days=365)  # how long a rank may wait for rank 0's next order (``share``)
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class ContextGroup:
         self.device = torch.device(device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self._orders: dist.ProcessGroup | None = None  # made by the first ``share``
 
     @staticmethod
     def launched() -> bool:
@@ -152,6 +153,16 @@ class ContextGroup:
         t = torch.tensor(values, dtype=torch.int64, device=self.device)
         dist.broadcast(t, src=0)
         return tuple(t.tolist())
+
+    def share(self, message: object = None) -> object:
+        """Rank 0's picklable ``message`` on every rank (the others pass nothing): how a rank that follows rank 0
+        (the app's, whose work comes from the UI) learns what to run next. It goes over a CPU (gloo) group of its
+        own, made at the first call, whose wait has no practical limit: an idle follower waits here for hours."""
+        if self._orders is None:
+            self._orders = dist.new_group(backend="gloo", timeout=IDLE)
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self._orders)
+        return box[0]
 
     def close(self) -> None:
         """Leave the group (at the end of a run: every rank calls it)."""
