@@ -203,7 +203,8 @@ class Engine:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 # weights are already resident: plan the rest of free memory for cache + workspace
-                budget = free - workspace_bytes(self.args, self.chunk_size, self.dtype.itemsize)
+                merging = self.group.world_size if self.group else 0
+                budget = free - workspace_bytes(self.args, self.chunk_size, self.dtype.itemsize, merging)
                 plan = max_tokens_for_budget(
                     self.args, self.retrieval_heads, self.cache_config, budget, w8a8=False, chunk_size=0,
                     dtype=self.dtype, include_fixed=False, world_size=self.shards.world_size,

@@ -48,16 +48,19 @@ def weight_bytes(args: ModelArgs, w8a8: bool, dtype_bytes: int = 2) -> int:
     return args.n_layers * per_layer + embed + head + d * dtype_bytes
 
 
-def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2) -> int:
+def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2, merge_ranks: int = 0) -> int:
     """Peak activations of one pre-fill chunk (hidden states, q/k/v, MLP intermediates and their int8 copies,
     flash-attention inputs with K/V repeated per query head, and a bounded slab of de-quantized prefix) plus the
-    runtime reserve. Scores are never materialized on the GPU paths."""
+    runtime reserve. Scores are never materialized on the GPU paths. With context parallelism over
+    ``merge_ranks`` ranks a layer also gathers every rank's partial attention (float32 out + lse per query head)
+    beside its own packed copy (``distributed.ContextGroup.merge``)."""
     t, hd = chunk_size, args.head_dim
+    merge = (merge_ranks + 1) * t * args.n_heads * (hd + 1) * 4 if merge_ranks else 0
     qkv = (args.n_heads + 2 * args.n_kv_heads) * hd
     per_token = dtype_bytes * (4 * args.dim + qkv + args.n_heads * hd + 3 * args.intermediate_size)
     per_token += args.intermediate_size + args.dim + 8  # int8 activations + per-token scales
     per_token += dtype_bytes * 3 * args.n_heads * hd  # repeated K/V + output of the flash call
-    return t * per_token + SLAB_BYTES + args.vocab_size * 4 + RUNTIME_RESERVE
+    return t * per_token + SLAB_BYTES + args.vocab_size * 4 + merge + RUNTIME_RESERVE
 
 
 @dataclass
@@ -98,7 +101,9 @@ def plan_for_tokens(
     comps = dict(spec.bytes_by_component())
     if include_fixed:
         comps["weights"] = weight_bytes(args, w8a8, dtype_bytes)
-        comps["workspace"] = workspace_bytes(args, chunk_size, dtype_bytes)
+        comps["workspace"] = workspace_bytes(
+            args, chunk_size, dtype_bytes, world_size if world_size > 1 else 0
+        )
     return MemoryPlan(n_tokens, comps, world_size, shards.held(n_tokens, 0))
 
 
