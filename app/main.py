@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
+import functools
 import gc
 import hmac
 import queue
@@ -30,10 +31,12 @@ from typing import Any
 import gradio as gr
 import torch
 
+from app import ranks
 from app import ui_render as render
 from app.sessions import NoBook, SessionStore, UploadLimits, owner_key
 from duo_qserve import environment, library
 from duo_qserve.conversation import Conversation
+from duo_qserve.distributed import ContextGroup
 from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
@@ -205,12 +208,15 @@ class Server:
         admin_token: str | None = None,
         uploads: UploadLimits | None = None,
         evidence: bool = True,
+        make_engine: Callable[[EngineSettings], Engine] = Engine.from_settings,
     ):
         self.settings, self.admin_token, self.uploads = settings, admin_token, uploads or UploadLimits()
+        # how an engine is built: ``app.ranks.LeaderEngine.build`` under torchrun, so the other ranks build theirs
+        self.make_engine = make_engine
         self.evidence = evidence  # show the passages each answer came from (duo_qserve.evidence)
         self.chapters: dict[str, list[tuple[str, int]]] = {}  # by document sha256, for the passages' chapters
         self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
-        self.engine: Engine = Engine.from_settings(settings)
+        self.engine: Engine = self.make_engine(settings)
         self.store = self._new_store()
         self.generation = 0
         self.job: Job | None = None
@@ -614,13 +620,13 @@ class Server:
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                self.engine = Engine.from_settings(settings)
+                self.engine = self.make_engine(settings)
             except Exception:
-                self.engine = Engine.from_settings(self.settings)
+                self.engine = self.make_engine(self.settings)
                 self.store = self._new_store()
                 raise
         else:
-            self.engine = Engine.from_settings(settings)
+            self.engine = self.make_engine(settings)
         self.store.drop_all()  # the books' caches were made for the old engine
         self.store = self._new_store()
         self.settings = settings
@@ -1053,27 +1059,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Serve the app. Under ``torchrun --nproc-per-node N`` (context parallelism) rank 0 serves it and the other
+    ranks follow its engine calls (``app.ranks``); the library and the passages under answers are then off."""
     faulthandler.register(
         signal.SIGUSR1
     )  # `kill -USR1 <pid>` prints every thread's stack: what a hang waits on
     a = parse_args(argv)
     settings = settings_from_args(a)
+    group = ContextGroup.from_env(settings.device) if ContextGroup.launched() else None
+    if group is not None and not group.is_leader:
+        ranks.follow(group)
+        group.close()
+        return
+    make_engine = (
+        Engine.from_settings if group is None else functools.partial(ranks.LeaderEngine.build, group)
+    )
+    if group is not None:
+        print(f"context parallelism over {group.world_size} ranks: no library, no passages under answers")
     print(f"loading {settings.model}…", flush=True)
     try:
         uploads = UploadLimits(a.max_upload_mb << 20, a.max_session_upload_mb << 20)
-        server = Server(settings, a.admin_token, uploads, evidence=a.evidence)
+        server = Server(settings, a.admin_token, uploads, evidence=a.evidence and group is None,
+                        make_engine=make_engine)  # fmt: skip
+        demo = build_app(server)
+        auth = tuple(a.auth.split(":", 1)) if a.auth else None
+        demo.queue().launch(
+            server_name=a.host,
+            server_port=a.port,
+            share=a.share,
+            auth=auth,
+            show_error=True,
+            max_file_size=server.uploads.per_upload_bytes,
+        )
     except (ModelLoadError, PatternError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    demo = build_app(server)
-    auth = tuple(a.auth.split(":", 1)) if a.auth else None
-    demo.queue().launch(
-        server_name=a.host,
-        server_port=a.port,
-        share=a.share,
-        auth=auth,
-        show_error=True,
-        max_file_size=server.uploads.per_upload_bytes,
-    )
+    finally:
+        if group is not None:
+            ranks.stop(group)
+            group.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Command line: ``python -m duo_qserve {ask,info,plan,quantize,patterns,library,models}``."""
+"""Command line: ``python -m duo_qserve {ask,info,plan,quantize,patterns,library,models}``.
+
+``ask`` and ``info`` also run context-parallel on several GPUs (or CPU processes):
+``torchrun --nproc-per-node N -m duo_qserve ask ...``. Every rank runs the same command on the same files and
+holds a share of the document (``duo_qserve.distributed``); only rank 0 prints."""
 
 from __future__ import annotations
 
@@ -16,9 +20,20 @@ REFERENCE_DEMO_TOKENS = 3_300_000  # the DuoAttention demo's context on an A100-
 
 
 def _engine(a: argparse.Namespace):
+    """The engine the options describe; one rank's of a context-parallel group when torchrun started several."""
+    from duo_qserve.distributed import ContextGroup
     from duo_qserve.engine import Engine
 
-    return Engine.from_settings(settings_from_args(a))
+    settings = settings_from_args(a)
+    group = ContextGroup.from_env(settings.device) if ContextGroup.launched() else None
+    return Engine.from_settings(settings, group)
+
+
+def _printer(engine):
+    """``print`` on rank 0 (or without context parallelism), nothing on the other ranks."""
+    if engine.group is None or engine.group.is_leader:
+        return print
+    return lambda *args, **kwargs: None
 
 
 def cmd_ask(a) -> int:
@@ -26,32 +41,38 @@ def cmd_ask(a) -> int:
 
     doc = read_documents(a.doc)
     engine = _engine(a)
+    say = _printer(engine)
 
     def progress(done: int, total: int) -> None:
-        print(f"\rpre-fill {done:,}/{total:,} tokens", end="", file=sys.stderr, flush=True)
+        say(f"\rpre-fill {done:,}/{total:,} tokens", end="", file=sys.stderr, flush=True)
 
-    info = engine.ingest(doc.text, on_progress=progress, title=doc.title)
-    print(f"\n{info.tokens:,} tokens in {info.prefill_seconds:.1f} s", file=sys.stderr)
-    for question in a.question:
-        if len(a.question) > 1:
-            print(f"\nQ: {question}\nA: ", end="")
-        for piece in engine.ask(question, max_new_tokens=a.max_new_tokens, temperature=a.temperature):
-            print(piece, end="", flush=True)
-        print()
-        s = engine.last
-        print(
-            f"[first token {s.ttft_s * 1000:.0f} ms, {s.decode_ms_per_token:.1f} ms/token]", file=sys.stderr
-        )
+    try:
+        info = engine.ingest(doc.text, on_progress=progress, title=doc.title)
+        say(f"\n{info.tokens:,} tokens in {info.prefill_seconds:.1f} s", file=sys.stderr)
+        for question in a.question:
+            if len(a.question) > 1:
+                say(f"\nQ: {question}\nA: ", end="")
+            for piece in engine.ask(question, max_new_tokens=a.max_new_tokens, temperature=a.temperature):
+                say(piece, end="", flush=True)
+            say()
+            s = engine.last
+            say(
+                f"[first token {s.ttft_s * 1000:.0f} ms, {s.decode_ms_per_token:.1f} ms/token]",
+                file=sys.stderr,
+            )
+    finally:
+        if engine.group is not None:
+            engine.group.close()
     return 0
 
 
 def cmd_info(a) -> int:
     engine = _engine(a)
     s = engine.stats()
-    if a.json:
-        print(json.dumps(s, indent=2, default=str))
-        return 0
-    print(info_summary(s))
+    if engine.group is not None:
+        engine.group.close()
+    say = _printer(engine)
+    say(json.dumps(s, indent=2, default=str) if a.json else info_summary(s))
     return 0
 
 
@@ -69,11 +90,17 @@ def info_summary(s: dict) -> str:
         f"model      {s['model']} on {s['device']} ({dev['name']}), {weights}, KV{s['kv_bits']}",
         f"pattern    {s['pattern']}: {s['sparsity']:.0%} streaming heads, {sum(heads)} retrieval heads over "
         f"{len(heads)} layers; sink {s['sink_tokens']}, recent {s['recent_tokens']} tokens",
-        f"capacity   {s['capacity_tokens']:,} tokens in the cache",
+        f"capacity   {s['capacity_tokens']:,} tokens in the cache" + _ranks_line(s["ranks"]),
         f"memory     {dev['used'] / gib:.2f} GiB used of {dev['total'] / gib:.2f} GiB",
     ]
     lines += [f"  {name:<13} {n / gib:9.3f} GiB" for name, n in s["memory"].items()]
     return "\n".join(lines)
+
+
+def _ranks_line(ranks: dict) -> str:
+    if ranks["world_size"] == 1:
+        return ""
+    return f", over {ranks['world_size']} ranks (up to {ranks['capacity_tokens_per_rank']:,} a rank)"
 
 
 def _model_args(spec: str):
@@ -114,8 +141,9 @@ def cmd_plan(a) -> int:
     )
     budget = parse_bytes(a.memory)
     plan = max_tokens_for_budget(
-        args, heads, config, budget, w8a8=a.w8a8, chunk_size=a.chunk_size, dtype=torch.float16
-    )
+        args, heads, config, budget, w8a8=a.w8a8, chunk_size=a.chunk_size, dtype=torch.float16,
+        world_size=a.world_size,
+    )  # fmt: skip
     result = {
         "model_shape": name,
         "pattern": pattern.name,
@@ -128,19 +156,30 @@ def cmd_plan(a) -> int:
         "recent_tokens": config.recent_tokens,
         "chunk_size": a.chunk_size,
         "memory_bytes": budget,
+        "world_size": plan.world_size,
         "max_tokens": plan.tokens,
+        "max_tokens_per_rank": plan.tokens_per_rank,
         "components": plan.components,
         "total_bytes": plan.total,
+        "total_bytes_all_ranks": plan.total_all_ranks,
         "reference_demo_tokens": REFERENCE_DEMO_TOKENS,
     }
     if a.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{name}: {'W8A8' if a.w8a8 else 'fp16 weights'}, KV{a.kv_bits}, {sparsity:.0%} streaming heads")
-    print(f"memory budget {budget / 1e9:.2f} GB ({budget / 2**30:.2f} GiB)")
+    ranks = plan.world_size
+    per = " per rank" if ranks > 1 else ""
+    print(f"memory budget {budget / 1e9:.2f} GB ({budget / 2**30:.2f} GiB){per}")
     for k, v in plan.components.items():
         print(f"  {k:<13} {v / 2**30:9.2f} GiB")
-    print(f"tokens that fit: {plan.tokens:,}  (the reference demo: {REFERENCE_DEMO_TOKENS:,} on an A100-80G)")
+    if ranks > 1:
+        print(f"  {'all ranks':<13} {plan.total_all_ranks / 2**30:9.2f} GiB over {ranks} ranks")
+        print(f"tokens that fit: {plan.tokens:,} over {ranks} ranks, up to {plan.tokens_per_rank:,} a rank")
+    else:
+        print(
+            f"tokens that fit: {plan.tokens:,}  (the reference demo: {REFERENCE_DEMO_TOKENS:,} on an A100-80G)"
+        )
     return 0
 
 
@@ -204,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="80GB", help="e.g. 80GB (10^9 bytes), 79.6GiB")
     p.add_argument("--chunk-size", type=int, default=32768, help="pre-fill chunk, sizes the workspace")
     p.add_argument("--w8a8", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--world-size", type=int, default=1,
+        help="GPUs sharing the context (context parallelism): --memory is each one's; default 1",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

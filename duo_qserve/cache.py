@@ -52,7 +52,9 @@ class TensorSpec:
 
 
 class CacheSpec:
-    """Every tensor the cache allocates, per layer, for a capacity of ``max_tokens``."""
+    """Every tensor the cache allocates, per layer, for a capacity of ``max_tokens``. ``retrieval_tokens`` (default
+    ``max_tokens``) sizes the retrieval heads' token axis: a rank of a context-parallel cache holds only its share
+    of the tokens there (``duo_qserve.distributed``)."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class CacheSpec:
         config: CacheConfig,
         max_tokens: int,
         dtype: torch.dtype,
+        retrieval_tokens: int | None = None,
     ):
         if len(retrieval_heads) != args.n_layers:
             raise ValueError(
@@ -68,7 +71,8 @@ class CacheSpec:
             )
         self.args, self.retrieval_heads, self.config, self.dtype = args, list(retrieval_heads), config, dtype
         group = config.key_group if config.kv_bits < 16 else 1
-        self.capacity = math.ceil(max_tokens / group) * group  # retrieval slots (whole key groups)
+        slots = max_tokens if retrieval_tokens is None else retrieval_tokens
+        self.capacity = math.ceil(slots / group) * group  # retrieval slots (whole key groups)
         self.max_tokens = max_tokens
         self.layers = [self._layer(n_r) for n_r in self.retrieval_heads]
 
@@ -175,6 +179,12 @@ class DuoKVCache:
     def max_tokens(self) -> int:
         return self.spec.max_tokens
 
+    @property
+    def retrieval_len(self) -> int:
+        """Tokens the retrieval heads hold here: all ``seq_len`` of them (a rank's share in a context-parallel
+        cache, ``distributed.ShardedKVCache``)."""
+        return self.seq_len
+
     def reset(self) -> None:
         self.seq_len = 0
         self._saved = None
@@ -194,12 +204,12 @@ class DuoKVCache:
     def commit_tail_group(self) -> None:
         """Quantize every layer's fp tail, a group that has just filled (``seq_len`` a multiple of the key group),
         into the arena. The decode graph writes new tokens into the tail only and calls this on the host."""
-        group = self.config.key_group
-        if self.config.kv_bits == 16 or self.seq_len == 0 or self.seq_len % group:
-            raise ValueError(f"no full tail group to commit at {self.seq_len:,} tokens (groups of {group})")
+        group, held = self.config.key_group, self.retrieval_len
+        if self.config.kv_bits == 16 or held == 0 or held % group:
+            raise ValueError(f"no full tail group to commit at {held:,} tokens (groups of {group})")
         for layer, n_r in zip(self.layers, self.n_retrieval, strict=True):
             if n_r:
-                self._append_quantized(layer, layer["k_tail"], layer["v_tail"], self.seq_len - group)
+                self._append_quantized(layer, layer["k_tail"], layer["v_tail"], held - group)
 
     def arena(self, layer: int, n_quant: int | torch.Tensor | None = None) -> QuantArena:
         """The quantized arena of ``layer``'s retrieval heads, holding ``n_quant`` tokens (default: every whole
@@ -210,7 +220,7 @@ class DuoKVCache:
         s = self.layers[layer]
         return QuantArena(
             s["k_data"], s["k_scale"], s["k_zero"], s["v_data"], s["v_scale"], s["v_zero"],
-            self.seq_len // group * group if n_quant is None else n_quant, self.config.kv_bits, group,
+            self.retrieval_len // group * group if n_quant is None else n_quant, self.config.kv_bits, group,
         )  # fmt: skip
 
     def step_layer(self, layer: int, n_quant: torch.Tensor) -> StepLayer:
@@ -251,14 +261,28 @@ class DuoKVCache:
             return out
         group = self.config.key_group
         n_quant, tail_len = (pos // group) * group, pos % group
-        k_fp = torch.cat([s["k_tail"][:, :tail_len], k], dim=1)
-        v_fp = torch.cat([s["v_tail"][:, :tail_len], v], dim=1)
+        k_fp, v_fp = self._fp_run(s, k, v, tail_len)
         out, lse = dense_attention(q, k_fp, v_fp, n_ctx=tail_len, sm_scale=self.sm_scale)
-        if n_quant:
-            out_q, lse_q = self.prefix_attention(q, self.arena(layer, n_quant), self.sm_scale)
-            out, lse = merge(out_q, lse_q, out, lse)
+        out, lse = self._with_prefix(layer, q, out, lse, n_quant)
         self._append_quantized(s, k_fp, v_fp, n_quant)
         return out
+
+    @staticmethod
+    def _fp_run(
+        s: dict, k: torch.Tensor, v: torch.Tensor, tail_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp tail's ``tail_len`` tokens followed by ``k, v``: what attends unquantized, and what
+        ``_append_quantized`` takes."""
+        k_fp = torch.cat([s["k_tail"][:, :tail_len], k], dim=1)
+        v_fp = torch.cat([s["v_tail"][:, :tail_len], v], dim=1)
+        return k_fp, v_fp
+
+    def _with_prefix(self, layer: int, q, out, lse, n_quant: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) merged with the attention over the first ``n_quant`` quantized tokens (if any)."""
+        if not n_quant:
+            return out, lse
+        out_q, lse_q = self.prefix_attention(q, self.arena(layer, n_quant), self.sm_scale)
+        return merge(out_q, lse_q, out, lse)
 
     def _append_quantized(self, s: dict, k_fp: torch.Tensor, v_fp: torch.Tensor, n_quant: int) -> None:
         """Quantize the whole groups among (old tail + new tokens) into the arena; keep the rest as the tail."""

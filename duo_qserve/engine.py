@@ -23,6 +23,7 @@ from duo_qserve import environment
 from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
 from duo_qserve.conversation import Conversation, Turn
 from duo_qserve.decode_graph import GraphedDecoder
+from duo_qserve.distributed import ContextGroup, ShardedKVCache, TokenShards
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.evidence import attention_mass, top_passages
 from duo_qserve.kernels.int8_gemm import tuned_row_counts
@@ -110,8 +111,15 @@ class GenerationStats:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, settings: EngineSettings):
-        self.settings, self.loaded = settings, loaded
+    """One model and the cache it answers from.
+
+    With a ``group`` (``duo_qserve.distributed``: context parallelism, one engine per rank, started by torchrun)
+    every cache is a ``ShardedKVCache`` holding this rank's share of the retrieval tokens, decode steps run eagerly
+    (no CUDA graph), and rank 0's sampled token and cancel decide for every rank. Every rank must then make the
+    same calls in the same order (SPMD). Without one, the single-device engine, with no collectives."""
+
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings, group: ContextGroup | None = None):
+        self.settings, self.loaded, self.group = settings, loaded, group
         self.model, self.tokenizer, self.args = loaded.model, loaded.tokenizer, loaded.model.args
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -139,10 +147,12 @@ class Engine:
         )
         cuda = self.device.type == "cuda"
         self.chunk_size = settings.chunk_size or (32768 if cuda else 512)
+        self.shards = TokenShards(group.world_size if group else 1, self.cache_config.key_group)
         self.capacity = self._cache_spec(settings.max_tokens)  # the largest cache one document may have
-        self.cache = DuoKVCache(self.capacity, self.device)
-        # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step
-        self.decode_graph = cuda and environment.decode_graph()
+        self.cache = self._new_cache(self.capacity)
+        # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step.
+        # A graph captures no collectives here: context parallelism decodes eagerly.
+        self.decode_graph = cuda and environment.decode_graph() and group is None
         self._decoder: GraphedDecoder | None = None
         self.document: DocumentInfo | None = None
         self.last = GenerationStats()
@@ -156,10 +166,13 @@ class Engine:
         self._stop_ids = self._eos_ids()
 
     @classmethod
-    def from_settings(cls, settings: EngineSettings) -> Engine:
-        """Load ``settings.model`` on ``settings.device`` (None: CUDA if available) and build the engine on it."""
+    def from_settings(cls, settings: EngineSettings, group: ContextGroup | None = None) -> Engine:
+        """Load ``settings.model`` on ``settings.device`` (None: CUDA if available; with a ``group``, the rank's
+        device) and build the engine on it."""
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(load_model(settings.model, device, settings.dtype), settings)
+        if group is not None and group.device.type == "cuda":
+            device = group.device
+        return cls(load_model(settings.model, device, settings.dtype), settings, group)
 
     @classmethod
     def from_pretrained(cls, model: str = "default", **kwargs) -> Engine:
@@ -190,15 +203,27 @@ class Engine:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 # weights are already resident: plan the rest of free memory for cache + workspace
-                budget = free - workspace_bytes(self.args, self.chunk_size, self.dtype.itemsize)
+                merging = self.group.world_size if self.group else 0
+                budget = free - workspace_bytes(self.args, self.chunk_size, self.dtype.itemsize, merging)
                 plan = max_tokens_for_budget(
                     self.args, self.retrieval_heads, self.cache_config, budget, w8a8=False, chunk_size=0,
-                    dtype=self.dtype, include_fixed=False,
+                    dtype=self.dtype, include_fixed=False, world_size=self.shards.world_size,
                 )  # fmt: skip
                 max_tokens = plan.tokens
             else:
                 max_tokens = 32768
-        return CacheSpec(self.args, self.retrieval_heads, self.cache_config, max_tokens, self.dtype)
+        return self._spec(max_tokens)
+
+    def _spec(self, max_tokens: int) -> CacheSpec:
+        """This rank's tensors for a cache of ``max_tokens`` (all of them without context parallelism)."""
+        return self.shards.rank_spec(
+            self.args, self.retrieval_heads, self.cache_config, max_tokens, self.dtype
+        )
+
+    def _new_cache(self, spec: CacheSpec) -> DuoKVCache:
+        if self.group is None:
+            return DuoKVCache(spec, self.device)
+        return ShardedKVCache(spec, self.device, self.group)
 
     def _template_parts(self) -> tuple[str, str, str]:
         """Split the chat template around the turns: (text before the document, text after a question, text
@@ -261,11 +286,11 @@ class Engine:
         """The cache for a document of ``document_tokens`` tokens and ``ANSWER_RESERVE`` more (at most
         ``capacity``): several documents can then stay resident at once, each in a cache of its own size."""
         tokens = min(document_tokens + ANSWER_RESERVE, self.capacity.max_tokens)
-        return CacheSpec(self.args, self.retrieval_heads, self.cache_config, tokens, self.dtype)
+        return self._spec(tokens)
 
     def new_cache(self, document_tokens: int) -> DuoKVCache:
         """An empty cache of ``cache_spec_for(document_tokens)``, for ``use``."""
-        return DuoKVCache(self.cache_spec_for(document_tokens), self.device)
+        return self._new_cache(self.cache_spec_for(document_tokens))
 
     def use(self, cache: DuoKVCache, document: DocumentInfo | None) -> None:
         """Make ``cache`` (from ``new_cache``, holding ``document`` or nothing) the one the engine pre-fills and
@@ -289,7 +314,7 @@ class Engine:
         decoder, ``last`` and ``prefilled_tokens``. A decode graph belongs to one cache, so a book's first answer
         still captures its own, with every kernel already compiled (one step). On the CPU nothing compiles: a
         minimal pass (8 tokens, 2 steps) runs the same code. ``on_progress`` gets a short message before each stage.
-        Runs as one job (see ``cancel``).
+        Runs as one job (see ``cancel``). With context parallelism there is no decode graph and no evidence pass.
         """
         c, cuda = self.cache_config, self.device.type == "cuda"
         document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8
@@ -316,8 +341,9 @@ class Engine:
                 steps = (-self.cache.seq_len) % c.key_group + 2 if cuda else 2
                 for _ in range(steps):
                     self._decode_step(ids[0])
-                say("finding an answer's passages")
-                attention_mass(self.model, self.cache, document, ids[-6:-4], ids[-4:], self.chunk_size)
+                if self.group is None:
+                    say("finding an answer's passages")
+                    attention_mass(self.model, self.cache, document, ids[-6:-4], ids[-4:], self.chunk_size)
                 if cuda:
                     torch.cuda.synchronize(self.device)
             finally:
@@ -331,7 +357,7 @@ class Engine:
         mask, _ = self.pattern.retrieval_mask(sparsity)
         plan = max_tokens_for_budget(
             self.args, [int(m.sum()) for m in mask], self.cache_config, self.capacity.nbytes,
-            w8a8=False, chunk_size=0, dtype=self.dtype, include_fixed=False,
+            w8a8=False, chunk_size=0, dtype=self.dtype, include_fixed=False, world_size=self.shards.world_size,
         )  # fmt: skip
         return max(plan.tokens - ANSWER_RESERVE, 0)
 
@@ -464,7 +490,7 @@ class Engine:
         tensor = torch.tensor(ids, dtype=torch.long, device=self.device)
         logits = None
         for start in range(first, len(ids), self.chunk_size):
-            if self._cancel.is_set():
+            if self._cancelled():
                 raise Cancelled(f"pre-fill stopped after {start:,} of {len(ids):,} tokens; {then}")
             chunk = tensor[start : start + self.chunk_size]
             try:
@@ -481,6 +507,22 @@ class Engine:
                     torch.cuda.synchronize(self.device)
                 on_progress(start + chunk.numel(), len(ids))
         return logits
+
+    def _cancelled(self) -> bool:
+        """Whether ``cancel`` stopped the running job; with context parallelism rank 0's flag, so that every rank
+        stops at the same chunk or token."""
+        cancelled = self._cancel.is_set()
+        return cancelled if self.group is None else bool(self.group.from_leader(cancelled)[0])
+
+    def _next_token(self, guard: AnswerGuard, logits: torch.Tensor, params: Sampling, gen) -> int | None:
+        """The next answer token, or None when the job was cancelled. With context parallelism rank 0 samples and
+        every rank takes its token: the ranks' logits agree, but which token comes next must not hang on rounding."""
+        token = -1
+        if (self.group is None or self.group.is_leader) and not self._cancel.is_set():
+            token = sample(guard.adjust(logits[-1]), params.temperature, params.top_p, gen)
+        if self.group is not None:
+            token = self.group.from_leader(token)[0]
+        return None if token < 0 else token
 
     def ask(
         self,
@@ -518,7 +560,27 @@ class Engine:
         params = Sampling(**sampling)
         if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a sequence of strings, got {stop!r}")
-        return self._answer(question, max_new_tokens, params, tuple(stop), conversation, meta or {}, evidence)
+        if evidence and self.group is not None:
+            raise ValueError("evidence is not available with context parallelism yet: ask without it")
+        stream = self._answer(
+            question, max_new_tokens, params, tuple(stop), conversation, meta or {}, evidence
+        )
+        return stream if self.group is None else self._to_the_end(stream)
+
+    def _to_the_end(self, stream: Iterator[str]) -> Iterator[str]:
+        """``stream`` that, closed early, still ends on every rank: it cancels and runs the answer on to its next
+        token, where rank 0's cancel reaches the other ranks (closed at once, rank 0 would leave them waiting
+        inside the next decode step's collective)."""
+        ended = False
+        try:
+            for piece in stream:  # noqa: UP028 (``yield from`` would close ``stream`` with this generator)
+                yield piece
+            ended = True
+        finally:
+            if not ended:
+                self.cancel()
+                for _ in stream:
+                    pass
 
     def _context(
         self, question: str, q_ids: list[int], max_new_tokens: int, conversation: Conversation | None
@@ -581,10 +643,10 @@ class Engine:
                 t_first = None
                 stats.ended_by = "max_tokens"
                 for _ in range(max_new_tokens):
-                    if self._cancel.is_set():
+                    token = self._next_token(guard, logits, params, gen)
+                    if token is None:
                         stats.ended_by = "cancel"
                         break
-                    token = sample(guard.adjust(logits[-1]), params.temperature, params.top_p, gen)
                     if t_first is None:
                         t_first = time.perf_counter()
                         stats.ttft_s = t_first - t0
@@ -598,9 +660,9 @@ class Engine:
                     piece_end = cut if cut is not None else len(text)
                     # A trailing U+FFFD is half a multi-byte character: wait for the rest.
                     if not text.endswith("\ufffd") or cut is not None:
-                        if piece_end > len(text_so_far):
-                            yield text[len(text_so_far) : piece_end]
-                            text_so_far = text[:piece_end]
+                        if piece_end > len(text_so_far):  # shown once yielded: a stream closed there keeps it
+                            piece, text_so_far = text[len(text_so_far) : piece_end], text[:piece_end]
+                            yield piece
                     if cut is not None or repeating:
                         stats.ended_by = "stop" if cut is not None else "repetition"
                         break
@@ -708,10 +770,28 @@ class Engine:
             "capacity_tokens": self.cache.max_tokens,
             "memory": mem,
             "device_memory": device_mem,
+            "ranks": self._rank_stats(),
             "last_answer": vars(self.last).copy(),
             "prefill_tokens_per_s": (self.document.prefilled / self.document.prefill_seconds)
             if self.document and self.document.prefill_seconds
             else 0.0,
+        }
+
+    def _rank_stats(self) -> dict:
+        """Capacity and memory per rank and over every rank (one rank without context parallelism). Every rank
+        allocates the same tensors, so a total is the world size times one rank's: no collective, and ``stats``
+        stays callable from any thread of any rank."""
+        w, spec = self.shards.world_size, self.cache.spec
+        per_rank = {"weights": self.weight_bytes(), **spec.bytes_by_component()}
+        return {
+            "world_size": w,
+            "rank": self.group.rank if self.group else 0,
+            "block_tokens": self.shards.block,
+            "capacity_tokens": self.cache.max_tokens,
+            "capacity_tokens_per_rank": self.shards.held(self.cache.max_tokens, 0),
+            "held_tokens_per_rank": [self.shards.held(self.cache.seq_len, r) for r in range(w)],
+            "memory_per_rank": per_rank,
+            "memory_total": {name: n * w for name, n in per_rank.items()},
         }
 
 

@@ -1,6 +1,8 @@
 """Capacity planning: how many tokens fit in a memory budget, and how many bytes N tokens take.
 
 The KV-cache figures come from ``CacheSpec`` (the same tensor list the cache allocates), so they are exact.
+With context parallelism over ``world_size`` ranks (``duo_qserve.distributed``) a plan is per rank: each holds
+the weights, the streaming heads and its share of the retrieval tokens, and the budget is one device's memory.
 Weights are exact for a given shape and precision. Workspace is an estimate of the activations of one pre-fill
 chunk plus a fixed runtime reserve; the engine reports the measured peak beside it.
 """
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from duo_qserve.cache import CacheConfig, CacheSpec
+from duo_qserve.cache import CacheConfig
+from duo_qserve.distributed import TokenShards
 from duo_qserve.kernels.kv_attention import SLAB_BYTES
 from duo_qserve.model import ModelArgs
 
@@ -45,26 +48,37 @@ def weight_bytes(args: ModelArgs, w8a8: bool, dtype_bytes: int = 2) -> int:
     return args.n_layers * per_layer + embed + head + d * dtype_bytes
 
 
-def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2) -> int:
+def workspace_bytes(args: ModelArgs, chunk_size: int, dtype_bytes: int = 2, merge_ranks: int = 0) -> int:
     """Peak activations of one pre-fill chunk (hidden states, q/k/v, MLP intermediates and their int8 copies,
     flash-attention inputs with K/V repeated per query head, and a bounded slab of de-quantized prefix) plus the
-    runtime reserve. Scores are never materialized on the GPU paths."""
+    runtime reserve. Scores are never materialized on the GPU paths. With context parallelism over
+    ``merge_ranks`` ranks a layer also gathers every rank's partial attention (float32 out + lse per query head)
+    beside its own packed copy (``distributed.ContextGroup.merge``)."""
     t, hd = chunk_size, args.head_dim
+    merge = (merge_ranks + 1) * t * args.n_heads * (hd + 1) * 4 if merge_ranks else 0
     qkv = (args.n_heads + 2 * args.n_kv_heads) * hd
     per_token = dtype_bytes * (4 * args.dim + qkv + args.n_heads * hd + 3 * args.intermediate_size)
     per_token += args.intermediate_size + args.dim + 8  # int8 activations + per-token scales
     per_token += dtype_bytes * 3 * args.n_heads * hd  # repeated K/V + output of the flash call
-    return t * per_token + SLAB_BYTES + args.vocab_size * 4 + RUNTIME_RESERVE
+    return t * per_token + SLAB_BYTES + args.vocab_size * 4 + merge + RUNTIME_RESERVE
 
 
 @dataclass
 class MemoryPlan:
-    tokens: int
-    components: dict[str, int]  # weights, retrieval_kv, scales, streaming_kv, workspace
+    tokens: int  # of the document's context, over every rank
+    components: dict[str, int]  # one rank's bytes: weights, retrieval_kv, scales, streaming_kv, workspace
+    world_size: int = 1
+    tokens_per_rank: int = 0  # the retrieval tokens the fullest rank holds (``tokens`` at world size 1)
 
     @property
     def total(self) -> int:
+        """One rank's bytes (what must fit in one device's budget)."""
         return sum(self.components.values())
+
+    @property
+    def total_all_ranks(self) -> int:
+        """Every rank allocates the same tensors, so the whole group holds ``world_size`` times ``total``."""
+        return self.total * self.world_size
 
 
 def plan_for_tokens(
@@ -77,15 +91,20 @@ def plan_for_tokens(
     chunk_size: int,
     dtype: torch.dtype = torch.float16,
     include_fixed: bool = True,
+    world_size: int = 1,
 ) -> MemoryPlan:
-    """Bytes for ``n_tokens``; ``include_fixed=False`` counts the cache alone (weights already resident)."""
+    """One rank's bytes for ``n_tokens`` over ``world_size`` ranks; ``include_fixed=False`` counts the cache alone
+    (weights already resident)."""
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    spec = CacheSpec(args, retrieval_heads, config, n_tokens, dtype)
+    shards = TokenShards(world_size, config.key_group)
+    spec = shards.rank_spec(args, retrieval_heads, config, n_tokens, dtype)
     comps = dict(spec.bytes_by_component())
     if include_fixed:
         comps["weights"] = weight_bytes(args, w8a8, dtype_bytes)
-        comps["workspace"] = workspace_bytes(args, chunk_size, dtype_bytes)
-    return MemoryPlan(n_tokens, comps)
+        comps["workspace"] = workspace_bytes(
+            args, chunk_size, dtype_bytes, world_size if world_size > 1 else 0
+        )
+    return MemoryPlan(n_tokens, comps, world_size, shards.held(n_tokens, 0))
 
 
 def max_tokens_for_budget(
@@ -98,13 +117,15 @@ def max_tokens_for_budget(
     chunk_size: int,
     dtype: torch.dtype = torch.float16,
     include_fixed: bool = True,
+    world_size: int = 1,
 ) -> MemoryPlan:
-    """The largest token count whose whole plan fits in ``budget`` bytes (0 tokens if not even the weights do)."""
+    """The largest token count whose whole plan fits in ``budget`` bytes on each of ``world_size`` ranks (0 tokens
+    if not even the weights do)."""
 
     def plan(n: int) -> MemoryPlan:
         return plan_for_tokens(
             args, retrieval_heads, config, n, w8a8=w8a8, chunk_size=chunk_size, dtype=dtype,
-            include_fixed=include_fixed,
+            include_fixed=include_fixed, world_size=world_size,
         )  # fmt: skip
 
     def fits(n: int) -> bool:

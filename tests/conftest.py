@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,33 @@ def run_in_interpreter_child(test_file: str) -> None:
         cwd=REPO_ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+def on_ranks(world: int, target, *args) -> None:
+    """Run ``target(group, *args)`` in ``world`` fresh CPU processes joined in a gloo ``ContextGroup`` (the
+    environment torchrun would set, one thread each); raises if any rank fails. Collectives time out after 90 s,
+    so a rank that takes another branch fails the run instead of hanging it. ``target`` must be importable (a
+    module-level function)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by the children as they start
+    torch.multiprocessing.start_processes(
+        _rank_entry, args=(world, port, target, args), nprocs=world, start_method="spawn"
+    )
+
+
+def _rank_entry(rank: int, world: int, port: int, target, args: tuple) -> None:
+    import torch.distributed as dist
+
+    from duo_qserve.distributed import ContextGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    group = ContextGroup.from_env("cpu")
+    try:
+        target(group, *args)
+    finally:
+        group.close()

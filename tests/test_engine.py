@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import haystack_text
 
+from duo_qserve.conversation import Conversation
 from duo_qserve.engine import Cancelled, DocumentTooLarge, Engine, QuestionTooLong
 from duo_qserve.patterns import random_pattern, save_pattern
 
@@ -206,3 +207,14 @@ def test_a_cancel_before_a_job_starts_is_kept_for_it_and_only_for_it(engine):
     engine.cancel()
     assert engine.answer(QUESTION, max_new_tokens=8) == ""
     assert engine.answer(QUESTION, max_new_tokens=8) != ""
+
+
+def test_a_stream_closed_after_a_piece_keeps_that_piece_in_its_turn(engine):
+    """What was yielded was shown: the conversation's turn holds it even when the stream is closed right after."""
+    doc, _ = planted_document(seed=8)
+    engine.ingest(doc)
+    conversation = Conversation()
+    pieces = engine.ask("Summarize the document.", max_new_tokens=20, conversation=conversation)
+    first = next(pieces)
+    pieces.close()
+    assert first and conversation.turns[-1].answer == first and engine.last.ended_by == "cancel"

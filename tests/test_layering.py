@@ -14,7 +14,7 @@ LAYERS = [
     ["kernels", "quant.kv_quant", "sampling"],  # functions of tensors and numbers
     # the network, its int8 linears and how they are prepared (rotation, calibration choices), the text tools read
     ["model", "quant.w8a8", "quant.rotation", "quant.search", "quant.recipe", "data"],
-    ["cache", "patterns", "planner"],  # what the model attends over, and its sizes
+    ["cache", "distributed", "patterns", "planner"],  # what the model attends over (on 1 or N ranks), sizes
     ["loading", "models", "decode_graph", "evidence"],  # models from disk, the captured decode step, evidence
     ["engine"],
     # the book library (book_format: its files on disk and their checks), the engine options, the tools on top

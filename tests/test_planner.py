@@ -53,3 +53,28 @@ def test_plan_cli_json(capsys):
     assert out["max_tokens"] > 2_000_000 and out["sparsity"] == 0.5
     assert set(out["components"]) == {"weights", "retrieval_kv", "scales", "streaming_kv", "workspace"}
     assert sum(out["retrieval_heads_per_layer"]) == 128
+
+
+def test_plan_over_ranks_fits_each_rank_and_multiplies_the_context(capsys):
+    """Each rank's budget holds the weights, the streaming heads, its share of the retrieval tokens and a workspace
+    that also gathers every rank's partial attention: over 3 ranks the context is nearly 3 times one GPU's (less
+    what the gathers take), it is the largest that fits, and every rank's bytes fit its memory."""
+    plans = {}
+    for world in (1, 3):
+        assert (
+            main(["plan", "--model", "llama-3-8b", "--memory", "80GB", "--world-size", str(world), "--json"])
+            == 0
+        )
+        plans[world] = json.loads(capsys.readouterr().out)
+    one, three = plans[1], plans[3]
+    assert three["world_size"] == 3 and three["total_bytes"] <= three["memory_bytes"]
+    assert three["total_bytes_all_ranks"] == 3 * three["total_bytes"]
+    assert three["max_tokens_per_rank"] <= one["max_tokens"] == one["max_tokens_per_rank"]
+    assert 2.5 * one["max_tokens"] < three["max_tokens"] <= 3 * one["max_tokens"]
+    assert three["components"]["weights"] == one["components"]["weights"]  # every rank holds the whole model
+    assert three["components"]["workspace"] > one["components"]["workspace"]
+    heads = three["retrieval_heads_per_layer"]
+    config = CacheConfig(three["kv_bits"], three["key_group"], three["sink_tokens"], three["recent_tokens"])
+    more = plan_for_tokens(ModelArgs.from_name("llama-3-8b"), heads, config, three["max_tokens"] + 1, w8a8=True,
+                           chunk_size=three["chunk_size"], world_size=3)  # fmt: skip
+    assert more.total > three["memory_bytes"]

@@ -1,0 +1,121 @@
+"""Context parallelism against the single-device engine, side by side in one run: pre-fill tokens/s of a document
+of ``--context`` tokens and decode ms/token after it, and each engine's capacity per rank and over every rank.
+
+    torchrun --nproc-per-node 1 -m duo_qserve.bench.context_parallel --context 65536
+    torchrun --nproc-per-node 4 -m duo_qserve.bench.context_parallel --context 262144
+
+At world size 1 the plain engine (its decode graph included) and the context-parallel engine (``ShardedKVCache``
+over one rank: a collective per layer, eager decode) run on the same device one after the other, from the same
+synthetic weights: the difference is what the context-parallel path costs where it buys nothing. At world size N
+only the context-parallel engine runs (every rank holds a share), and the result says how many tokens each rank
+and all of them hold. The document is random token ids and decode steps feed the document's ids back (no
+sampling), so every rank runs the same steps; each step reads its logits back to the host, as an answer does.
+Rank 0 writes the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import sys
+import time
+
+import torch
+
+from duo_qserve.bench.common import gpu_header, write_result
+from duo_qserve.distributed import ContextGroup
+from duo_qserve.engine import Engine, EngineSettings
+from duo_qserve.options import add_engine_args, settings_from_args
+
+DEFAULTS = EngineSettings(model="synthetic:llama-3-8b", pattern=None, w8a8=True)
+
+
+def measure(engine: Engine, context: int, steps: int) -> dict:
+    """Warm the engine up, pre-fill ``context`` random ids, then time ``steps`` decode steps after them."""
+    engine.warm_up()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(engine.args.vocab_size, (context + steps,), generator=gen).tolist()
+    info = engine.ingest(ids[:context])
+    with torch.inference_mode():
+        _sync(engine)
+        t0 = time.perf_counter()
+        for token in ids[context:]:
+            engine._decode_step(token)[-1, 0].item()  # a host read per step, as sampling does
+        decode_s = time.perf_counter() - t0
+    stats = engine.stats()
+    ranks = stats["ranks"]
+    return {
+        "pattern": stats["pattern"],
+        "sparsity": stats["sparsity"],
+        "prefill_s": info.prefill_seconds,
+        "prefill_tok_per_s": context / info.prefill_seconds,
+        "decode_ms_per_token": decode_s * 1000 / steps,
+        "decode_graph": engine.decode_graph,
+        "capacity_tokens": ranks["capacity_tokens"],
+        "capacity_tokens_per_rank": ranks["capacity_tokens_per_rank"],
+        "cache_bytes_per_rank": sum(v for k, v in ranks["memory_per_rank"].items() if k != "weights"),
+        "cache_bytes_total": sum(v for k, v in ranks["memory_total"].items() if k != "weights"),
+        "world_size": ranks["world_size"],
+    }
+
+
+def _sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def run(args: argparse.Namespace, group: ContextGroup) -> dict:
+    settings = settings_from_args(args, DEFAULTS)
+    rows = []
+    kinds = ["plain", "context-parallel"] if group.world_size == 1 else ["context-parallel"]
+    for kind in kinds:  # one engine at a time: each may plan the whole device for its cache
+        engine = Engine.from_settings(settings, group if kind == "context-parallel" else None)
+        if engine.max_document_tokens < args.context:
+            raise SystemExit(
+                f"{args.context:,} tokens do not fit: the {kind} engine holds {engine.max_document_tokens:,} "
+                f"document tokens (raise --max-tokens, or use fewer --context)"
+            )
+        rows.append({"engine": kind} | measure(engine, args.context, args.steps))
+        if group.is_leader:
+            print(rows[-1], flush=True)
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {
+        "launch": f"torchrun --nproc-per-node {group.world_size}",
+        "model": settings.model, "kv_bits": settings.kv_bits, "w8a8": settings.w8a8, "context": args.context,
+        "steps": args.steps,
+        "rows": rows,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p, DEFAULTS)
+    p.add_argument("--context", type=int, default=32768, help="document tokens to pre-fill")
+    p.add_argument("--steps", type=int, default=64, help="decode steps to time after the document")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    group = ContextGroup.from_env("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
+    try:
+        if torch.cuda.is_available() and not a.cpu:
+            device, date, copy = gpu_header()
+        else:  # a smoke run: no copy ceiling
+            device, date, copy = "cpu", datetime.date.today().isoformat(), 0.0
+        fields = run(a, group)
+        if group.is_leader:
+            write_result(a.out, f"context-parallel-{group.world_size}x", device, date, copy, argv, fields,
+                         module="context_parallel")  # fmt: skip
+            for r in fields["rows"]:
+                print(f"{r['engine']:>16} x{r['world_size']}: pre-fill {r['prefill_tok_per_s']:.0f} tok/s, "
+                      f"{r['decode_ms_per_token']:.2f} ms/token, {r['capacity_tokens']:,} tokens "
+                      f"({r['capacity_tokens_per_rank']:,} a rank)")  # fmt: skip
+    finally:
+        group.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

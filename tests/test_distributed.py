@@ -1,0 +1,271 @@
+"""Context parallelism (``duo_qserve.distributed``): the ownership arithmetic, and engines on 2 and 3 gloo ranks
+that must give the single-process engine's logits and answers on the same document.
+
+Each world size is one spawn of CPU processes (``conftest.on_ranks``) that runs every scenario below in order (the
+engine's calls are SPMD, so every rank runs the same ones) and saves its results; the tests compare them with the
+same scenario run here in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HAYSTACK, haystack_text, on_ranks, tiny_args, tiny_model
+
+from duo_qserve.cache import CacheConfig
+from duo_qserve.distributed import ContextGroup, TokenShards
+from duo_qserve.engine import Cancelled, Engine, EngineSettings
+from duo_qserve.environment import REPO_ROOT
+from duo_qserve.kernels.attention import dense_attention
+from duo_qserve.loading import LoadedModel
+from duo_qserve.patterns import random_pattern, save_pattern
+
+ARGS = tiny_args(n_layers=3, n_heads=8, n_kv_heads=4)  # seed 0 at 50%: 1, 3 and 2 retrieval heads of 4
+BLOCK = 16  # the tiny engines' key group, so the ownership block
+DOC = [(i * 37 + 11) % ARGS.vocab_size for i in range(203)]  # 12 whole blocks and 11 tokens; 5 chunks
+FOLLOW = [(i * 13 + 5) % ARGS.vocab_size for i in range(20)]  # a follow-up across a block boundary
+STEPS = 24  # greedy decode steps after it, across two more
+QUESTION = "What is this text about?"
+ANSWER_TOKENS = 16
+# The tiny engines compute in float32 and store the same KV codes on any number of ranks; a context-parallel
+# forward differs from the single-process one only in how each layer's softmax is split into partials before the
+# log-sum-exp merge. A score is rounded at float32 spacing relative to its size (up to |30| here, the model's q/k
+# weights are scaled up: ~2e-6), so attention weights move by ~2e-6 relative, and three sharp layers amplify that:
+# measured at most 1.2e-6 (KV16) and 8.2e-5 (KV4) on logits of size ~2. 2e-4 leaves 2.5x; a token attended or
+# stored in the wrong place moves logits by more than 1e-1.
+LOGITS_ATOL = 2e-4
+
+
+# ---- ownership arithmetic ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("block", [1, 16, 128])
+def test_held_tokens_count_the_positions_each_rank_owns(world, block):
+    shards = TokenShards(world, block)
+    for seq_len in [*range(0, 3 * world * block + 2), 10 * world * block + block // 2]:
+        owners = [shards.owner(p) for p in range(seq_len)]
+        held = [shards.held(seq_len, r) for r in range(world)]
+        assert held == [owners.count(r) for r in range(world)]
+        assert max(held) - min(held) <= block and held[0] == max(held)  # even fill; rank 0 the fullest
+
+
+def test_owned_runs_are_the_new_tokens_a_rank_owns_in_order():
+    shards = TokenShards(3, 16)
+    for start in (0, 5, 16, 47, 48, 100):
+        for count in (0, 1, 15, 16, 17, 64, 203):
+            for rank in range(3):
+                runs = shards.owned_runs(start, count, rank)
+                offsets = [i for a, b in runs for i in range(a, b)]
+                assert offsets == [i for i in range(count) if shards.owner(start + i) == rank]
+                assert all(b > a for a, b in runs)
+
+
+def test_a_rank_allocates_its_share_of_the_retrieval_tokens():
+    c, heads, n = CacheConfig(), [2, 1, 3], 1_000_000
+    shards = TokenShards(3, c.key_group)
+    one = TokenShards(1, c.key_group).rank_spec(ARGS, heads, c, n, torch.float16)
+    share = shards.rank_spec(ARGS, heads, c, n, torch.float16)
+    assert share.max_tokens == n and shards.held(n, 0) <= share.capacity < n / 3 + c.key_group
+    single, mine = one.bytes_by_component(), share.bytes_by_component()
+    assert mine["streaming_kv"] == single["streaming_kv"]  # replicated
+    # every rank keeps its own fp tail (one key group per head); the rest is a third
+    for part in ("retrieval_kv", "scales"):
+        assert single[part] <= 3 * mine[part] <= 1.002 * single[part]
+
+
+# ---- the scenarios every rank runs, and one process runs for the reference ----------------------------------
+def tiny_engine(group: ContextGroup | None, pattern: Path, kv_bits: int) -> Engine:
+    loaded = LoadedModel(tiny_model(ARGS), None, "tiny", "tiny")
+    settings = EngineSettings(
+        pattern=str(pattern), sparsity=0.5, kv_bits=kv_bits, key_group=BLOCK, sink=8, recent=32,
+        chunk_size=48, max_tokens=2048, w8a8=False,
+    )  # fmt: skip
+    return Engine(loaded, settings, group)
+
+
+def tiny_logits(group: ContextGroup | None, work: Path, kv_bits: int) -> dict:
+    """Every logit of a follow-up after the document, then of greedy decode steps, and the stats."""
+    engine = tiny_engine(group, work / "pattern", kv_bits)
+    with torch.inference_mode():
+        engine.ingest(DOC)
+        engine.cache.restore()
+        logits = [engine.model(torch.tensor(FOLLOW), engine.cache)]
+        tokens = []
+        for _ in range(STEPS):
+            tokens.append(int(logits[-1][-1].argmax()))
+            logits.append(engine._decode_step(tokens[-1]))
+    return {"logits": torch.cat(logits), "tokens": tokens, "ranks": engine.stats()["ranks"],
+            "retrieval_len": engine.cache.retrieval_len}  # fmt: skip
+
+
+def tiny_cancel(group: ContextGroup | None, work: Path) -> str:
+    """Rank 0 cancels before the pre-fill: every rank must stop at the same chunk."""
+    engine = tiny_engine(group, work / "pattern", 16)
+    if group is None or group.is_leader:
+        engine.cancel()
+    try:
+        engine.ingest(DOC)
+    except Cancelled as e:
+        return str(e)
+    return "not cancelled"
+
+
+def merge_with_an_empty_rank(group: ContextGroup, work: Path) -> dict:
+    """Each rank attends over its slice of 40 keys (the last rank over none) and the merge must give attention
+    over all of them."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(5, 4, 8, generator=gen),
+        torch.randn(2, 40, 8, generator=gen),
+        torch.randn(2, 40, 8, generator=gen),
+    )
+    bounds = [round(40 * r / (group.world_size - 1)) for r in range(group.world_size)] + [40]
+    a, b = bounds[group.rank], bounds[group.rank + 1]
+    out, lse = dense_attention(q, k[:, a:b], v[:, a:b], n_ctx=b - a, sm_scale=0.3)
+    return {"merged": group.merge(out, lse), "reference": dense_attention(q, k, v, n_ctx=40, sm_scale=0.3)[0]}
+
+
+def smollm2_answer(group: ContextGroup | None, work: Path) -> dict:
+    """The default model's greedy answer about real text; an answer that rank 0 cancels after a piece; one whose
+    stream rank 0 closes after a piece (the others read theirs to the end); then the first question again."""
+    settings = EngineSettings(max_tokens=2048, chunk_size=256, device="cpu", w8a8=False)
+    engine = Engine.from_settings(settings, group)
+    engine.ingest((work / "essay.txt").read_text())
+    answer = engine.answer(QUESTION, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+    pieces = engine.ask("Summarize the text.", max_new_tokens=ANSWER_TOKENS)
+    next(pieces)
+    if group is None or group.is_leader:
+        engine.cancel()
+    rest = list(pieces)
+    cancelled = engine.last.ended_by
+    pieces = engine.ask("Summarize the text.", max_new_tokens=ANSWER_TOKENS)
+    next(pieces)
+    if group is None or group.is_leader:
+        pieces.close()
+    else:
+        list(pieces)
+    again = engine.answer(QUESTION, max_new_tokens=ANSWER_TOKENS, temperature=0.0)
+    return {"answer": answer, "cancelled": cancelled, "after_cancel": len(rest), "again": again}
+
+
+SCENARIOS = {
+    "kv16": lambda g, w: tiny_logits(g, w, 16),
+    "kv4": lambda g, w: tiny_logits(g, w, 4),
+    "cancel": tiny_cancel,
+    "merge": merge_with_an_empty_rank,
+    "smollm2": smollm2_answer,
+}
+
+
+def _run_scenarios(group: ContextGroup, work: str, out: str, scenarios: list[str]) -> None:
+    results = {name: SCENARIOS[name](group, Path(work)) for name in scenarios}
+    torch.save(results, Path(out) / f"rank{group.rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cp")
+    save_pattern(work / "pattern", random_pattern(ARGS, seed=0).gates, {"sink_size": 8, "recent_size": 32})
+    if HAYSTACK.is_dir():
+        (work / "essay.txt").write_text(haystack_text(2500))
+    return work
+
+
+@pytest.fixture(scope="module")
+def single(work) -> dict:
+    return {name: f(None, work) for name, f in SCENARIOS.items() if name != "merge" and _runs(name, work)}
+
+
+def _runs(name: str, work: Path) -> bool:
+    return name != "smollm2" or (work / "essay.txt").is_file()
+
+
+def _spawn(world: int, work: Path, names: list[str]) -> list[dict]:
+    out = work / f"world{world}"
+    out.mkdir()
+    on_ranks(world, _run_scenarios, str(work), str(out), [n for n in names if _runs(n, work)])
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def world2(work) -> list[dict]:
+    return _spawn(2, work, list(SCENARIOS))
+
+
+@pytest.fixture(scope="module")
+def world3(work) -> list[dict]:
+    return _spawn(3, work, ["kv16", "kv4", "cancel", "merge"])
+
+
+@pytest.fixture(params=[2, 3])
+def ranks(request) -> list[dict]:
+    return request.getfixturevalue(f"world{request.param}")
+
+
+# ---- engines on several ranks against one process -------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["kv16", "kv4"])
+def test_context_parallel_logits_equal_one_process(ranks, single, kv):
+    ref = single[kv]
+    for r in ranks:
+        diff = (r[kv]["logits"] - ref["logits"]).abs().max().item()
+        assert diff <= LOGITS_ATOL, f"logits differ by {diff:.2e} (allowed {LOGITS_ATOL:.0e})"
+        assert r[kv]["tokens"] == ref["tokens"]
+    assert all(torch.equal(r[kv]["logits"], ranks[0][kv]["logits"]) for r in ranks)  # merged in rank order
+
+
+@pytest.mark.parametrize("kv", ["kv16", "kv4"])
+def test_ranks_hold_even_shares_and_report_them(ranks, single, kv):
+    world, seq_len = len(ranks), len(DOC) + len(FOLLOW) + STEPS
+    held = [r[kv]["retrieval_len"] for r in ranks]
+    assert sum(held) == seq_len and max(held) - min(held) <= BLOCK
+    one = single[kv]["ranks"]
+    for rank, r in enumerate(ranks):
+        stats = r[kv]["ranks"]
+        assert (stats["world_size"], stats["rank"], stats["held_tokens_per_rank"]) == (world, rank, held)
+        assert stats["capacity_tokens"] == one["capacity_tokens"]
+        assert stats["memory_total"]["streaming_kv"] == world * one["memory_total"]["streaming_kv"]
+        extra = stats["memory_total"]["retrieval_kv"] - one["memory_total"]["retrieval_kv"]
+        assert 0 <= extra < one["memory_total"]["retrieval_kv"] / world  # each rank about 1/world of it
+
+
+def test_a_cancel_on_rank_0_stops_every_rank_at_the_same_chunk(ranks, single):
+    assert "stopped after 0 of" in single["cancel"]
+    assert [r["cancel"] for r in ranks] == [single["cancel"]] * len(ranks)
+
+
+def test_merge_over_ranks_with_an_empty_one_is_attention_over_all_keys(ranks):
+    for r in ranks:
+        torch.testing.assert_close(r["merge"]["merged"], r["merge"]["reference"], atol=1e-6, rtol=1e-5)
+        assert torch.equal(r["merge"]["merged"], ranks[0]["merge"]["merged"])
+
+
+@pytest.mark.slow
+def test_default_model_answers_as_in_one_process(world2, single):
+    if "smollm2" not in single:
+        pytest.skip(f"shared haystack not found at {HAYSTACK}")
+    ref = single["smollm2"]
+    assert ref["answer"].strip()
+    for r in world2:
+        assert r["smollm2"]["answer"] == ref["answer"]
+        assert r["smollm2"]["cancelled"] == "cancel" and r["smollm2"]["again"] == ref["answer"]
+        assert r["smollm2"]["after_cancel"] == world2[0]["smollm2"]["after_cancel"] <= 1
+
+
+@pytest.mark.slow
+def test_torchrun_ask_prints_the_one_process_answer_once(work, single):
+    """``torchrun --nproc-per-node 2 -m duo_qserve ask``: both ranks answer, rank 0 alone prints."""
+    if "smollm2" not in single:
+        pytest.skip(f"shared haystack not found at {HAYSTACK}")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "duo_qserve",
+        "ask", QUESTION, "--doc", str(work / "essay.txt"), "--cpu", "--no-w8a8", "--max-tokens", "2048",
+        "--chunk-size", "256", "--max-new-tokens", str(ANSWER_TOKENS),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    res = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == single["smollm2"]["answer"] + "\n"
