@@ -141,7 +141,7 @@ class ContextGroup:
         t, h, d = out.shape
         packed = torch.cat([out.float(), lse.float()[..., None]], dim=-1)
         gathered = torch.empty((self.world_size * t, h, d + 1), dtype=torch.float32, device=out.device)
-        dist.all_gather_single(gathered, packed)
+        _all_gather(gathered, packed)
         gathered = gathered.view(self.world_size, t, h, d + 1)
         outs, lses = gathered[..., :d], gathered[..., d]
         total = torch.logsumexp(lses, dim=0)
@@ -168,6 +168,11 @@ class ContextGroup:
         """Leave the group (at the end of a run: every rank calls it)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# One all-gather into a flat tensor: named all_gather_single from torch 2.13 on, where the older name warns; the
+# GPU machines' torch (2.11) has only all_gather_into_tensor.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ShardedKVCache(DuoKVCache):
