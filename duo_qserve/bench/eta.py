@@ -1,11 +1,16 @@
-"""How right the pre-fill's "time left" is: pre-fill a real document, and at every chunk compare what the app's
-clock (``duo_qserve.eta.PrefillClock``, fed exactly as the app feeds it) would have shown with the time that
-actually remained.
+"""How right the pre-fill's "time left" is: pre-fill real documents one after another on one engine, as the app
+does, and at every chunk compare what a clock would have shown with the time that actually remained.
 
-Reports the largest relative error once at least ``--after`` of the document is done (the promise: within 20% from
-10% on), the error at each tenth, and the constant-rate estimate (tokens so far over seconds so far) beside it.
+The run starts as the app starts: the engine's warm-up, then its ``attention_growth`` probe (the prior the app's
+clock takes for the first document). Each document's progress points (tokens done, monotonic time, the load
+average) are recorded, and every clock is replayed on the same points, fed exactly as the app feeds it: the
+app's ``duo_qserve.eta.PrefillClock`` with the warm-up prior (the first document) or the previous document's fit
+(the later ones), the same clock with no prior, the straight-line clock it replaced, and a constant rate. Reports
+per document and clock the largest relative error once 10%, 20% and 30% of the document are done (the promise:
+within 20% from 10% on).
 
-    python -m duo_qserve.bench.eta --model default --cpu --text-dir DIR --tokens 7000 --chunk-size 256
+    python -m duo_qserve.bench.eta --model default --cpu --essays DIR --docs essays:8192 pydocs:16384
+    python -m duo_qserve.bench.eta --replay benchmarks/results/eta-....json   # re-score recorded points
 """
 
 from __future__ import annotations
@@ -13,30 +18,82 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from duo_qserve import data
 from duo_qserve.bench.common import write_result
 from duo_qserve.bench.engine_speed import document_ids
 from duo_qserve.engine import Engine, EngineSettings
 from duo_qserve.eta import PrefillClock
 from duo_qserve.options import add_engine_args, settings_from_args
 
+AFTER = (0.1, 0.2, 0.3)
+PROBE = (1024, 2048, 4096, 8192, 16384, 24576, 32768)  # prefixes the bench probes (the app: PrefillClock's)
 
-def replay(points: list[tuple[int, float]], total: int) -> list[dict]:
-    """One row per progress point (tokens done, time) between the first and the last: the clock's estimate, a
-    constant rate's, and the time that really remained until the last."""
+
+class LinearClock:
+    """The clock before the prior (kept to score against): per-token cost ``a + b * prefix``, an unweighted
+    least-squares fit of the chunks seen, ``b >= 0``."""
+
+    def __init__(self, start_tokens: int, start_time: float, prior=None):
+        self._tokens, self._time, self._chunks = start_tokens, start_time, []
+
+    def done(self, tokens: int, at: float) -> None:
+        if tokens > self._tokens:
+            self._chunks.append((self._tokens, tokens - self._tokens, at - self._time))
+            self._tokens, self._time = tokens, at
+
+    def seconds_left(self, total: int) -> float:
+        if not self._chunks:
+            return math.inf
+        xs = [p + n / 2 for p, n, _ in self._chunks]
+        ys = [s / n for _, n, s in self._chunks]
+        if len(xs) < 2 or max(xs) == min(xs):
+            a, b = sum(ys) / len(ys), 0.0
+        else:
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+            b = max(b, 0.0)
+            a = my - b * mx
+        left = total - self._tokens
+        return max(left * (a + b * (self._tokens + left / 2)), 0.0)
+
+
+class ConstantRate:
+    """Tokens so far over seconds so far."""
+
+    def __init__(self, start_tokens: int, start_time: float, prior=None):
+        self._start, self._t0, self._tokens, self._time = start_tokens, start_time, start_tokens, start_time
+
+    def done(self, tokens: int, at: float) -> None:
+        self._tokens, self._time = tokens, at
+
+    def seconds_left(self, total: int) -> float:
+        if self._tokens == self._start:
+            return math.inf
+        return (self._time - self._t0) / (self._tokens - self._start) * (total - self._tokens)
+
+
+def replay(points: list[tuple[int, float]], total: int, clocks: dict) -> list[dict]:
+    """One row per progress point (tokens done, time) between the first and the last: each clock's estimate
+    (``clocks``: name -> a function of (start tokens, start time) that makes one) and the time that really
+    remained until the last point."""
     (start_tokens, start), end = points[0], points[-1][1]
-    clock, rows = PrefillClock(start_tokens, start), []
+    made = {name: make(start_tokens, start) for name, make in clocks.items()}
+    rows = []
     for done, at in points[1:-1]:
-        clock.done(done, at)
-        actual = end - at
-        rate = (at - start) / (done - start_tokens) * (total - done)
-        rows.append(dict(fraction_done=done / total, actual_s=actual, clock_s=clock.seconds_left(total),
-                         constant_rate_s=rate))  # fmt: skip
+        row = dict(fraction_done=done / total, actual_s=end - at)
+        for name, clock in made.items():
+            clock.done(done, at)
+            row[name] = clock.seconds_left(total)
+        rows.append(row)
     return rows
 
 
@@ -46,35 +103,103 @@ def worst(rows: list[dict], after: float, key: str) -> float:
     )
 
 
+def doc_text(kind: str, essays: str | None) -> str:
+    if kind == "essays":
+        if not essays:
+            sys.exit("--essays DIR is needed for essays documents")
+        return "\n\n".join(f.read_text(errors="replace") for f in sorted(Path(essays).glob("*.txt")))
+    if kind == "pydocs":
+        return data.pydocs_text()
+    raise SystemExit(f"unknown document kind {kind!r}: essays or pydocs")
+
+
+def record(engine: Engine, ids: list[int]) -> dict:
+    """Pre-fill ``ids`` and keep every progress report: (tokens done, seconds since the start, 1-minute load
+    average), from (0, 0) when the pre-fill is called, as the app's clock starts."""
+    points = [(0, time.perf_counter(), os.getloadavg()[0])]
+    report = lambda done, total: points.append((done, time.perf_counter(), os.getloadavg()[0]))  # noqa: E731
+    info = engine.ingest(ids, on_progress=report)
+    rows = [(done, at - points[0][1], load) for done, at, load in points]
+    return dict(tokens=len(ids), prefill_s=info.prefill_seconds, points=rows)
+
+
+def score(result: dict) -> dict:
+    """Replay every clock on each recorded document; the app's clock gets the warm-up prior on the first document
+    and the previous document's fit on the later ones."""
+    growth = result["probe"]["growth_s"]
+    warm_prior = PrefillClock.prior_from_probe(result["probe"]["prefixes"], growth, result["chunk_size"])
+    previous = None
+    for doc in result["documents"]:
+        points = [(d, t) for d, t, _ in doc["points"]]
+        prior = warm_prior if previous is None else previous
+        clocks = {
+            "clock_s": lambda n, t, prior=prior: PrefillClock(n, t, prior=prior),
+            "clock_warm_prior_s": lambda n, t: PrefillClock(n, t, prior=warm_prior),
+            "clock_no_prior_s": lambda n, t: PrefillClock(n, t),
+            "linear_s": LinearClock,
+            "constant_rate_s": ConstantRate,
+        }
+        rows = replay(points, doc["tokens"], clocks)
+        doc["prior"] = "warm-up probe" if previous is None else "previous document"
+        doc["worst"] = {k: {f"{a:.0%}": round(worst(rows, a, k), 4) for a in AFTER} for k in clocks}
+        doc["rows"] = rows
+        final = PrefillClock(points[0][0], points[0][1], prior=prior)
+        for d, t in points[1:]:
+            final.done(d, t)
+        previous = final.posterior()
+    return result
+
+
+def summary(result: dict) -> str:
+    lines = []
+    for doc in result["documents"]:
+        lines.append(
+            f"{doc['kind']} {doc['tokens']:,} tokens, {doc['prefill_s']:.0f} s (prior: {doc['prior']}):"
+        )
+        for k, w in doc["worst"].items():
+            lines.append(f"  {k:20s} worst error from " + ", ".join(f"{a}: {e:4.0%}" for a, e in w.items()))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p, EngineSettings())
-    p.add_argument("--text-dir", required=True, help="directory of *.txt files the document is cut from")
-    p.add_argument("--tokens", type=int, default=7000, help="document tokens")
-    p.add_argument("--after", type=float, default=0.1, help="report the worst error from this fraction on")
+    p.add_argument("--essays", help="directory of the essays' *.txt files (documents of kind essays)")
+    p.add_argument("--docs", nargs="+", default=["essays:8192"], help="KIND:TOKENS, pre-filled in this order")
+    p.add_argument("--replay", help="re-score this result file's recorded points (no engine is loaded)")
+    p.add_argument("--tag", default="", help="added to the result file's name")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
+    if a.replay:
+        result = score(json.loads(Path(a.replay).read_text()))
+        Path(a.replay).write_text(json.dumps(result, indent=1) + "\n")
+        print(summary(result))
+        return 0
+    docs = [(kind, int(n)) for kind, n in (d.split(":") for d in a.docs)]
     settings = settings_from_args(a, EngineSettings())
     if settings.max_tokens is None:
-        settings = dataclasses.replace(settings, max_tokens=a.tokens + 2048)
+        settings = dataclasses.replace(settings, max_tokens=max(n for _, n in docs) + 2048)
     engine = Engine.from_settings(settings)
-    text = "\n\n".join(f.read_text(errors="replace") for f in sorted(Path(a.text_dir).glob("*.txt")))
-    ids = document_ids(engine, text, a.tokens)
-    points: list[tuple[int, float]] = []  # as the app: its clock starts at the first chunk's report
-    info = engine.ingest(ids, on_progress=lambda done, total: points.append((done, time.perf_counter())))
-    rows = replay(points, len(ids))
-    fields = dict(model=engine.stats()["model"], tokens=len(ids), chunk_size=engine.chunk_size,
-                  prefill_s=info.prefill_seconds, after=a.after,
-                  worst_clock=worst(rows, a.after, "clock_s"), worst_constant_rate=worst(rows, a.after, "constant_rate_s"),
-                  rows=rows)  # fmt: skip
+    warm_up_s = engine.warm_up()
+    t0 = time.perf_counter()
+    growth = engine.attention_growth(PROBE)
+    probe = dict(prefixes=list(PROBE), growth_s=growth, seconds=time.perf_counter() - t0)
+    print(
+        f"warm-up {warm_up_s:.1f} s; probe {probe['seconds']:.1f} s: " + ", ".join(f"{g:.2f}" for g in growth)
+    )
+    documents = []
+    for kind, n in docs:
+        ids = document_ids(engine, doc_text(kind, a.essays), n)
+        documents.append(dict(kind=kind, **record(engine, ids)))
+        print(f"{kind} {n:,}: {documents[-1]['prefill_s']:.0f} s", flush=True)
+    fields = dict(model=engine.stats()["model"], chunk_size=engine.chunk_size, threads=torch.get_num_threads(),
+                  warm_up_s=warm_up_s, probe=probe, documents=documents)  # fmt: skip
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
-    write_result(a.out, "eta-" + fields["model"].lower(), device, datetime.date.today().isoformat(), 0.0, argv,
-                 fields, module="eta")  # fmt: skip
-    for r in rows[:: max(len(rows) // 10, 1)]:
-        print(f"{r['fraction_done']:5.0%} done: {r['actual_s']:7.1f} s left, clock {r['clock_s']:7.1f} s, "
-              f"constant rate {r['constant_rate_s']:7.1f} s")  # fmt: skip
-    print(f"worst error from {a.after:.0%} on: clock {fields['worst_clock']:.0%}, "
-          f"constant rate {fields['worst_constant_rate']:.0%} ({fields['prefill_s']:.0f} s pre-fill)")  # fmt: skip
+    path, result = write_result(a.out, "-".join(["eta", fields["model"].lower(), *filter(None, [a.tag])]), device, datetime.date.today().isoformat(),
+                                0.0, argv, fields, module="eta")  # fmt: skip
+    result = score(result)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(summary(result))
     return 0
 
 
