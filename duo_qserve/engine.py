@@ -27,6 +27,7 @@ from duo_qserve.environment import REPO_ROOT
 from duo_qserve.evidence import attention_mass, top_passages
 from duo_qserve.kernels.int8_gemm import tuned_row_counts
 from duo_qserve.loading import LoadedModel, load_model
+from duo_qserve.model import rope_cos_sin
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
 from duo_qserve.sampling import AnswerGuard, Sampling, check_max_new_tokens, sample
@@ -325,42 +326,38 @@ class Engine:
                 self.prefilled_tokens = tokens
         return time.perf_counter() - t0
 
-    def attention_growth(self, prefixes: Sequence[int], reps: int = 3) -> list[float]:
-        """Seconds that one pre-fill chunk (``chunk_size`` tokens) spends attending over a prefix of each length,
-        beyond what it spends with no prefix: what a chunk's cost grows by with the prefix, for the whole model.
-
-        Measured cheaply on a scratch cache of that many (meaningless) tokens: only the layer with the most
-        retrieval heads attends (the median of ``reps`` runs), scaled by the model's retrieval heads over that
-        layer's; streaming heads cost the same at every prefix. ``duo_qserve.eta.PrefillClock`` takes it as its
-        prior for the cost of chunks it has not seen. Runs as one job; the engine's own cache is not touched."""
-        layer = max(range(len(self.retrieval_heads)), key=lambda i: self.retrieval_heads[i])
-        heads = self.retrieval_heads[layer]
-        if not heads:
-            return [0.0 for _ in prefixes]
-        m, a, group = self.chunk_size, self.args, self.cache_config.key_group
+    def chunk_seconds(self, prefixes: Sequence[int], reps: int = 3) -> list[float]:
+        """Estimated seconds of one pre-fill chunk (``chunk_size`` tokens) after a prefix of each length, timed
+        cheaply: one block, the one with the most retrieval heads, runs a chunk of random hidden states on a
+        scratch cache of that many (meaningless) tokens. A chunk costs the model's layers times that block's cost
+        with no prefix, plus its growth with the prefix times the model's retrieval heads over the block's
+        (streaming heads cost the same at every prefix; the embedding and the last row's logits are small). Each
+        time is the fastest of ``reps`` runs: other work on the machine only ever adds. ``duo_qserve.eta``'s
+        ``PrefillClock`` takes these as its prior. Runs as one job; the engine's own cache is not touched."""
+        layer = max(range(self.args.n_layers), key=lambda i: self.retrieval_heads[i])
+        m, group = self.chunk_size, self.cache_config.key_group
         lengths = [min(p, self.capacity.max_tokens - m) // group * group for p in prefixes]
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randn(m, a.n_heads, a.head_dim, generator=gen).to(self.device, self.dtype)
-        k = torch.randn(m, a.n_kv_heads, a.head_dim, generator=gen).to(self.device, self.dtype)
-        v = torch.randn(m, a.n_kv_heads, a.head_dim, generator=gen).to(self.device, self.dtype)
+        block = self.model.layers[layer]
+        h = torch.randn(m, self.args.dim, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         with self.job(), torch.inference_mode():
             cache = DuoKVCache(self.cache_spec_for(max([0, *lengths]) + m), self.device)
 
             def seconds(n: int) -> float:
+                rope = rope_cos_sin(self.model.inv_freq.to(self.device), torch.arange(n, n + m, device=self.device))
                 times = []
                 for _ in range(reps):
                     cache.set_length(n)
                     t0 = time.perf_counter()
-                    cache.attend(layer, q, k, v)
+                    block(h, rope, cache)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     times.append(time.perf_counter() - t0)
-                return sorted(times)[len(times) // 2]
+                return min(times)
 
             seconds(0)  # first-call overheads
             base = seconds(0)
-            scale = sum(self.retrieval_heads) / heads
-            return [max(seconds(n) - base, 0.0) * scale for n in lengths]
+            scale = sum(self.retrieval_heads) / max(self.retrieval_heads[layer], 1)
+            return [self.args.n_layers * base + scale * max(seconds(n) - base, 0.0) for n in lengths]
 
     def document_tokens_at(self, sparsity: float) -> int:
         """Document tokens that would fit in the bytes of ``capacity`` with ``sparsity`` streaming heads

@@ -1,7 +1,7 @@
 """How right the pre-fill's "time left" is: pre-fill real documents one after another on one engine, as the app
 does, and at every chunk compare what a clock would have shown with the time that actually remained.
 
-The run starts as the app starts: the engine's warm-up, then its ``attention_growth`` probe (the prior the app's
+The run starts as the app starts: the engine's warm-up, then its ``chunk_seconds`` probe (the prior the app's
 clock takes for the first document). Each document's progress points (tokens done, monotonic time, the load
 average) are recorded, and every clock is replayed on the same points, fed exactly as the app feeds it: the
 app's ``duo_qserve.eta.PrefillClock`` with the warm-up prior (the first document) or the previous document's fit
@@ -35,7 +35,7 @@ from duo_qserve.eta import PrefillClock
 from duo_qserve.options import add_engine_args, settings_from_args
 
 AFTER = (0.1, 0.2, 0.3)
-PROBE = (1024, 2048, 4096, 8192, 16384, 24576, 32768)  # prefixes the bench probes (the app: PrefillClock's)
+PROBE = (0, 1024, 2048, 4096, 8192, 12288, 16384)  # prefixes the bench probes (the app: PrefillClock's)
 
 
 class LinearClock:
@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_settings(settings)
     warm_up_s = engine.warm_up()
     t0 = time.perf_counter()
-    growth = engine.attention_growth(PROBE)
-    probe = dict(prefixes=list(PROBE), growth_s=growth, seconds=time.perf_counter() - t0)
+    chunk_s = engine.chunk_seconds(PROBE)
+    probe = dict(prefixes=list(PROBE), chunk_s=chunk_s, seconds=time.perf_counter() - t0)
     print(
-        f"warm-up {warm_up_s:.1f} s; probe {probe['seconds']:.1f} s: " + ", ".join(f"{g:.2f}" for g in growth)
+        f"warm-up {warm_up_s:.1f} s; probe {probe['seconds']:.1f} s: " + ", ".join(f"{g:.2f}" for g in chunk_s)
     )
     documents = []
     for kind, n in docs:
