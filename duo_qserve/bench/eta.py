@@ -27,22 +27,22 @@ from pathlib import Path
 
 import torch
 
-from duo_qserve import data
+from duo_qserve import data, environment
 from duo_qserve.bench.common import write_result
 from duo_qserve.bench.engine_speed import document_ids
 from duo_qserve.engine import Engine, EngineSettings
-from duo_qserve.eta import PrefillClock
+from duo_qserve.eta import Curve, PrefillClock, _fit_curve, _integral, _solve
 from duo_qserve.options import add_engine_args, settings_from_args
 
 AFTER = (0.1, 0.2, 0.3)
-PROBE = (0, 1024, 2048, 4096, 8192, 12288, 16384)  # prefixes the bench probes (the app: PrefillClock's)
+PROBE = (0, 1024, 2048, 4096, 8192, 12288, 16384)  # prefixes the bench probes (the app: PrefillClock.PROBE)
 
 
 class LinearClock:
     """The clock before the prior (kept to score against): per-token cost ``a + b * prefix``, an unweighted
     least-squares fit of the chunks seen, ``b >= 0``."""
 
-    def __init__(self, start_tokens: int, start_time: float, prior=None):
+    def __init__(self, start_tokens: int, start_time: float):
         self._tokens, self._time, self._chunks = start_tokens, start_time, []
 
     def done(self, tokens: int, at: float) -> None:
@@ -66,10 +66,44 @@ class LinearClock:
         return max(left * (a + b * (self._tokens + left / 2)), 0.0)
 
 
+class CurveClock(LinearClock):
+    """An online fit with no prior: per-token ``a + b*x + c*x**2`` (``quadratic``, every coefficient >= 0, no more
+    terms than chunks), or ``a + b*x**k`` with the power ``k`` in 1..3 chosen by the fit (``power``: relative
+    squared errors plus ``(k - 1)**2 / 4`` times the chunks' count, so a bend needs chunks to show it)."""
+
+    def __init__(self, start_tokens: int, start_time: float, kind: str = "quadratic"):
+        super().__init__(start_tokens, start_time)
+        self.kind = kind
+
+    def seconds_left(self, total: int) -> float:
+        if not self._chunks:
+            return math.inf
+        end = max(total, self._tokens)
+        if self.kind == "quadratic":
+            a, b, c = _fit_curve(self._chunks)
+            fixed, grows = _integral((a, b, c), self._tokens, end)
+            return fixed + grows
+        best = None
+        for k in [1 + i / 8 for i in range(17)]:
+            u = 1024.0
+            rows = []
+            for p, n, s in self._chunks:
+                g = ((p + n) / u) ** (k + 1) - (p / u) ** (k + 1)
+                rows.append(([n / s, g / (k + 1) / s], 1.0))
+            a, b = _solve(rows) if len(rows) >= 2 else (sum(r[0][0] for r in rows) ** -1, 0.0)
+            a, b = max(a, 0.0), max(b, 0.0)
+            err = sum((f[0] * a + f[1] * b - 1) ** 2 for f, _ in rows) + (k - 1) ** 2 / 4 * len(rows) * 0.01
+            if best is None or err < best[0]:
+                best = (err, a, b, k)
+        _, a, b, k = best
+        u = 1024.0
+        return a * (end - self._tokens) + b * ((end / u) ** (k + 1) - (self._tokens / u) ** (k + 1)) / (k + 1)
+
+
 class ConstantRate:
     """Tokens so far over seconds so far."""
 
-    def __init__(self, start_tokens: int, start_time: float, prior=None):
+    def __init__(self, start_tokens: int, start_time: float):
         self._start, self._t0, self._tokens, self._time = start_tokens, start_time, start_tokens, start_time
 
     def done(self, tokens: int, at: float) -> None:
@@ -103,6 +137,11 @@ def worst(rows: list[dict], after: float, key: str) -> float:
     )
 
 
+def median_error(rows: list[dict], after: float, key: str) -> float:
+    errors = sorted(abs(r[key] - r["actual_s"]) / r["actual_s"] for r in rows if r["fraction_done"] >= after)
+    return errors[len(errors) // 2] if errors else 0.0
+
+
 def doc_text(kind: str, essays: str | None) -> str:
     if kind == "essays":
         if not essays:
@@ -123,30 +162,51 @@ def record(engine: Engine, ids: list[int]) -> dict:
     return dict(tokens=len(ids), prefill_s=info.prefill_seconds, points=rows)
 
 
+def clocks(prior: Curve | None, warm: Curve, probe_all: Curve) -> dict:
+    """Every clock scored, by name: the app's (``prior``: the warm-up probe's curve on a first document, the
+    previous document's fit on the later ones) and the alternatives."""
+    return {
+        "clock_s": lambda n, t: PrefillClock(n, t, prior=prior),
+        "clock_warm_prior_s": lambda n, t: PrefillClock(n, t, prior=warm),
+        "clock_probe_all_prefixes_s": lambda n, t: PrefillClock(n, t, prior=probe_all),
+        "clock_no_prior_s": lambda n, t: PrefillClock(n, t),
+        "quadratic_s": lambda n, t: CurveClock(n, t, "quadratic"),
+        "power_s": lambda n, t: CurveClock(n, t, "power"),
+        "linear_s": LinearClock,
+        "constant_rate_s": ConstantRate,
+    }
+
+
+def probe_prior(probe: dict, chunk: int, prefixes=PrefillClock.PROBE) -> Curve:
+    """The warm-up prior: the app's own probe where it was recorded, else the bench's probe at the app's
+    prefixes (or at ``prefixes``)."""
+    app = probe.get("app")
+    if app and tuple(prefixes) == tuple(app["prefixes"]):
+        return PrefillClock.prior_from_probe(app["prefixes"], app["chunk_s"], chunk)
+    times = dict(zip(probe["prefixes"], probe["chunk_s"], strict=True))
+    return PrefillClock.prior_from_probe(prefixes, [times[p] for p in prefixes], chunk)
+
+
 def score(result: dict) -> dict:
-    """Replay every clock on each recorded document; the app's clock gets the warm-up prior on the first document
-    and the previous document's fit on the later ones."""
-    growth = result["probe"]["growth_s"]
-    warm_prior = PrefillClock.prior_from_probe(result["probe"]["prefixes"], growth, result["chunk_size"])
+    """Replay every clock on each recorded document, in order: the app's clock has the warm-up prior on the
+    first document and the previous document's fit on the later ones."""
+    warm = probe_prior(result["probe"], result["chunk_size"])
+    probe_all = probe_prior(result["probe"], result["chunk_size"], result["probe"]["prefixes"])
+    result["warm_prior"], result["scored_by"] = warm, environment.commit()
     previous = None
     for doc in result["documents"]:
         points = [(d, t) for d, t, _ in doc["points"]]
-        prior = warm_prior if previous is None else previous
-        clocks = {
-            "clock_s": lambda n, t, prior=prior: PrefillClock(n, t, prior=prior),
-            "clock_warm_prior_s": lambda n, t: PrefillClock(n, t, prior=warm_prior),
-            "clock_no_prior_s": lambda n, t: PrefillClock(n, t),
-            "linear_s": LinearClock,
-            "constant_rate_s": ConstantRate,
-        }
-        rows = replay(points, doc["tokens"], clocks)
-        doc["prior"] = "warm-up probe" if previous is None else "previous document"
-        doc["worst"] = {k: {f"{a:.0%}": round(worst(rows, a, k), 4) for a in AFTER} for k in clocks}
+        prior = warm if previous is None else previous
+        rows = replay(points, doc["tokens"], clocks(prior, warm, probe_all))
+        doc["prior"] = dict(source="warm-up probe" if previous is None else "previous document", curve=prior)
+        names = [k for k in rows[0] if k.endswith("_s") and k != "actual_s"]
+        doc["worst"] = {k: {f"{a:.0%}": round(worst(rows, a, k), 4) for a in AFTER} for k in names}
+        doc["median_from_10%"] = {k: round(median_error(rows, 0.1, k), 4) for k in names}
         doc["rows"] = rows
-        final = PrefillClock(points[0][0], points[0][1], prior=prior)
+        final = PrefillClock(*points[0], prior=prior)
         for d, t in points[1:]:
             final.done(d, t)
-        previous = final.posterior()
+        previous = final.fit()
     return result
 
 
@@ -157,7 +217,8 @@ def summary(result: dict) -> str:
             f"{doc['kind']} {doc['tokens']:,} tokens, {doc['prefill_s']:.0f} s (prior: {doc['prior']}):"
         )
         for k, w in doc["worst"].items():
-            lines.append(f"  {k:20s} worst error from " + ", ".join(f"{a}: {e:4.0%}" for a, e in w.items()))
+            lines.append(f"  {k:28s} worst error from " + ", ".join(f"{a}: {e:4.0%}" for a, e in w.items())
+                         + f"; median from 10%: {doc['median_from_10%'][k]:4.0%}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -182,10 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_settings(settings)
     warm_up_s = engine.warm_up()
     t0 = time.perf_counter()
+    app_s = engine.chunk_seconds(PrefillClock.PROBE)  # what the app's warm-up times, and how long it takes
+    t1 = time.perf_counter()
     chunk_s = engine.chunk_seconds(PROBE)
-    probe = dict(prefixes=list(PROBE), chunk_s=chunk_s, seconds=time.perf_counter() - t0)
+    probe = dict(prefixes=list(PROBE), chunk_s=chunk_s, seconds=time.perf_counter() - t1,
+                 app=dict(prefixes=list(PrefillClock.PROBE), chunk_s=app_s, seconds=t1 - t0))  # fmt: skip
     print(
-        f"warm-up {warm_up_s:.1f} s; probe {probe['seconds']:.1f} s: " + ", ".join(f"{g:.2f}" for g in chunk_s)
+        f"warm-up {warm_up_s:.1f} s; probe {probe['seconds']:.1f} s: "
+        + ", ".join(f"{g:.2f}" for g in chunk_s)
     )
     documents = []
     for kind, n in docs:
