@@ -31,45 +31,17 @@ from duo_qserve import data, environment
 from duo_qserve.bench.common import write_result
 from duo_qserve.bench.engine_speed import document_ids
 from duo_qserve.engine import Engine, EngineSettings
-from duo_qserve.eta import Curve, PrefillClock, _fit_curve, _integral, _solve
+from duo_qserve.eta import Curve, PrefillClock, _fit_curve, _parts, _solve
 from duo_qserve.options import add_engine_args, settings_from_args
 
 AFTER = (0.1, 0.2, 0.3)
 PROBE = (0, 1024, 2048, 4096, 8192, 12288, 16384)  # prefixes the bench probes (the app: PrefillClock.PROBE)
 
 
-class LinearClock:
-    """The clock before the prior (kept to score against): per-token cost ``a + b * prefix``, an unweighted
-    least-squares fit of the chunks seen, ``b >= 0``."""
-
-    def __init__(self, start_tokens: int, start_time: float):
-        self._tokens, self._time, self._chunks = start_tokens, start_time, []
-
-    def done(self, tokens: int, at: float) -> None:
-        if tokens > self._tokens:
-            self._chunks.append((self._tokens, tokens - self._tokens, at - self._time))
-            self._tokens, self._time = tokens, at
-
-    def seconds_left(self, total: int) -> float:
-        if not self._chunks:
-            return math.inf
-        xs = [p + n / 2 for p, n, _ in self._chunks]
-        ys = [s / n for _, n, s in self._chunks]
-        if len(xs) < 2 or max(xs) == min(xs):
-            a, b = sum(ys) / len(ys), 0.0
-        else:
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-            b = max(b, 0.0)
-            a = my - b * mx
-        left = total - self._tokens
-        return max(left * (a + b * (self._tokens + left / 2)), 0.0)
-
-
-class CurveClock(LinearClock):
-    """An online fit with no prior: per-token ``a + b*x + c*x**2`` (``quadratic``, every coefficient >= 0, no more
-    terms than chunks), or ``a + b*x**k`` with the power ``k`` in 1..3 chosen by the fit (``power``: relative
-    squared errors plus ``(k - 1)**2 / 4`` times the chunks' count, so a bend needs chunks to show it)."""
+class CurveClock(PrefillClock):
+    """An online fit with no prior (an alternative, scored beside the app's clock): per-token ``a + b*x + c*x**2``
+    (``quadratic``: every coefficient >= 0, no more terms than chunks), or ``a + b*x**k`` (``power``: ``k`` in 1..3,
+    chosen by relative squared error plus ``(k - 1)**2 / 400`` per chunk, so that a bend needs chunks to show)."""
 
     def __init__(self, start_tokens: int, start_time: float, kind: str = "quadratic"):
         super().__init__(start_tokens, start_time)
@@ -78,25 +50,19 @@ class CurveClock(LinearClock):
     def seconds_left(self, total: int) -> float:
         if not self._chunks:
             return math.inf
-        end = max(total, self._tokens)
+        end, u = max(total, self._tokens), 1024.0
         if self.kind == "quadratic":
-            a, b, c = _fit_curve(self._chunks)
-            fixed, grows = _integral((a, b, c), self._tokens, end)
-            return fixed + grows
+            return sum(_parts(_fit_curve(self._chunks), self._tokens, end - self._tokens))
         best = None
         for k in [1 + i / 8 for i in range(17)]:
-            u = 1024.0
-            rows = []
-            for p, n, s in self._chunks:
-                g = ((p + n) / u) ** (k + 1) - (p / u) ** (k + 1)
-                rows.append(([n / s, g / (k + 1) / s], 1.0))
-            a, b = _solve(rows) if len(rows) >= 2 else (sum(r[0][0] for r in rows) ** -1, 0.0)
+            rows = [([n / s, (((p + n) / u) ** (k + 1) - (p / u) ** (k + 1)) / (k + 1) / s], 1.0)
+                    for p, n, s in self._chunks]  # fmt: skip
+            a, b = _solve(rows) if len(rows) >= 2 else (1 / rows[0][0][0], 0.0)
             a, b = max(a, 0.0), max(b, 0.0)
-            err = sum((f[0] * a + f[1] * b - 1) ** 2 for f, _ in rows) + (k - 1) ** 2 / 4 * len(rows) * 0.01
+            err = sum((f[0] * a + f[1] * b - 1) ** 2 for f, _ in rows) + (k - 1) ** 2 / 400 * len(rows)
             if best is None or err < best[0]:
                 best = (err, a, b, k)
         _, a, b, k = best
-        u = 1024.0
         return a * (end - self._tokens) + b * ((end / u) ** (k + 1) - (self._tokens / u) ** (k + 1)) / (k + 1)
 
 
@@ -153,72 +119,81 @@ def doc_text(kind: str, essays: str | None) -> str:
 
 
 def record(engine: Engine, ids: list[int]) -> dict:
-    """Pre-fill ``ids`` and keep every progress report: (tokens done, seconds since the start, 1-minute load
-    average), from (0, 0) when the pre-fill is called, as the app's clock starts."""
-    points = [(0, time.perf_counter(), os.getloadavg()[0])]
-    report = lambda done, total: points.append((done, time.perf_counter(), os.getloadavg()[0]))  # noqa: E731
-    info = engine.ingest(ids, on_progress=report)
-    rows = [(done, at - points[0][1], load) for done, at, load in points]
+    """Pre-fill ``ids`` and keep every progress report: (tokens done, wall seconds since the start, the process's
+    CPU seconds since the start, the 1-minute load average), from zeros when the pre-fill is called, as the app's
+    clock starts. With one thread the CPU seconds are the work alone, whatever else the machine runs."""
+    now = lambda: (time.perf_counter(), time.process_time(), os.getloadavg()[0])  # noqa: E731
+    points = [(0, *now())]
+    info = engine.ingest(ids, on_progress=lambda done, total: points.append((done, *now())))
+    (_, wall0, cpu0, _) = points[0]
+    rows = [(done, wall - wall0, cpu - cpu0, load) for done, wall, cpu, load in points]
     return dict(tokens=len(ids), prefill_s=info.prefill_seconds, points=rows)
 
 
-def clocks(prior: Curve | None, warm: Curve, probe_all: Curve) -> dict:
+def clocks(prior: Curve | None, warm: Curve, probes: dict[str, Curve]) -> dict:
     """Every clock scored, by name: the app's (``prior``: the warm-up probe's curve on a first document, the
-    previous document's fit on the later ones) and the alternatives."""
+    previous document's fit on the later ones) and the alternatives (``probes``: other warm-up priors)."""
     return {
         "clock_s": lambda n, t: PrefillClock(n, t, prior=prior),
         "clock_warm_prior_s": lambda n, t: PrefillClock(n, t, prior=warm),
-        "clock_probe_all_prefixes_s": lambda n, t: PrefillClock(n, t, prior=probe_all),
-        "clock_no_prior_s": lambda n, t: PrefillClock(n, t),
+        **{f"clock_{name}_s": (lambda n, t, c=c: PrefillClock(n, t, prior=c)) for name, c in probes.items()},
         "quadratic_s": lambda n, t: CurveClock(n, t, "quadratic"),
         "power_s": lambda n, t: CurveClock(n, t, "power"),
-        "linear_s": LinearClock,
+        "linear_s": PrefillClock,  # no prior: the straight line, the clock before the prior
         "constant_rate_s": ConstantRate,
     }
 
 
-def probe_prior(probe: dict, chunk: int, prefixes=PrefillClock.PROBE) -> Curve:
-    """The warm-up prior: the app's own probe where it was recorded, else the bench's probe at the app's
-    prefixes (or at ``prefixes``)."""
-    app = probe.get("app")
-    if app and tuple(prefixes) == tuple(app["prefixes"]):
-        return PrefillClock.prior_from_probe(app["prefixes"], app["chunk_s"], chunk)
-    times = dict(zip(probe["prefixes"], probe["chunk_s"], strict=True))
+def probe_prior(probe: dict, chunk: int, prefixes=PrefillClock.PROBE, key: str = "chunk_s") -> Curve:
+    """A warm-up prior from the bench's probe (``key``: its cold-cache or warm-cache times) at ``prefixes``."""
+    times = dict(zip(probe["prefixes"], probe[key], strict=True))
     return PrefillClock.prior_from_probe(prefixes, [times[p] for p in prefixes], chunk)
 
 
 def score(result: dict) -> dict:
-    """Replay every clock on each recorded document, in order: the app's clock has the warm-up prior on the
-    first document and the previous document's fit on the later ones."""
-    warm = probe_prior(result["probe"], result["chunk_size"])
-    probe_all = probe_prior(result["probe"], result["chunk_size"], result["probe"]["prefixes"])
+    """Replay every clock on each recorded document, in order, on wall time (what the app shows) and on CPU
+    time (the work alone: the machine's other load taken out): the app's clock has the warm-up prior (the app's
+    own probe) on the first document and the previous document's fit on the later ones."""
+    probe, chunk = result["probe"], result["chunk_size"]
+    warm = PrefillClock.prior_from_probe(probe["app"]["prefixes"], probe["app"]["chunk_s"], chunk)
+    probes = {"probe_all_prefixes": probe_prior(probe, chunk, probe["prefixes"])}
+    if "warm_cache_chunk_s" in probe:
+        probes["probe_warm_cache"] = probe_prior(probe, chunk, key="warm_cache_chunk_s")
     result["warm_prior"], result["scored_by"] = warm, environment.commit()
-    previous = None
-    for doc in result["documents"]:
-        points = [(d, t) for d, t, _ in doc["points"]]
-        prior = warm if previous is None else previous
-        rows = replay(points, doc["tokens"], clocks(prior, warm, probe_all))
-        doc["prior"] = dict(source="warm-up probe" if previous is None else "previous document", curve=prior)
-        names = [k for k in rows[0] if k.endswith("_s") and k != "actual_s"]
-        doc["worst"] = {k: {f"{a:.0%}": round(worst(rows, a, k), 4) for a in AFTER} for k in names}
-        doc["median_from_10%"] = {k: round(median_error(rows, 0.1, k), 4) for k in names}
-        doc["rows"] = rows
-        final = PrefillClock(*points[0], prior=prior)
-        for d, t in points[1:]:
-            final.done(d, t)
-        previous = final.fit()
+    for clock_time, column in (("wall", 1), ("cpu", 2)):
+        previous = None
+        for doc in result["documents"]:
+            if len(doc["points"][0]) <= column + 1 and clock_time == "cpu":
+                continue  # recorded before CPU time was
+            points = [(pt[0], pt[column]) for pt in doc["points"]]
+            prior = warm if previous is None else previous
+            rows = replay(points, doc["tokens"], clocks(prior, warm, probes))
+            names = [k for k in rows[0] if k.endswith("_s") and k != "actual_s"]
+            doc[clock_time] = dict(
+                prior=dict(source="warm-up probe" if previous is None else "previous document", curve=prior),
+                worst={k: {f"{a:.0%}": round(worst(rows, a, k), 4) for a in AFTER} for k in names},
+                median_from_10={k: round(median_error(rows, 0.1, k), 4) for k in names},
+                rows=rows,
+            )
+            final = PrefillClock(*points[0], prior=prior)
+            for d, t in points[1:]:
+                final.done(d, t)
+            previous = final.fit()
     return result
 
 
 def summary(result: dict) -> str:
     lines = []
-    for doc in result["documents"]:
-        lines.append(
-            f"{doc['kind']} {doc['tokens']:,} tokens, {doc['prefill_s']:.0f} s (prior: {doc['prior']}):"
-        )
-        for k, w in doc["worst"].items():
-            lines.append(f"  {k:28s} worst error from " + ", ".join(f"{a}: {e:4.0%}" for a, e in w.items())
-                         + f"; median from 10%: {doc['median_from_10%'][k]:4.0%}")  # fmt: skip
+    for clock_time in ("wall", "cpu"):
+        for doc in result["documents"]:
+            if clock_time not in doc:
+                continue
+            d = doc[clock_time]
+            lines.append(f"{doc['kind']} {doc['tokens']:,} tokens, {doc['prefill_s']:.0f} s, on {clock_time} time "
+                         f"(prior: {d['prior']['source']}):")  # fmt: skip
+            for k, w in d["worst"].items():
+                lines.append(f"  {k:28s} worst error from " + ", ".join(f"{a}: {e:4.0%}" for a, e in w.items())
+                             + f"; median from 10%: {d['median_from_10'][k]:4.0%}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -246,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     app_s = engine.chunk_seconds(PrefillClock.PROBE)  # what the app's warm-up times, and how long it takes
     t1 = time.perf_counter()
     chunk_s = engine.chunk_seconds(PROBE)
-    probe = dict(prefixes=list(PROBE), chunk_s=chunk_s, seconds=time.perf_counter() - t1,
+    t2 = time.perf_counter()
+    warm_cache = engine.chunk_seconds(
+        PROBE, cold=False
+    )  # an alternative: the block's keys left in the CPU caches
+    probe = dict(prefixes=list(PROBE), chunk_s=chunk_s, seconds=t2 - t1, warm_cache_chunk_s=warm_cache,
                  app=dict(prefixes=list(PrefillClock.PROBE), chunk_s=app_s, seconds=t1 - t0))  # fmt: skip
     print(
-        f"warm-up {warm_up_s:.1f} s; probe {probe['seconds']:.1f} s: "
-        + ", ".join(f"{g:.2f}" for g in chunk_s)
+        f"warm-up {warm_up_s:.1f} s; the app's probe {t1 - t0:.1f} s: " + ", ".join(f"{g:.2f}" for g in app_s)
     )
+    print("probe (cold caches): " + ", ".join(f"{g:.2f}" for g in chunk_s))
+    print("probe (warm caches): " + ", ".join(f"{g:.2f}" for g in warm_cache), flush=True)
     documents = []
     for kind, n in docs:
         ids = document_ids(engine, doc_text(kind, a.essays), n)
