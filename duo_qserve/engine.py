@@ -327,7 +327,7 @@ class Engine:
                 self.prefilled_tokens = tokens
         return time.perf_counter() - t0
 
-    def chunk_seconds(self, prefixes: Sequence[int], reps: int = 3, cold: bool = True) -> list[float]:
+    def chunk_seconds(self, prefixes: Sequence[int], reps: int = 2, cold: bool = True) -> list[float]:
         """Estimated seconds of one pre-fill chunk (``chunk_size`` tokens) after a prefix of each length, timed
         cheaply: one block, the one with the most retrieval heads, runs a chunk of random hidden states on a
         scratch cache of that many (meaningless) tokens. A chunk costs the model's layers times that block's cost
@@ -349,18 +349,18 @@ class Engine:
 
             flush = torch.empty(64 << 20, dtype=torch.uint8) if cold and self.device.type == "cpu" else None
             best = [math.inf] * (len(lengths) + 1)
-            for rep in range(reps + 1):  # the first pass pays first-call overheads and is not counted
-                for i, n in enumerate([0, *lengths]):
+            for rep in range(-1, reps):  # pass -1, with no prefix only, pays the first call's overheads
+                for i, n in enumerate([0, *lengths][: 1 if rep < 0 else None]):
                     positions = torch.arange(n, n + m, device=self.device)
                     rope = rope_cos_sin(self.model.inv_freq.to(self.device), positions)
                     cache.set_length(n)
                     if flush is not None:
-                        flush.fill_(rep)
+                        flush.fill_(rep % 256)
                     t0 = time.perf_counter()
                     block(h, rope, cache)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    if rep:
+                    if rep >= 0:
                         best[i] = min(best[i], time.perf_counter() - t0)
             base, scale = best[0], sum(self.retrieval_heads) / max(self.retrieval_heads[layer], 1)
             return [self.args.n_layers * base + scale * max(t - base, 0.0) for t in best[1:]]

@@ -31,6 +31,7 @@ class PrefillClock:
 
     NOISE = 0.15  # the relative error of one chunk's time on a busy machine
     SHAPE = 0.25  # how far (relative) the prior's growing part may be off against its constant part
+    REFIT = 8192  # prefix tokens done after which ``fit`` is the chunks' own quadratic, not the prior scaled
     PROBE = (0, 4096, 8192)  # the prefixes the app's warm-up times (``Engine.chunk_seconds``) for its prior
 
     def __init__(self, start_tokens: int, start_time: float, prior: Curve | None = None):
@@ -61,12 +62,12 @@ class PrefillClock:
 
     def fit(self) -> Curve | None:
         """The curve these chunks say, the next document's prior: with no prior, their line; with a prior, its own
-        quadratic once the chunks span 8K tokens of prefix (enough to see the bend), else the prior scaled."""
+        quadratic once they span ``REFIT`` tokens of prefix (enough to see the bend), else the prior scaled."""
         if not self._chunks:
             return self.prior
         if self.prior is None:
             return _line(self._chunks)
-        if self._tokens - self._chunks[0][0] >= 8192 and len(self._chunks) >= 8:
+        if self._tokens - self._chunks[0][0] >= self.REFIT and len(self._chunks) >= 8:
             return _fit_curve(self._chunks)
         (p, q), (a, b, c) = self.scale(), self.prior
         return p * a, q * b, q * c

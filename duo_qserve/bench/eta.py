@@ -1,16 +1,20 @@
 """How right the pre-fill's "time left" is: pre-fill real documents one after another on one engine, as the app
 does, and at every chunk compare what a clock would have shown with the time that actually remained.
 
-The run starts as the app starts: the engine's warm-up, then its ``chunk_seconds`` probe (the prior the app's
-clock takes for the first document). Each document's progress points (tokens done, monotonic time, the load
-average) are recorded, and every clock is replayed on the same points, fed exactly as the app feeds it: the
-app's ``duo_qserve.eta.PrefillClock`` with the warm-up prior (the first document) or the previous document's fit
-(the later ones), the same clock with no prior, the straight-line clock it replaced, and a constant rate. Reports
-per document and clock the largest relative error once 10%, 20% and 30% of the document are done (the promise:
-within 20% from 10% on).
+The run starts as the app starts: the engine's warm-up, then the app's probe (``Engine.chunk_seconds`` at
+``PrefillClock.PROBE``: the first document's prior), and a denser probe beside it (the alternatives' priors).
+Each document's progress points are recorded (tokens done, wall time, the process's CPU time, the load average),
+and every clock is replayed on them, fed exactly as the app feeds it: the app's ``PrefillClock`` (the warm-up
+prior on the first document, the previous document's fit on the later ones), the same clock with other priors, an
+online quadratic and power law with no prior, the straight line the prior replaced, and a constant rate. Reports,
+per document and clock, the largest relative error once 10%, 20% and 30% of the document are done (the promise:
+within 20% from 10% on) and the median from 10%, on wall time (what the app shows) and on CPU time (run it with
+one thread: the work alone, the other load of a shared machine taken out).
 
-    python -m duo_qserve.bench.eta --model default --cpu --essays DIR --docs essays:8192 pydocs:16384
-    python -m duo_qserve.bench.eta --replay benchmarks/results/eta-....json   # re-score recorded points
+    OMP_NUM_THREADS=1 python -m duo_qserve.bench.eta --model default --cpu --essays DIR --docs essays:8192 pydocs:16384
+    python -m duo_qserve.bench.eta --replay RESULT.json          # re-score recorded points (no engine)
+    python -m duo_qserve.bench.eta --sweep RESULT.json ...       # the app's clock with its knobs turned
+    python -m duo_qserve.bench.eta --model default --cpu --probe-only 3   # the warm-up and the probe's cost
 """
 
 from __future__ import annotations
@@ -79,6 +83,74 @@ class ConstantRate:
         if self._tokens == self._start:
             return math.inf
         return (self._time - self._t0) / (self._tokens - self._start) * (total - self._tokens)
+
+
+class VariantClock(PrefillClock):
+    """The app's clock with its knobs turned, for ``--sweep``: ``shape`` (``SHAPE``), ``refit`` (prefix tokens
+    after which ``fit`` refits its own quadratic; None: never, the prior scaled), ``huber`` (reweighting passes
+    that count a chunk off by more than 1.5 noise as off by that much), ``forget`` (each older chunk weighs this
+    much less)."""
+
+    def __init__(self, start_tokens, start_time, prior=None, shape=0.25, refit=8192, huber=0, forget=1.0):
+        super().__init__(start_tokens, start_time, prior)
+        self.SHAPE, self.refit, self.huber, self.forget = shape, refit, huber, forget
+
+    def scale(self) -> tuple[float, float]:
+        if not self._chunks or self.prior is None:
+            return 1.0, 1.0
+        parts = [[f / s for f in _parts(self.prior, p, n)] for p, n, s in self._chunks]
+        ages = range(len(parts) - 1, -1, -1)
+        weights = [self.forget ** (age / 2) / self.NOISE for age in ages]
+        for _ in range(self.huber + 1):
+            rows = [([w * f for f in fs], w) for fs, w in zip(parts, weights, strict=True)]
+            p, q = _solve([*rows, ([1 / self.SHAPE, -1 / self.SHAPE], 0.0)])
+            weights = [self.forget ** (age / 2) * min(1, 1.5 * self.NOISE / max(abs(p * f + q * g - 1), 1e-12))
+                       / self.NOISE for age, (f, g) in zip(ages, parts, strict=True)]  # fmt: skip
+        return max(p, 0.0), max(q, 0.0)
+
+    def fit(self) -> Curve | None:
+        if self.prior is not None and self._chunks and (self.refit is None or self._tokens < self.refit):
+            (p, q), (a, b, c) = self.scale(), self.prior
+            return p * a, q * b, q * c
+        return super().fit()
+
+
+SWEEP = [dict(), dict(shape=0.5), dict(shape=1.0), dict(refit=None), dict(shape=0.5, refit=None),
+         dict(huber=3), dict(forget=0.8), dict(huber=3, forget=0.8)]  # fmt: skip
+
+
+def sweep(paths: list[str]) -> dict:
+    """Every ``SWEEP`` variant of the app's clock replayed on recorded documents, in each file's order (the
+    previous document's fit as the prior, as the app): worst error from 10/20/30% done and the median from 10%."""
+    out = []
+    for knobs in SWEEP:
+        docs = []
+        for path in paths:
+            result = json.loads(Path(path).read_text())
+            probe, chunk = result["probe"], result["chunk_size"]
+            warm = (PrefillClock.prior_from_probe(probe["app"]["prefixes"], probe["app"]["chunk_s"], chunk)
+                    if "app" in probe else probe_prior(probe, chunk))  # fmt: skip
+            for clock_time, column in (("wall", 1), ("cpu", 2)):
+                previous = None
+                for doc in result["documents"]:
+                    if clock_time == "cpu" and len(doc["points"][0]) < 4:
+                        continue
+                    points = [(pt[0], pt[column]) for pt in doc["points"]]
+                    prior = warm if previous is None else previous
+                    rows = replay(
+                        points,
+                        doc["tokens"],
+                        {"c": lambda n, t, c=prior, k=knobs: VariantClock(n, t, c, **k)},
+                    )
+                    docs.append(dict(model=result["model"], kind=doc["kind"], tokens=doc["tokens"], time=clock_time,
+                                     worst=[round(worst(rows, a, "c"), 4) for a in AFTER],
+                                     median_from_10=round(median_error(rows, 0.1, "c"), 4)))  # fmt: skip
+                    final = VariantClock(*points[0], prior, **knobs)
+                    for d, t in points[1:]:
+                        final.done(d, t)
+                    previous = final.fit()
+        out.append(dict(knobs=knobs, documents=docs))
+    return dict(files=paths, variants=out)
 
 
 def replay(points: list[tuple[int, float]], total: int, clocks: dict) -> list[dict]:
@@ -155,7 +227,10 @@ def score(result: dict) -> dict:
     time (the work alone: the machine's other load taken out): the app's clock has the warm-up prior (the app's
     own probe) on the first document and the previous document's fit on the later ones."""
     probe, chunk = result["probe"], result["chunk_size"]
-    warm = PrefillClock.prior_from_probe(probe["app"]["prefixes"], probe["app"]["chunk_s"], chunk)
+    if "app" in probe:
+        warm = PrefillClock.prior_from_probe(probe["app"]["prefixes"], probe["app"]["chunk_s"], chunk)
+    else:  # recorded before the bench ran the app's probe apart: its own probe at the app's prefixes
+        warm = probe_prior(probe, chunk)
     probes = {"probe_all_prefixes": probe_prior(probe, chunk, probe["prefixes"])}
     if "warm_cache_chunk_s" in probe:
         probes["probe_warm_cache"] = probe_prior(probe, chunk, key="warm_cache_chunk_s")
@@ -203,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--essays", help="directory of the essays' *.txt files (documents of kind essays)")
     p.add_argument("--docs", nargs="+", default=["essays:8192"], help="KIND:TOKENS, pre-filled in this order")
     p.add_argument("--replay", help="re-score this result file's recorded points (no engine is loaded)")
+    p.add_argument(
+        "--sweep", nargs="+", help="replay variants of the clock on these result files (no engine)"
+    )
+    p.add_argument(
+        "--probe-only", type=int, metavar="N", help="time the warm-up and the app's probe, N times each"
+    )
     p.add_argument("--tag", default="", help="added to the result file's name")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -211,11 +292,34 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.replay).write_text(json.dumps(result, indent=1) + "\n")
         print(summary(result))
         return 0
+    if a.sweep:
+        path, result = write_result(a.out, "eta-sweep", "cpu", datetime.date.today().isoformat(), 0.0, argv,
+                                    sweep(a.sweep), module="eta")  # fmt: skip
+        for v in result["variants"]:
+            print(v["knobs"] or "the app's", " ".join(f"{d['worst'][0]:.0%}" for d in v["documents"]))
+        return 0
     docs = [(kind, int(n)) for kind, n in (d.split(":") for d in a.docs)]
     settings = settings_from_args(a, EngineSettings())
     if settings.max_tokens is None:
         settings = dataclasses.replace(settings, max_tokens=max(n for _, n in docs) + 2048)
     engine = Engine.from_settings(settings)
+    if a.probe_only:  # what the app's prior adds to its warm-up
+        runs = []
+        for _ in range(a.probe_only):
+            t0 = time.perf_counter()
+            engine.warm_up()
+            t1 = time.perf_counter()
+            chunk_s = engine.chunk_seconds(PrefillClock.PROBE)
+            runs.append(dict(warm_up_s=t1 - t0, probe_s=time.perf_counter() - t1, chunk_s=chunk_s,
+                             load=os.getloadavg()[0]))  # fmt: skip
+            print(
+                f"warm-up {t1 - t0:.1f} s, probe {runs[-1]['probe_s']:.1f} s: {[round(c, 2) for c in chunk_s]}"
+            )
+        fields = dict(model=engine.stats()["model"], chunk_size=engine.chunk_size, threads=torch.get_num_threads(),
+                      prefixes=list(PrefillClock.PROBE), runs=runs)  # fmt: skip
+        write_result(a.out, f"eta-probe-{fields['model'].lower()}", "cpu", datetime.date.today().isoformat(), 0.0,
+                     argv, fields, module="eta")  # fmt: skip
+        return 0
     warm_up_s = engine.warm_up()
     t0 = time.perf_counter()
     app_s = engine.chunk_seconds(PrefillClock.PROBE)  # what the app's warm-up times, and how long it takes
