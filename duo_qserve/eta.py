@@ -31,7 +31,10 @@ class PrefillClock:
 
     NOISE = 0.15  # the relative error of one chunk's time on a busy machine
     SHAPE = 0.25  # how far (relative) the prior's growing part may be off against its constant part
-    REFIT = 8192  # prefix tokens done after which ``fit`` is the chunks' own quadratic, not the prior scaled
+    REFIT = (
+        8192  # prefix tokens done after which ``fit`` may be the chunks' own quadratic, not the prior scaled
+    )
+    AGREE = 0.3  # ... where it agrees with the prior scaled within this much at twice the prefix done
     PROBE = (0, 4096, 8192)  # the prefixes the app's warm-up times (``Engine.chunk_seconds``) for its prior
 
     def __init__(self, start_tokens: int, start_time: float, prior: Curve | None = None):
@@ -61,16 +64,22 @@ class PrefillClock:
         return max(p, 0.0), max(q, 0.0)
 
     def fit(self) -> Curve | None:
-        """The curve these chunks say, the next document's prior: with no prior, their line; with a prior, its own
-        quadratic once they span ``REFIT`` tokens of prefix (enough to see the bend), else the prior scaled."""
+        """The curve these chunks say, the next document's prior: with no prior, their line; with a prior, the prior
+        scaled, or their own quadratic once they span ``REFIT`` tokens of prefix (enough to see the bend) if it
+        agrees with the prior scaled within ``AGREE`` at twice that prefix. A machine whose load changed during
+        the document bends its curve (on a shared CPU a chunk's time can double mid-way); that bend must not
+        pass on to the next document."""
         if not self._chunks:
             return self.prior
         if self.prior is None:
             return _line(self._chunks)
-        if self._tokens - self._chunks[0][0] >= self.REFIT and len(self._chunks) >= 8:
-            return _fit_curve(self._chunks)
         (p, q), (a, b, c) = self.scale(), self.prior
-        return p * a, q * b, q * c
+        scaled = p * a, q * b, q * c
+        if self._tokens - self._chunks[0][0] < self.REFIT or len(self._chunks) < 8:
+            return scaled
+        own, far = _fit_curve(self._chunks), 2 * self._tokens  # where the next document's chunks may go
+        agree = abs(sum(_parts(own, far, 1)) / sum(_parts(scaled, far, 1)) - 1) <= self.AGREE
+        return own if agree else scaled
 
     def seconds_left(self, total: int) -> float:
         if not self._chunks:

@@ -110,9 +110,10 @@ def test_the_probe_prior_passes_through_exact_chunk_times():
 
 
 def test_the_fit_of_a_whole_document_is_the_next_documents_prior():
-    """After a whole pre-fill the clock's fit is the curve itself (8K tokens of prefix and more: it fits the
-    curve, not only the prior's scale), so the next document is exact from its first chunk."""
-    prior = (CPU[0], 0.5 * CPU[1], 0.2 * CPU[2])  # the wrong shape
+    """After a whole pre-fill (8K tokens of prefix and more) the clock's fit is the chunks' own curve when it
+    agrees with the prior's shape scaled (within 30% at twice the prefix done), so the next document is exact
+    from its first chunk."""
+    prior = (CPU[0], 0.8 * CPU[1], 0.8 * CPU[2])  # the growing part 20% too cheap
     clock, at = PrefillClock(0, 0.0, prior=prior), 0.0
     for p in range(0, 16384, CHUNK):
         at += chunk_seconds(CPU, p)
@@ -121,6 +122,23 @@ def test_the_fit_of_a_whole_document_is_the_next_documents_prior():
     for p in (0, 8192, 24576):
         assert chunk_seconds(fit, p) == pytest.approx(chunk_seconds(CPU, p), rel=1e-6)
     assert worst(run(CPU, 32768, prior=fit), 0.0) < 1e-6
+
+
+def test_a_document_slowed_mid_way_passes_on_the_prior_scaled_not_its_bent_curve():
+    """Other work starts half-way and every later chunk takes twice as long: the chunks' own quadratic bends up
+    (it would promise a 32K document far too late); the next prior is the prior's shape scaled to them."""
+    clock, at = PrefillClock(0, 0.0, prior=CPU), 0.0
+    for p in range(0, 16384, CHUNK):
+        at += chunk_seconds(CPU, p) * (2 if p >= 8192 else 1)
+        clock.done(p + CHUNK, at)
+    fit = clock.fit()
+    p, q = clock.scale()
+    assert fit == pytest.approx((p * CPU[0], q * CPU[1], q * CPU[2]))
+    assert q > 1 and q > p  # the slow chunks were the later ones, where the growing part weighs most
+    from duo_qserve.eta import _fit_curve
+
+    bent = _fit_curve(clock._chunks)
+    assert chunk_seconds(bent, 32768) > 1.3 * chunk_seconds(fit, 32768)
 
 
 def test_the_benchmark_replay_scores_each_clock_against_the_time_that_remained():
