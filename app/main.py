@@ -228,6 +228,7 @@ class Server:
         answer is as fast as the later ones; events that run the model wait behind the engine's lock meanwhile,
         and ``warm_status`` (shown live) says how far it is."""
         engine = self.engine
+        self.prefill_prior = None  # the time-left clock's cost curve for this engine (duo_qserve.eta)
         self.warm_status = "Warming up the model: starting…"
 
         def progress(stage: str) -> None:
@@ -235,7 +236,15 @@ class Server:
 
         def work(job: Job) -> None:
             try:
-                seconds = engine.warm_up(progress)
+                t0 = time.perf_counter()
+                engine.warm_up(progress)
+                if engine.device.type == "cpu":  # a GPU pre-fills a book in seconds: its clock needs no prior
+                    progress("timing a pre-fill chunk")
+                    probe = engine.chunk_seconds(PrefillClock.PROBE)
+                    self.prefill_prior = PrefillClock.prior_from_probe(
+                        PrefillClock.PROBE, probe, engine.chunk_size
+                    )
+                seconds = time.perf_counter() - t0
             except Exception as e:  # the app still works: the first answer then compiles what it needs
                 self.warm_status = f"Warm-up failed ({e}); the first answer will compile the kernels itself."
                 return
@@ -373,7 +382,7 @@ class Server:
             for batch in job.stream():
                 for done, at in batch:
                     if clock is None:
-                        started, clock = at, PrefillClock(done, at)
+                        started, clock = at, PrefillClock(done, at, prior=self.prefill_prior)
                     clock.done(done, at)
                 if batch:
                     left = clock.seconds_left(len(ids))
@@ -397,6 +406,8 @@ class Server:
         if job.error is not None:
             raise gr.Error(f"Pre-fill failed: {job.error}")
         info = job.result
+        if clock is not None and engine is self.engine:  # this pre-fill's cost curve: the next one's prior
+            self.prefill_prior = clock.fit()
         self.chapters[info.sha256] = pending.chapters
         rate = info.prefilled / info.prefill_seconds if info.prefill_seconds else 0.0
         bar = render.progress_html(

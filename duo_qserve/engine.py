@@ -9,6 +9,7 @@ question of every conversation (the streaming/retrieval split does not depend on
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from duo_qserve.environment import REPO_ROOT
 from duo_qserve.evidence import attention_mass, top_passages
 from duo_qserve.kernels.int8_gemm import tuned_row_counts
 from duo_qserve.loading import LoadedModel, load_model
+from duo_qserve.model import rope_cos_sin
 from duo_qserve.patterns import AttentionPattern, load_pattern, reorder_heads, uniform_pattern
 from duo_qserve.planner import max_tokens_for_budget, workspace_bytes
 from duo_qserve.sampling import AnswerGuard, Sampling, check_max_new_tokens, sample
@@ -350,6 +352,44 @@ class Engine:
                 self.cache, self.document, self.conversation_in_cache, self._decoder, self.last = saved
                 self.prefilled_tokens = tokens
         return time.perf_counter() - t0
+
+    def chunk_seconds(self, prefixes: Sequence[int], reps: int = 2, cold: bool = True) -> list[float]:
+        """Estimated seconds of one pre-fill chunk (``chunk_size`` tokens) after a prefix of each length, timed
+        cheaply: one block, the one with the most retrieval heads, runs a chunk of random hidden states on a
+        scratch cache of that many (meaningless) tokens. A chunk costs the model's layers times that block's cost
+        with no prefix, plus its growth with the prefix times the model's retrieval heads over the block's
+        (streaming heads cost the same at every prefix; the embedding and the last row's logits are small). Each
+        time is the fastest of ``reps`` runs, taken in turns across the prefixes: other work on the machine only
+        ever adds. With ``cold`` the CPU's caches are flushed before each run, as a chunk's pass through every layer
+        leaves them (one layer's keys would stay cached and look cheap). ``duo_qserve.eta``'s ``PrefillClock`` takes
+        these as its prior. Runs as one job; the engine's own cache is not touched."""
+        layer = max(range(self.args.n_layers), key=lambda i: self.retrieval_heads[i])
+        m, group = self.chunk_size, self.cache_config.key_group
+        lengths = [min(p, self.capacity.max_tokens - m) // group * group for p in prefixes]
+        block = self.model.layers[layer]
+        h = torch.randn(m, self.args.dim, generator=torch.Generator().manual_seed(0)).to(
+            self.device, self.dtype
+        )
+        with self.job(), torch.inference_mode():
+            cache = DuoKVCache(self.cache_spec_for(max([0, *lengths]) + m), self.device)
+
+            flush = torch.empty(64 << 20, dtype=torch.uint8) if cold and self.device.type == "cpu" else None
+            best = [math.inf] * (len(lengths) + 1)
+            for rep in range(-1, reps):  # pass -1, with no prefix only, pays the first call's overheads
+                for i, n in enumerate([0, *lengths][: 1 if rep < 0 else None]):
+                    positions = torch.arange(n, n + m, device=self.device)
+                    rope = rope_cos_sin(self.model.inv_freq.to(self.device), positions)
+                    cache.set_length(n)
+                    if flush is not None:
+                        flush.fill_(rep % 256)
+                    t0 = time.perf_counter()
+                    block(h, rope, cache)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    if rep >= 0:
+                        best[i] = min(best[i], time.perf_counter() - t0)
+            base, scale = best[0], sum(self.retrieval_heads) / max(self.retrieval_heads[layer], 1)
+            return [self.args.n_layers * base + scale * max(t - base, 0.0) for t in best[1:]]
 
     def document_tokens_at(self, sparsity: float) -> int:
         """Document tokens that would fit in the bytes of ``capacity`` with ``sparsity`` streaming heads

@@ -204,3 +204,21 @@ def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, mon
     monkeypatch.setattr(server.engine, "document_ids", lambda text: pytest.fail("the text was tokenized"))
     summary, *_ = server.read([str(book)], "", None, gr.Request(session_hash="reader"))
     assert summary.startswith("**Not read:**") and f"{limit:,} characters" in summary
+
+
+def test_the_time_left_clock_takes_its_prior_from_the_warm_up_then_from_each_prefill(tmp_path, monkeypatch):
+    """On the CPU the warm-up times a chunk at the clock's probe prefixes (``Engine.chunk_seconds``): the first
+    pre-fill's clock starts from that curve, and each finished pre-fill's fit is the next one's prior."""
+    monkeypatch.setenv("DUO_QSERVE_LIBRARY", str(tmp_path / "library"))
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    deadline = time.monotonic() + 120
+    while not server.warm_status.startswith("Warm-up done") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.warm_status.startswith("Warm-up done"), server.warm_status
+    warm = server.prefill_prior
+    assert warm is not None and warm[0] > 0 and min(warm) >= 0
+    request = gr.Request(session_hash="clock")
+    _summary, _chapters, pending, *_ = server.read(None, haystack_text(3000), None, request)
+    outputs = list(server.prefill(pending, None, request))
+    assert "Loaded" in outputs[-1][1], outputs[-1][1]
+    assert server.prefill_prior is not None and server.prefill_prior != warm and server.prefill_prior[0] > 0
