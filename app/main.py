@@ -318,7 +318,8 @@ class Server:
         self, files: list[str] | None, text: str, mine: str | None, request: gr.Request
     ) -> tuple[Any, ...]:
         """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work. The
-        uploaded files are deleted once read: nobody can fetch them afterwards."""
+        uploaded files are deleted once read: nobody can fetch them afterwards, and reading them again (the box
+        still lists them) is refused with that reason, withdrawing the earlier reading from Load."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
             raise gr.Error(
                 "The model is being reloaded with new settings; read the document again in a moment."
@@ -326,6 +327,11 @@ class Server:
         try:
             if files:
                 try:
+                    if gone := [Path(f).name for f in files if not Path(f).is_file()]:
+                        raise DocumentError(
+                            f"{', '.join(gone)}: already read, and deleted after reading; remove "
+                            f"{'it' if len(gone) == 1 else 'them'} from the upload box and upload again"
+                        )
                     self.store.take_uploads(_key(request), files)
                     doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
                 finally:

@@ -365,13 +365,19 @@ class Engine:
         these as its prior. Runs as one job; the engine's own cache is not touched."""
         layer = max(range(self.args.n_layers), key=lambda i: self.retrieval_heads[i])
         m, group = self.chunk_size, self.cache_config.key_group
-        lengths = [min(p, self.capacity.max_tokens - m) // group * group for p in prefixes]
+        # a rank of a context-parallel engine attends only its share of the prefix
+        lengths = [
+            self.shards.held(min(p, self.capacity.max_tokens - m) // group * group, 0) for p in prefixes
+        ]
         block = self.model.layers[layer]
         h = torch.randn(m, self.args.dim, generator=torch.Generator().manual_seed(0)).to(
             self.device, self.dtype
         )
         with self.job(), torch.inference_mode():
-            cache = DuoKVCache(self.cache_spec_for(max([0, *lengths]) + m), self.device)
+            tokens = max([0, *lengths]) + m  # a plain cache: the probe's block runs on this rank alone
+            cache = DuoKVCache(
+                CacheSpec(self.args, self.retrieval_heads, self.cache_config, tokens, self.dtype), self.device
+            )
 
             flush = torch.empty(64 << 20, dtype=torch.uint8) if cold and self.device.type == "cpu" else None
             best = [math.inf] * (len(lengths) + 1)

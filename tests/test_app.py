@@ -222,3 +222,19 @@ def test_the_time_left_clock_takes_its_prior_from_the_warm_up_then_from_each_pre
     outputs = list(server.prefill(pending, None, request))
     assert "Loaded" in outputs[-1][1], outputs[-1][1]
     assert server.prefill_prior is not None and server.prefill_prior != warm and server.prefill_prior[0] > 0
+
+
+def test_reading_the_same_uploads_again_is_refused_and_withdraws_the_earlier_reading(tmp_path):
+    """Uploads are deleted once read, but the upload box still lists them: a second Read (or a file added beside
+    them) says so, and leaves nothing for Load, so the earlier reading is never loaded in the new one's place."""
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # an upload's own folder, as Gradio makes one
+    book, other = tmp_path / "a" / "book.txt", tmp_path / "b" / "other.txt"
+    book.write_text(haystack_text(300))
+    other.write_text(haystack_text(200))
+    request = gr.Request(session_hash="reader")
+    _, _, pending, *_ = server.read([str(book)], "", None, request)
+    assert pending is not None and not book.exists()
+    summary, _, pending, _, load = server.read([str(book), str(other)], "", None, request)
+    assert summary.startswith("**Not read:**") and "book.txt: already read" in summary
+    assert pending is None and load["interactive"] is False

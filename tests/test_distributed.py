@@ -8,6 +8,7 @@ same scenario run here in one process.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,14 @@ def tiny_cancel(group: ContextGroup | None, work: Path) -> str:
     return "not cancelled"
 
 
+def tiny_warm_up(group: ContextGroup | None, work: Path) -> list[float]:
+    """What the app does at load: the warm-up, then the time-left clock's probe of a chunk's cost at a few
+    prefixes, which a rank must time on its own share of them."""
+    engine = tiny_engine(group, work / "pattern", 4)
+    engine.warm_up()
+    return engine.chunk_seconds([0, 512, 1500])
+
+
 def merge_with_an_empty_rank(group: ContextGroup, work: Path) -> dict:
     """Each rank attends over its slice of 40 keys (the last rank over none) and the merge must give attention
     over all of them."""
@@ -158,6 +167,7 @@ SCENARIOS = {
     "cancel": tiny_cancel,
     "merge": merge_with_an_empty_rank,
     "smollm2": smollm2_answer,
+    "warm": tiny_warm_up,
 }
 
 
@@ -235,6 +245,12 @@ def test_ranks_hold_even_shares_and_report_them(ranks, single, kv):
 def test_a_cancel_on_rank_0_stops_every_rank_at_the_same_chunk(ranks, single):
     assert "stopped after 0 of" in single["cancel"]
     assert [r["cancel"] for r in ranks] == [single["cancel"]] * len(ranks)
+
+
+def test_every_rank_warms_up_and_probes_a_chunk_as_the_app_does(world2, single):
+    assert all(t > 0 and math.isfinite(t) for t in single["warm"])
+    for r in world2:
+        assert len(r["warm"]) == 3 and all(t > 0 and math.isfinite(t) for t in r["warm"])
 
 
 def test_merge_over_ranks_with_an_empty_one_is_attention_over_all_keys(ranks):
