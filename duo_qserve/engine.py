@@ -806,6 +806,7 @@ class Engine:
             "smoothquant": bool((getattr(self.model, "w8a8", None) or {}).get("smoothquant")),
             "rotated": bool((getattr(self.model, "w8a8", None) or {}).get("rotation")),
             "kv_bits": self.cache_config.kv_bits,
+            "key_group": self.cache_config.key_group,
             "pattern": self.pattern.name,
             "sparsity": self.sparsity,
             "retrieval_heads": list(self.retrieval_heads),

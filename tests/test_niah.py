@@ -242,7 +242,7 @@ def one_thread():
 def test_a_tiny_run_on_the_default_model_writes_results_and_heat_maps(tmp_path, capsys, one_thread):
     argv = ["--model", "default", "--device", "cpu", "--configs", "full16,kv4", "--lengths", "512",
             "--depths", "25,75", "--kinds", "two-facts", "--haystack", "essays", "--max-new-tokens", "16",
-            "--out-dir", str(tmp_path)]  # fmt: skip
+            "--key-group", "64", "--out-dir", str(tmp_path)]  # fmt: skip
     assert niah.main(argv) == 0
     (out,) = tmp_path.glob("niah-smollm2-135m-*.json")
     res = json.loads(out.read_text())
@@ -253,6 +253,7 @@ def test_a_tiny_run_on_the_default_model_writes_results_and_heat_maps(tmp_path, 
     assert [c["name"] for c in res["configurations"]] == ["full16", "kv4"]
     full, kv4 = res["configurations"]
     assert full["engine"]["kv_bits"] == 16 and kv4["engine"]["kv_bits"] == 4 and not kv4["engine"]["w8a8"]
+    assert kv4["engine"]["key_group"] == 64
     assert full["questions"] == kv4["questions"] == 4  # two documents, two questions each
     assert [r["expected"] for r in full["records"]] == [r["expected"] for r in kv4["records"]]
     assert all(500 <= r["tokens"] <= 524 for r in full["records"])

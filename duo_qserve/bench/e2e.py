@@ -6,6 +6,8 @@ Three decoders in one run, each timed per token at a fixed context (the cache is
   every step before attention: the reference demo's scheme;
 - ``duo-w8a8kv4``: the same model reading the 4-bit cache directly;
 - ``duo-w8a8kv4-graph``: the same step replayed as a CUDA graph (``duo_qserve.decode_graph``).
+With ``--key-groups 128,64`` the W8A8KV4 decoders run once per key group (tokens per per-channel key scale); rows
+of a group other than the first are named ``<method>-kg<group>``, and each row's floor counts its own bytes.
 Long contexts are filled with synthetic quantized data (random codes and scales): a real multi-million-token
 pre-fill of an 8B model takes longer than one device call. The real pre-fill is measured separately.
 The floor of a decode step is (bytes of weights read + bytes of KV read) / measured copy bandwidth.
@@ -18,9 +20,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -198,7 +202,10 @@ def run(args) -> dict:
     rows = []
     pattern = load_pattern(args.pattern)
     mask, sparsity = pattern.retrieval_mask(args.sparsity)
-    config = CacheConfig(kv_bits=4, sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size)
+    key_groups = [int(g) for g in args.key_groups.split(",")]
+    config = CacheConfig(
+        kv_bits=4, key_group=key_groups[0], sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size
+    )
     contexts = [int(c) for c in args.contexts.split(",")]
     methods = set(args.methods.split(","))
 
@@ -243,8 +250,8 @@ def run(args) -> dict:
         ("duo-w8a8kv4-graph", fast, time_decode_graph),
         ("reexpand-kv4", reexpand_prefix_attention, time_decode),
     )
-    for ctx in contexts:
-        spec = CacheSpec(margs, heads, config, ctx + 256, torch.float16)
+    for ctx, group in itertools.product(contexts, key_groups):
+        spec = CacheSpec(margs, heads, replace(config, key_group=group), ctx + 256, torch.float16)
         if spec.nbytes > torch.cuda.mem_get_info()[0] - (2 << 30):
             continue
         floor = (w_q + kv_bytes_read(spec, ctx)) / bw * 1000
@@ -257,7 +264,10 @@ def run(args) -> dict:
                 ms = timer(model, cache, ctx)
             except torch.OutOfMemoryError:
                 ms = None
-            rows.append({"method": method, "context": ctx, "ms_per_token": ms, "floor_ms": floor})
+            name = method if group == key_groups[0] else f"{method}-kg{group}"
+            rows.append(
+                {"method": name, "context": ctx, "key_group": group, "ms_per_token": ms, "floor_ms": floor}
+            )
             print(rows[-1], flush=True)
             del cache
             torch.cuda.empty_cache()
@@ -362,7 +372,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5))
-    for method in ("fp16-full", "reexpand-kv4", "duo-w8a8kv4", "duo-w8a8kv4-graph"):
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
         pts = sorted(
             (r["context"], r["ms_per_token"])
             for r in result["rows"]
@@ -370,7 +380,13 @@ def plot(result: dict, path: Path) -> None:
         )
         if pts:
             ax1.plot(*zip(*pts, strict=True), marker="o", label=method)
-    floor = sorted({(r["context"], r["floor_ms"]) for r in result["rows"] if r["method"].startswith("duo-")})
+    floor = sorted(
+        {
+            (r["context"], r["floor_ms"])
+            for r in result["rows"]
+            if r["method"] in ("duo-w8a8kv4", "duo-w8a8kv4-graph")
+        }
+    )
     if floor:
         ax1.plot(*zip(*floor, strict=True), "k--", label="floor (W8A8KV4 bytes / copy bandwidth)")
     ax1.set(xscale="log", xlabel="context tokens", ylabel="ms per token", title=f"decode, {result['device']}")
@@ -425,6 +441,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-sweep-tokens", type=int, default=65536, help="tokens pre-filled per chunk size")
     p.add_argument("--methods", default="fp16-full,duo-w8a8kv4,duo-w8a8kv4-graph,reexpand-kv4")
     p.add_argument("--no-capacity", action="store_true", help="skip the capacity measurement")
+    p.add_argument(
+        "--key-groups", default="128",
+        help="key groups the W8A8KV4 decoders run with, comma-separated; the first one also for capacity and pre-fill",
+    )  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, help="only re-draw the PNG of an existing decode JSON")
     a = p.parse_args(argv)
     if a.plot:

@@ -591,7 +591,7 @@ def build_engine(loaded, cfg: Config, trained: str, scratch: Path, settings: dic
 
 def engine_record(engine) -> dict:
     s = engine.stats()
-    keys = ("dtype", "w8a8", "smoothquant", "rotated", "kv_bits", "pattern", "sparsity", "retrieval_heads",
+    keys = ("dtype", "w8a8", "smoothquant", "rotated", "kv_bits", "key_group", "pattern", "sparsity", "retrieval_heads",
             "sink_tokens", "recent_tokens")  # fmt: skip
     return {k: s[k] for k in keys} | {"chunk_size": engine.chunk_size}
 
@@ -640,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recent", type=int, default=None, help="default: the trained pattern's deployed recent window")
     add("--chunk-size", type=int, default=256,
         help="pre-fill chunk; small, so streaming heads really drop context during pre-fill")  # fmt: skip
+    add(
+        "--key-group", type=int, default=128, help="tokens per per-channel key scale, every KV4 configuration"
+    )
     add("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     add("--sampling", choices=tuple(SAMPLINGS), default="default",
         help="default: the engine's chat defaults (repetition penalty, repeat stop); greedy: plain greedy decoding")  # fmt: skip
@@ -691,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = a.pattern or str(PATTERNS_DIR / loaded.name)
     sink, recent = sink_recent(a, trained)
     settings = dict(device=device, dtype=dtype, sink=sink, recent=recent, chunk_size=a.chunk_size,
-                    max_tokens=max(grid.lengths) + ANSWER_RESERVE + 256)  # fmt: skip
+                    key_group=a.key_group, max_tokens=max(grid.lengths) + ANSWER_RESERVE + 256)  # fmt: skip
     engines = {}
     with tempfile.TemporaryDirectory() as scratch:
         for i, n in enumerate(a.configs):
