@@ -15,6 +15,7 @@ from typing import Any
 
 from app.sessions import Residency
 from duo_qserve.engine import Engine
+from duo_qserve.eta import PrefillClock
 
 COMPONENTS = (  # memory components in the order the bar stacks them, with their colours
     ("weights", "Weights", "#6366f1"),
@@ -97,10 +98,12 @@ def document_summary(
 
 
 def progress_html(done: int, total: int, elapsed: float, note: str = "", left: float = math.inf) -> str:
-    """Pre-fill progress: tokens done/total, tokens/s and the time ``left`` (from ``duo_qserve.eta``)."""
+    """Pre-fill progress: tokens done/total, tokens/s and the time ``left`` (from ``duo_qserve.eta``), shown as
+    "estimating…" until ``PrefillClock.SHOW_FROM`` of the document is done: the first chunks' figure can be far
+    off (on a CPU the prior's shape still leads it), and a figure that is no promise should not look like one."""
     frac = done / total if total else 0.0
     rate = done / elapsed if elapsed > 0 and done else 0.0
-    eta = fmt_seconds(left) if math.isfinite(left) else "estimating…"
+    eta = fmt_seconds(left) if math.isfinite(left) and frac >= PrefillClock.SHOW_FROM else "estimating…"
     text = f"{done:,} / {total:,} tokens · " + (note or f"{rate:,.0f} tokens/s · {eta} left")
     return (
         f'<div class="prefill-progress" data-done="{done}" data-total="{total}">'
