@@ -272,14 +272,19 @@ def export_markdown(turns: Sequence[dict]) -> str:
 
 
 def passages_markdown(passages: Sequence[dict]) -> str:
-    """The passages an answer came from (``duo_qserve.evidence.describe``), as a short list under the answer."""
-    lines = ["**Where this came from** (the passages the retrieval heads attended to most):"]
+    """The passages an answer came from (``duo_qserve.evidence.describe``), as a short list under the answer,
+    each labelled with what ranks them (``focus``), so the figures fall down the list; the heading says what it is
+    in a few words."""
+    lines = [
+        "**Where this came from**, ranked by *focus* (a passage's share of the retrieval heads' attention to the "
+        "book, sharp looks counting most):"
+    ]
     for i, p in enumerate(passages, 1):
         where = f"{p['chapter']} · " if p["chapter"] else ""
         snippet = f": “{p['snippet']}”" if p["snippet"] else ""
         lines.append(
             f"{i}. {where}tokens {p['position']:,}–{p['position'] + p['tokens']:,} · "
-            f"{p['share']:.0%} of the attention{snippet}"
+            f"{p['focus']:.0%} focus{snippet}"
         )
     return "\n".join(lines)
 

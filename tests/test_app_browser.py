@@ -119,7 +119,7 @@ def test_warm_up_conversation_and_evidence_in_a_browser(app_url, tmp_path):
         sync_api.expect(stats).to_contain_text("turn 1 of this conversation", timeout=120_000)
         chat = page.locator("#chat")
         sync_api.expect(chat).to_contain_text("Where this came from", timeout=10_000)
-        sync_api.expect(chat).to_contain_text(re.compile(r"tokens [\d,]+–[\d,]+ · \d+% of the attention"))
+        sync_api.expect(chat).to_contain_text(re.compile(r"tokens [\d,]+–[\d,]+ · \d+% focus"))
         sync_api.expect(stats).to_contain_text("sources found in")
 
         _ask(page, "Say that number again.")
