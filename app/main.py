@@ -367,7 +367,12 @@ class Server:
         """Pre-fill the read document into a book of this session, streaming a progress bar (``mine``: the
         session's current book, named if the pre-fill is cancelled)."""
         if pending is None:
-            raise gr.Error("Read a document first: upload files or paste text, then press Read.")
+            yield (
+                gr.skip(),
+                "**Not loaded:** read a document first: upload files or paste text, then press Read.",
+                mine,
+            )
+            return
         engine, doc = self.engine, pending.document
         ids = self._ids(pending)
 
@@ -410,7 +415,9 @@ class Server:
             yield render.progress_html(done, len(ids), 1.0, "stopped"), f"**Stopped:** {job.error}", mine
             return
         if job.error is not None:
-            raise gr.Error(f"Pre-fill failed: {job.error}")
+            status = f"**Pre-fill failed:** {job.error}. {self._loaded_note(mine, request)}"
+            yield render.progress_html(done, len(ids), 1.0, "failed"), status, mine
+            return
         info = job.result
         if clock is not None and engine is self.engine:  # this pre-fill's cost curve: the next one's prior
             self.prefill_prior = clock.fit()
@@ -451,14 +458,17 @@ class Server:
     ) -> Iterator[tuple[Any, ...]]:
         """Stream the answer about this session's document; its cache is restored (or loaded back from the
         library, with progress, if it was evicted), so only the conversation's earlier turns and the question are
-        pre-filled. Stop ends the answer and keeps it (the event itself runs to its end)."""
+        pre-filled. Stop ends the answer and keeps it (the event itself runs to its end). What goes wrong is said
+        once, in the line under the chat, and the question stays in its box unless it was answered."""
         engine, question = self.engine, (question or "").strip()
         if not question:
-            raise gr.Error("Type a question first.")
+            yield gr.skip(), gr.skip(), "**Not asked:** type a question first."
+            return
         try:
             doc = self.store.book(_key(request), mine).info
         except NoBook as e:
-            raise gr.Error(str(e)) from None
+            yield gr.skip(), gr.skip(), f"**Not asked:** {e}"
+            return
         sampling = dict(
             temperature=float(temperature),
             top_p=float(top_p),
@@ -502,8 +512,13 @@ class Server:
                 job.cancel()
         if job.error is not None:
             # a turn that never reached the model (e.g. its book could not be loaded back) is not in the
-            # conversation: the engine adds a turn only once it has started answering
-            raise gr.Error(f"Could not answer: {job.error}")
+            # conversation (the engine adds a turn only once it has started answering): its question goes back
+            if answer[0]:
+                shown = [*history, {"role": "assistant", "content": answer[0]}]
+                yield shown, gr.skip(), f"**Answer cut short:** {job.error}"
+            else:
+                yield history[:-1], question, f"**Not answered:** {job.error}"
+            return
         stats = job.result
         shown = answer[0] or "_(no answer)_"
         if stats.evidence:
@@ -525,11 +540,13 @@ class Server:
             conversation.turns[-1].meta["passages"] = passages  # for the export
         return render.passages_markdown(passages)
 
-    def export(self, fmt: str, conversation: Conversation) -> str:
-        """Write every turn of the conversation with its provenance to a file for download."""
+    def export(self, fmt: str, conversation: Conversation) -> Any:
+        """Write every turn of the conversation with its provenance to a file for download; with none, say so in
+        one notice (a raised error would also mark the file box)."""
         turns = conversation.records()
         if not turns:
-            raise gr.Error("Nothing to export yet: ask a question first.")
+            gr.Warning("Nothing to export yet: ask a question first.", title="Not exported")
+            return gr.skip()
         for old in self.exports.iterdir():  # the temp files of earlier exports, once downloaded
             if time.time() - old.stat().st_mtime > TEMP_FILE_SECONDS:
                 shutil.rmtree(old, ignore_errors=True)
@@ -559,7 +576,8 @@ class Server:
         try:
             self.store.book(key, mine)
         except NoBook as e:
-            raise gr.Error(str(e)) from None
+            yield f"**Not saved:** {e}", gr.skip()
+            return
         job = self._start(
             request.session_hash,
             lambda job: self.store.save(key, mine, on_progress=lambda d, t: job.put(d / t)),
@@ -577,7 +595,8 @@ class Server:
     ) -> Iterator[tuple[Any, ...]]:
         """Load one of this owner's saved books (checked against this engine's model and settings first)."""
         if not book_id:
-            raise gr.Error("Pick a saved book first.")
+            yield "**Not loaded:** pick a saved book first.", gr.skip()
+            return
         engine = self.engine
 
         def work(job: Job) -> Any:
@@ -599,7 +618,7 @@ class Server:
 
     def remove_book(self, book_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         if not book_id:
-            raise gr.Error("Pick a saved book first.")
+            return "**Not removed:** pick a saved book first.", gr.skip()
         self.store.remove(_key(request), book_id)
         return f"Removed `{book_id}`.", self.books(request)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from app.sessions import Residency
 from duo_qserve.engine import Engine
+from duo_qserve.eta import PrefillClock
 
 COMPONENTS = (  # memory components in the order the bar stacks them, with their colours
     ("weights", "Weights", "#6366f1"),
@@ -97,10 +98,12 @@ def document_summary(
 
 
 def progress_html(done: int, total: int, elapsed: float, note: str = "", left: float = math.inf) -> str:
-    """Pre-fill progress: tokens done/total, tokens/s and the time ``left`` (from ``duo_qserve.eta``)."""
+    """Pre-fill progress: tokens done/total, tokens/s and the time ``left`` (from ``duo_qserve.eta``), shown as
+    "estimating…" until ``PrefillClock.SHOW_FROM`` of the document is done: the first chunks' figure can be far
+    off (on a CPU the prior's shape still leads it), and a figure that is no promise should not look like one."""
     frac = done / total if total else 0.0
     rate = done / elapsed if elapsed > 0 and done else 0.0
-    eta = fmt_seconds(left) if math.isfinite(left) else "estimating…"
+    eta = fmt_seconds(left) if math.isfinite(left) and frac >= PrefillClock.SHOW_FROM else "estimating…"
     text = f"{done:,} / {total:,} tokens · " + (note or f"{rate:,.0f} tokens/s · {eta} left")
     return (
         f'<div class="prefill-progress" data-done="{done}" data-total="{total}">'
@@ -269,14 +272,19 @@ def export_markdown(turns: Sequence[dict]) -> str:
 
 
 def passages_markdown(passages: Sequence[dict]) -> str:
-    """The passages an answer came from (``duo_qserve.evidence.describe``), as a short list under the answer."""
-    lines = ["**Where this came from** (the passages the retrieval heads attended to most):"]
+    """The passages an answer came from (``duo_qserve.evidence.describe``), as a short list under the answer,
+    each labelled with what ranks them (``focus``), so the figures fall down the list; the heading says what it is
+    in a few words."""
+    lines = [
+        "**Where this came from**, ranked by *focus* (a passage's share of the retrieval heads' attention to the "
+        "book, sharp looks counting most):"
+    ]
     for i, p in enumerate(passages, 1):
         where = f"{p['chapter']} · " if p["chapter"] else ""
         snippet = f": “{p['snippet']}”" if p["snippet"] else ""
         lines.append(
             f"{i}. {where}tokens {p['position']:,}–{p['position'] + p['tokens']:,} · "
-            f"{p['share']:.0%} of the attention{snippet}"
+            f"{p['focus']:.0%} focus{snippet}"
         )
     return "\n".join(lines)
 

@@ -119,8 +119,10 @@ def top_passages(
     mass: torch.Tensor, focus: torch.Tensor, first: int, k: int = PASSAGES, width: int = PASSAGE_TOKENS
 ) -> list[dict[str, Any]]:
     """The ``k`` windows of ``width`` tokens from ``first`` on (windows start every ``width // 2`` tokens) with
-    the most focus, none overlapping, best first: ``{"start", "end", "share", "peak"}`` in document positions,
-    ``share`` the window's share of the attention (mass), ``peak`` its most focused token."""
+    the most focus, none overlapping, best first: ``{"start", "end", "focus", "share", "peak"}`` in document
+    positions, ``focus`` the window's share of the focus from ``first`` on (what they are ranked by, so it falls
+    down the list), ``share`` its share of the attention (mass: it need not fall), ``peak`` its most focused
+    token."""
     n, step = mass.shape[0], max(width // 2, 1)
     if first >= n:
         return []
@@ -128,6 +130,7 @@ def top_passages(
     ranks = torch.cat([torch.zeros(1, dtype=torch.float64), focus.double().cumsum(0)])
     windows = [(s, min(s + width, n)) for s in range(first, n, step)]
     windows = windows[: next((i + 1 for i, (_, e) in enumerate(windows) if e == n), len(windows))]
+    total = max(float(ranks[n] - ranks[first]), 1e-30)
     order = sorted(windows, key=lambda w: float(ranks[w[1]] - ranks[w[0]]), reverse=True)
     chosen: list[tuple[int, int]] = []
     for s, e in order:
@@ -136,7 +139,13 @@ def top_passages(
             if len(chosen) == k:
                 break
     return [
-        {"start": s, "end": e, "share": float(sums[e] - sums[s]), "peak": s + int(focus[s:e].argmax())}
+        {
+            "start": s,
+            "end": e,
+            "focus": float(ranks[e] - ranks[s]) / total,
+            "share": float(sums[e] - sums[s]),
+            "peak": s + int(focus[s:e].argmax()),
+        }
         for s, e in chosen
     ]
 
@@ -153,8 +162,8 @@ def describe(
     document_ids: Sequence[int] | None = None,
     chapters: Sequence[tuple[str, int]] = (),
 ) -> list[dict[str, Any]]:
-    """Passages from ``top_passages`` as a reader sees them: ``{"chapter", "position", "tokens", "share",
-    "snippet"}``. ``position`` is the first token's offset in the book's text, as ``chapters`` (title, token
+    """Passages from ``top_passages`` as a reader sees them, in their order: ``{"chapter", "position", "tokens",
+    "focus", "share", "snippet"}``. ``position`` is the first token's offset in the book's text, as ``chapters`` (title, token
     offset) count them (``text_start``: the text's first position in the document's ids); the chapter is that of
     the most attended token. Without ``document_ids`` the snippet is empty."""
     out = []
@@ -169,6 +178,6 @@ def describe(
             snippet = ("…" if a > p["start"] else "") + text + ("…" if b < p["end"] else "")
         out.append(
             {"chapter": chapter, "position": p["start"] - text_start, "tokens": p["end"] - p["start"],
-             "share": p["share"], "snippet": snippet}
+             "focus": p["focus"], "share": p["share"], "snippet": snippet}
         )  # fmt: skip
     return out

@@ -119,7 +119,7 @@ def test_warm_up_conversation_and_evidence_in_a_browser(app_url, tmp_path):
         sync_api.expect(stats).to_contain_text("turn 1 of this conversation", timeout=120_000)
         chat = page.locator("#chat")
         sync_api.expect(chat).to_contain_text("Where this came from", timeout=10_000)
-        sync_api.expect(chat).to_contain_text(re.compile(r"tokens [\d,]+–[\d,]+ · \d+% of the attention"))
+        sync_api.expect(chat).to_contain_text(re.compile(r"tokens [\d,]+–[\d,]+ · \d+% focus"))
         sync_api.expect(stats).to_contain_text("sources found in")
 
         _ask(page, "Say that number again.")
@@ -168,4 +168,33 @@ def test_stop_cancel_and_time_left_in_a_browser(app_url, tmp_path):
         )
         assert answer_started.search(chat.inner_text())  # the text generated so far stays
         assert page.get_by_text("Error", exact=True).count() == 0
+        browser.close()
+
+
+def _notices(page) -> list[str]:
+    """Every error notice on the page: toasts, and the "Error" badges Gradio puts on an event's outputs."""
+    toasts = [t.inner_text() for t in page.locator(".toast-body").all()]
+    return toasts + ["badge"] * page.get_by_text("Error", exact=True).count()
+
+
+def test_each_error_is_said_once_in_a_browser(app_url, tmp_path):
+    """Asking with no document, or reading a file that is not what it claims, says why once, in the area's own
+    line: no toast beside it and no error badge on the chat; the question typed stays in its box."""
+    fake = tmp_path / "book.pdf"
+    fake.write_bytes(b"%PDF-1.4 not a pdf at all")
+    with sync_api.sync_playwright() as p:
+        browser, page = _open(p, app_url)
+        _ask(page, "What is the secret number?")
+        sync_api.expect(page.locator("#answer-stats")).to_contain_text(
+            "Not asked: No document is loaded", timeout=30_000
+        )
+        page.wait_for_timeout(1500)  # a toast or badge would be up by now
+        assert _notices(page) == [], _notices(page)
+        assert page.get_by_label("Question").input_value() == "What is the secret number?"
+
+        page.locator("input[type=file]").first.set_input_files(str(fake))
+        page.get_by_role("button", name="Read", exact=True).click()
+        sync_api.expect(page.locator("#summary")).to_contain_text("Not read:", timeout=30_000)
+        page.wait_for_timeout(1500)
+        assert _notices(page) == [], _notices(page)
         browser.close()

@@ -101,12 +101,25 @@ def test_a_resumed_prefill_counts_only_the_chunks_it_ran():
     assert clock.seconds_left(2000) == pytest.approx(1.0)
 
 
-def test_the_probe_prior_passes_through_exact_chunk_times():
+def test_the_probe_prior_is_the_probes_curve_with_its_growing_part_raised():
     prefixes = PrefillClock.PROBE
     seconds = [chunk_seconds(CPU, p) for p in prefixes]
     prior = PrefillClock.prior_from_probe(prefixes, seconds, CHUNK)
-    for p in (0, 2048, 8192, 16384):
-        assert chunk_seconds(prior, p) == pytest.approx(chunk_seconds(CPU, p), rel=1e-6)
+    g = PrefillClock.PROBE_GROWTH
+    assert prior == pytest.approx((CPU[0], g * CPU[1], g * CPU[2]), rel=1e-6)
+
+
+def test_a_prefill_whose_growth_the_probe_under_timed_is_exact_from_the_first_chunk():
+    """Real pre-fills grow faster with the prefix than the warm-up's probe times (``PROBE_GROWTH``, measured): on
+    such chunks the clock from the probe's prior is exact at once, where the probe's curve taken at its face
+    under-counts the time left from the first chunk on."""
+    g = PrefillClock.PROBE_GROWTH
+    real = (CPU[0], g * CPU[1], g * CPU[2])
+    seconds = [chunk_seconds(CPU, p) for p in PrefillClock.PROBE]
+    rows = run(real, 8192, prior=PrefillClock.prior_from_probe(PrefillClock.PROBE, seconds, CHUNK))
+    assert worst(rows, 0.0) < 1e-6
+    at_face = run(real, 8192, prior=CPU)
+    assert at_face[0][1] < 0.95 * at_face[0][2]  # what the clock did before: short by over 5% at the start
 
 
 def test_the_fit_of_a_whole_document_is_the_next_documents_prior():

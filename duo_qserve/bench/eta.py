@@ -12,7 +12,7 @@ within 20% from 10% on) and the median from 10%, on wall time (what the app show
 one thread: the work alone, the other load of a shared machine taken out).
 
     OMP_NUM_THREADS=1 python -m duo_qserve.bench.eta --model default --cpu --essays DIR --docs essays:8192 pydocs:16384
-    python -m duo_qserve.bench.eta --replay RESULT.json          # re-score recorded points (no engine)
+    python -m duo_qserve.bench.eta --replay RESULT.json [--replay-to NEW.json]  # re-score recorded points
     python -m duo_qserve.bench.eta --sweep RESULT.json ...       # the app's clock with its knobs turned
     python -m duo_qserve.bench.eta --model default --cpu --probe-only 3   # the warm-up and the probe's cost
 """
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--essays", help="directory of the essays' *.txt files (documents of kind essays)")
     p.add_argument("--docs", nargs="+", default=["essays:8192"], help="KIND:TOKENS, pre-filled in this order")
     p.add_argument("--replay", help="re-score this result file's recorded points (no engine is loaded)")
+    p.add_argument("--replay-to", help="write the re-scored result here (default: over the --replay file)")
     p.add_argument(
         "--sweep", nargs="+", help="replay variants of the clock on these result files (no engine)"
     )
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.replay:
         result = score(json.loads(Path(a.replay).read_text()))
-        Path(a.replay).write_text(json.dumps(result, indent=1) + "\n")
+        Path(a.replay_to or a.replay).write_text(json.dumps(result, indent=1) + "\n")
         print(summary(result))
         return 0
     if a.sweep:
