@@ -19,6 +19,13 @@ them by log-sum-exp: one all-gather per layer, at pre-fill and at decode alike. 
 tokens it owns. Rank 0 samples each answer token and says whether the job was cancelled
 (``ContextGroup.from_leader``), so every rank takes the same branches.
 
+Decode (``duo_qserve.decode_graph``, a CUDA graph on NCCL): the graph-safe step derives this rank's held count from
+the global position on the device (``TokenShards.held_at``), so its fp-tail length and quantized length follow the
+rank's own share; the new token's owner attends it and writes it into its tail, the other ranks attend their own
+tokens only (``decode_step.StepSlots.keep``), and ``ShardedKVCache.step_output`` merges the retrieval heads over
+the ranks (the all-gather is captured in the graph); streaming heads, replicated, are not merged. Between replays a
+rank quantizes its tail when its own held count fills a key group.
+
 NCCL on GPUs (one process per GPU, ``torchrun --nproc-per-node N``), gloo on CPUs.
 """
 
@@ -60,10 +67,14 @@ class TokenShards:
 
     def held(self, seq_len: int, rank: int) -> int:
         """Tokens among the first ``seq_len`` positions that ``rank`` holds. Rank 0 is never behind another."""
-        blocks, partial = divmod(seq_len, self.block)
-        rounds, extra = divmod(blocks, self.world_size)  # ranks below ``extra`` got one more whole block
-        last = self.block if rank < extra else partial if rank == extra else 0
-        return rounds * self.block + last
+        # each whole round of ``world_size`` blocks gave every rank one; the rest fills ranks 0, 1, ... in turn
+        rounds, rest = divmod(seq_len, self.world_size * self.block)
+        return rounds * self.block + min(max(rest - rank * self.block, 0), self.block)
+
+    def held_at(self, seq_len: torch.Tensor, rank: int) -> torch.Tensor:
+        """``held`` of an int64 device tensor, on the device (no host sync): the decode graph's lengths."""
+        span = self.world_size * self.block
+        return seq_len // span * self.block + (seq_len % span - rank * self.block).clamp(0, self.block)
 
     def owned_runs(self, start: int, count: int, rank: int) -> list[tuple[int, int]]:
         """The offsets ``[a, b)`` into positions ``start .. start + count`` that ``rank`` owns, in order: where a
@@ -132,6 +143,11 @@ class ContextGroup:
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
+
+    @property
+    def in_cuda_graphs(self) -> bool:
+        """Whether a CUDA graph can capture this group's collectives: NCCL's it can, gloo's (CPU) it cannot."""
+        return dist.get_backend() == "nccl"
 
     def merge(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """The attention over every rank's keys from this rank's partial ``out`` [T, H, D] and ``lse`` [T, H]
@@ -202,6 +218,17 @@ class ShardedKVCache(DuoKVCache):
     @property
     def retrieval_len(self) -> int:
         return self.shards.held(self.seq_len, self.group.rank)
+
+    def retrieval_len_at(self, seq_len: torch.Tensor) -> torch.Tensor:
+        return self.shards.held_at(seq_len, self.group.rank)
+
+    def step_output(self, layer: int, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """The retrieval heads' partials merged over the ranks (one all-gather, which a CUDA graph captures with
+        NCCL); the streaming heads' output as it is: every rank holds them whole and computed the same."""
+        n = self.n_retrieval[layer] * (out.shape[1] // self.args.n_kv_heads)  # their query heads
+        if n:
+            out[:, :n] = self.group.merge(out[:, :n], lse[:, :n])
+        return out
 
     def _retrieval(self, layer: int, q, k, v) -> torch.Tensor:
         s, held = self.layers[layer], self.retrieval_len
