@@ -34,6 +34,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +187,18 @@ class ContextGroup:
         """Leave the group (at the end of a run: every rank calls it)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def quiet_interrupt() -> Iterator[None]:
+    """End a Ctrl-C with one line on stderr and exit status 130 instead of a traceback: under torchrun the
+    interrupt reaches every rank, and each would print its own, from inside whatever collective it waited in."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        rank = f" (rank {os.environ['RANK']})" if ContextGroup.launched() else ""
+        print(f"interrupted{rank}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 # One all-gather into a flat tensor: named all_gather_single from torch 2.13 on, where the older name warns; the

@@ -20,7 +20,7 @@ from conftest import HAYSTACK, haystack_text, on_ranks, tiny_args, tiny_model
 
 from duo_qserve.cache import CacheConfig
 from duo_qserve.decode_graph import GraphedDecoder
-from duo_qserve.distributed import ContextGroup, TokenShards
+from duo_qserve.distributed import ContextGroup, TokenShards, quiet_interrupt
 from duo_qserve.engine import Cancelled, Engine, EngineSettings
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.kernels.attention import dense_attention
@@ -98,6 +98,16 @@ def test_held_on_the_device_is_held(world):
     for rank in range(world):
         want = [shards.held(int(n), rank) for n in lengths]
         assert shards.held_at(lengths, rank).tolist() == want
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_a_ctrl_c_ends_with_one_line(launched, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2" if launched else "1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as end, quiet_interrupt():
+        raise KeyboardInterrupt
+    assert end.value.code == 130
+    assert capsys.readouterr().err == ("interrupted (rank 1)\n" if launched else "interrupted\n")
 
 
 # ---- the scenarios every rank runs, and one process runs for the reference ----------------------------------
