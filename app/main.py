@@ -36,7 +36,7 @@ from app import ui_render as render
 from app.sessions import NoBook, SessionStore, UploadLimits, owner_key
 from duo_qserve import environment, library
 from duo_qserve.conversation import Conversation
-from duo_qserve.distributed import ContextGroup
+from duo_qserve.distributed import ContextGroup, quiet_interrupt
 from duo_qserve.documents import (
     SUPPORTED_SUFFIXES,
     Document,
@@ -572,6 +572,7 @@ class Server:
 
     def save_book(self, mine: str | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         """Save this session's document's cache so it can be loaded later without a pre-fill."""
+        self._check_library("Saving a book")
         engine, key = self.engine, _key(request)
         try:
             self.store.book(key, mine)
@@ -594,6 +595,7 @@ class Server:
         self, book_id: str | None, mine: str | None, request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
         """Load one of this owner's saved books (checked against this engine's model and settings first)."""
+        self._check_library("Loading a book")
         if not book_id:
             yield "**Not loaded:** pick a saved book first.", gr.skip()
             return
@@ -615,6 +617,14 @@ class Server:
             "no pre-fill. Ask away.",
             info.sha256,
         )
+
+    def _check_library(self, action: str) -> None:
+        """Refuse ``action`` with the library's reason where this engine cannot use it (context parallelism),
+        before anything else is asked of the user."""
+        try:
+            library.refuse_context_parallel(self.engine, action)
+        except library.LibraryError as e:
+            raise gr.Error(str(e)) from None
 
     def remove_book(self, book_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         if not book_id:
@@ -1096,11 +1106,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the app. Under ``torchrun --nproc-per-node N`` (context parallelism) rank 0 serves it and the other
-    ranks follow its engine calls (``app.ranks``); the library and the passages under answers are then off."""
+    ranks follow its engine calls (``app.ranks``); the library and the passages under answers are then off. A
+    Ctrl-C ends every rank with one line (``distributed.quiet_interrupt``)."""
     faulthandler.register(
         signal.SIGUSR1
     )  # `kill -USR1 <pid>` prints every thread's stack: what a hang waits on
-    a = parse_args(argv)
+    with quiet_interrupt():
+        _serve(parse_args(argv))
+
+
+def _serve(a: argparse.Namespace) -> None:
+    """``main``'s work: this rank's part of serving the app."""
     settings = settings_from_args(a)
     group = ContextGroup.from_env(settings.device) if ContextGroup.launched() else None
     if group is not None and not group.is_leader:

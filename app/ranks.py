@@ -128,16 +128,26 @@ class LeaderEngine:
 
 
 def stop(group: ContextGroup) -> None:
-    """Tell the followers to return from ``follow`` (rank 0, when the app ends)."""
-    group.share(Order("stop"))
+    """Tell the followers to return from ``follow`` (rank 0, when the app ends). After a Ctrl-C, which reaches
+    every rank, they may have stopped already: then there is no one to tell."""
+    try:
+        group.share(Order("stop"))
+    except RuntimeError:  # a follower's end closed the connection
+        pass
 
 
 def follow(group: ContextGroup) -> None:
-    """Run rank 0's orders on this rank's own engine until it says stop (every rank but 0)."""
+    """Run rank 0's orders on this rank's own engine until it says stop (every rank but 0). When rank 0 is gone
+    without a stop (killed, or its end got there first), exits with one line (``SystemExit``), not a traceback."""
     engine: Engine | None = None
     caches: dict[int, DuoKVCache] = {}
     while True:
-        order: Order = group.share()
+        try:
+            order: Order = group.share()
+        except RuntimeError:  # the connection this rank waits on closed: rank 0 is gone
+            raise SystemExit(
+                f"rank {group.rank}: stopped: rank 0 ended or failed (its connection closed)"
+            ) from None
         for cache_id in order.freed:
             caches.pop(cache_id, None)
         if order.op == "stop":

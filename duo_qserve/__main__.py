@@ -275,9 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from duo_qserve.distributed import quiet_interrupt
+
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
+        with quiet_interrupt():
+            return a.func(a)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -185,6 +185,11 @@ class DuoKVCache:
         cache, ``distributed.ShardedKVCache``)."""
         return self.seq_len
 
+    def retrieval_len_at(self, seq_len: torch.Tensor) -> torch.Tensor:
+        """``retrieval_len`` when ``seq_len`` (an int64 device tensor) tokens are held, computed on the device with
+        no host sync: the decode graph's lengths."""
+        return seq_len
+
     def reset(self) -> None:
         self.seq_len = 0
         self._saved = None
@@ -202,8 +207,8 @@ class DuoKVCache:
         self.seq_len = n_tokens
 
     def commit_tail_group(self) -> None:
-        """Quantize every layer's fp tail, a group that has just filled (``seq_len`` a multiple of the key group),
-        into the arena. The decode graph writes new tokens into the tail only and calls this on the host."""
+        """Quantize every layer's fp tail, a group that has just filled (``retrieval_len`` a multiple of the key
+        group), into the arena. The decode graph writes new tokens into the tail only and calls this on the host."""
         group, held = self.config.key_group, self.retrieval_len
         if self.config.kv_bits == 16 or held == 0 or held % group:
             raise ValueError(f"no full tail group to commit at {held:,} tokens (groups of {group})")
@@ -234,6 +239,12 @@ class DuoKVCache:
             (s["sink_k"], s["sink_v"]) if has_streaming else None,
             (s["ring_k"], s["ring_v"]) if has_streaming else None,
         )
+
+    def step_output(self, layer: int, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """The graph-safe decode step's attention output of ``layer`` from its ``out`` [1, Hq, D] and ``lse``
+        [1, Hq] over the tokens held here: ``out`` itself (a context-parallel cache merges its retrieval heads'
+        over the ranks)."""
+        return out
 
     def check_room(self, n_tokens: int) -> None:
         if self.seq_len + n_tokens > self.max_tokens:

@@ -3,23 +3,29 @@
 At batch 1 a decode step of an 8B model is launch-bound: per layer a dozen Triton launches plus dozens of small
 torch ops. ``GraphedDecoder`` captures the whole step once and replays it per token. A graph replays fixed
 launches over fixed addresses, so everything that varies per token lives in device buffers: the token id and its
-position (``[1]`` int64, written with ``fill_`` before each replay, no host sync), and from the position the new
-token's fp-tail slot ``pos % key_group``, the quantized prefix length ``n_quant`` (int32) and the streaming ring
-slot ``(pos - sink) % recent``.
+position (``[1]`` int64, written with ``fill_`` before each replay, no host sync), and from the position the
+retrieval heads' held count ``held = cache.retrieval_len_at(pos)`` (``pos`` itself; in a context-parallel cache
+the rank's share, ``duo_qserve.distributed``), the new token's fp-tail slot ``held % key_group``, whether the cache
+keeps the new token (always; in a context-parallel cache on the rank that owns it), the quantized prefix length
+``n_quant`` (int32) and the streaming ring slot ``(pos - sink) % recent``.
 
 Each layer's attention is ``kernels.decode_step`` (the model hands it q and k before RoPE: ``rotates_qk``), three
-launches for all heads: a fused kernel that applies RoPE, attends the retrieval heads' fp tail (masked to
-``tail_len + 1`` slots of the fixed ``key_group``-slot buffer) and the streaming heads' sinks + full ring + new
-token, and writes the new k/v into the tail or ring slot; the split-K code kernel over the quantized prefix, its
-grid sized for the whole cache; and one merge of all partials into the layer's output. When the host-tracked
-length fills the tail, the group is quantized into the arena eagerly, between replays (once per ``key_group``
-tokens: ``DuoKVCache.commit_tail_group``). Streaming heads need a full ring (``sink + recent`` tokens held):
+launches for all heads: a fused kernel that applies RoPE, attends the retrieval heads' fp tail (masked to the
+held slots of the fixed ``key_group``-slot buffer, and the new token where kept) and the streaming heads' sinks +
+full ring + new token, and writes the new k/v into the tail or ring slot; the split-K code kernel over the
+quantized prefix, its grid sized for the whole cache; and one merge of all partials into the layer's output and
+lse. Then ``cache.step_output``: as is in one process; in a context-parallel cache the retrieval heads merged over
+the ranks by one all-gather, which the graph captures (NCCL). When the host-tracked held count fills the tail, the
+group is quantized into the arena eagerly, between replays (once per ``key_group`` tokens held:
+``DuoKVCache.commit_tail_group``). Streaming heads need a full ring (``sink + recent`` tokens held):
 attention is then over every sink and ring slot + the new token, which then replaces the oldest ring slot.
 
 The graph reads only the cache's preallocated tensors, the weights and the buffers above, so it stays valid
 across ``reset``/``checkpoint``/``restore``; a new cache or model needs a new ``GraphedDecoder``. Steps the graph
 does not cover (CPU, ``kv_bits=16``, a ring not yet full) run the eager ``model(...)``; ``use_graph=False`` runs the
-graph-safe step without a graph (its torch reference on CPU), which tests hold to the eager step.
+graph-safe step without a graph (its torch reference on CPU), which tests hold to the eager step. With context
+parallelism every rank decides from the same global length, so all ranks capture, replay and fall back at the same
+steps, and their graphs' all-gathers pair up.
 """
 
 from __future__ import annotations
@@ -39,20 +45,20 @@ class _GraphStepCache:
     rotates_qk = True
 
     def __init__(self, cache: DuoKVCache, pos: torch.Tensor):
-        self.cache, self.config = cache, cache.config
-        c = self.config
-        self.tail_idx = pos % c.key_group  # slot of the new token in the fp tail, int64 [1]
-        self.n_quant = (pos - self.tail_idx).to(torch.int32)
-        self.ring_idx = (pos - c.sink_tokens) % c.recent_tokens
+        self.cache, c = cache, cache.config
+        held = cache.retrieval_len_at(pos)  # int64 [1], as every length below
+        tail = held % c.key_group
+        keep = cache.retrieval_len_at(pos + 1) - held  # 1 where the new token is held here
+        self.slots = decode_step.StepSlots(tail, keep, (pos - c.sink_tokens) % c.recent_tokens)
+        self.n_quant = (held - tail).to(torch.int32)
 
     def advance(self, n_tokens: int) -> None:
         pass
 
     def attend(self, layer: int, q, k, v, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         step_layer = self.cache.step_layer(layer, self.n_quant)
-        return decode_step.attend(
-            q, k, v, rope, step_layer, self.tail_idx, self.ring_idx, self.cache.sm_scale
-        )
+        out, lse = decode_step.attend(q, k, v, rope, step_layer, self.slots, self.cache.sm_scale)
+        return self.cache.step_output(layer, out, lse)
 
 
 class GraphedDecoder:
@@ -113,8 +119,10 @@ class GraphedDecoder:
         return logits
 
     def _after_step(self) -> None:
-        """Host bookkeeping: one more token; quantize the tail into the arena when it has just filled."""
+        """Host bookkeeping: one more token; quantize the tail into the arena when it has just filled (the cache
+        kept the new token, and its held count reached a multiple of the key group)."""
         cache = self.cache
+        held = cache.retrieval_len
         cache.advance(1)
-        if cache.seq_len % cache.config.key_group == 0:
+        if cache.retrieval_len > held and cache.retrieval_len % cache.config.key_group == 0:
             cache.commit_tail_group()

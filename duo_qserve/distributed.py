@@ -19,6 +19,13 @@ them by log-sum-exp: one all-gather per layer, at pre-fill and at decode alike. 
 tokens it owns. Rank 0 samples each answer token and says whether the job was cancelled
 (``ContextGroup.from_leader``), so every rank takes the same branches.
 
+Decode (``duo_qserve.decode_graph``, a CUDA graph on NCCL): the graph-safe step derives this rank's held count from
+the global position on the device (``TokenShards.held_at``), so its fp-tail length and quantized length follow the
+rank's own share; the new token's owner attends it and writes it into its tail, the other ranks attend their own
+tokens only (``decode_step.StepSlots.keep``), and ``ShardedKVCache.step_output`` merges the retrieval heads over
+the ranks (the all-gather is captured in the graph); streaming heads, replicated, are not merged. Between replays a
+rank quantizes its tail when its own held count fills a key group.
+
 NCCL on GPUs (one process per GPU, ``torchrun --nproc-per-node N``), gloo on CPUs.
 """
 
@@ -27,6 +34,9 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +70,14 @@ class TokenShards:
 
     def held(self, seq_len: int, rank: int) -> int:
         """Tokens among the first ``seq_len`` positions that ``rank`` holds. Rank 0 is never behind another."""
-        blocks, partial = divmod(seq_len, self.block)
-        rounds, extra = divmod(blocks, self.world_size)  # ranks below ``extra`` got one more whole block
-        last = self.block if rank < extra else partial if rank == extra else 0
-        return rounds * self.block + last
+        # each whole round of ``world_size`` blocks gave every rank one; the rest fills ranks 0, 1, ... in turn
+        rounds, rest = divmod(seq_len, self.world_size * self.block)
+        return rounds * self.block + min(max(rest - rank * self.block, 0), self.block)
+
+    def held_at(self, seq_len: torch.Tensor, rank: int) -> torch.Tensor:
+        """``held`` of an int64 device tensor, on the device (no host sync): the decode graph's lengths."""
+        span = self.world_size * self.block
+        return seq_len // span * self.block + (seq_len % span - rank * self.block).clamp(0, self.block)
 
     def owned_runs(self, start: int, count: int, rank: int) -> list[tuple[int, int]]:
         """The offsets ``[a, b)`` into positions ``start .. start + count`` that ``rank`` owns, in order: where a
@@ -133,6 +147,11 @@ class ContextGroup:
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    @property
+    def in_cuda_graphs(self) -> bool:
+        """Whether a CUDA graph can capture this group's collectives: NCCL's it can, gloo's (CPU) it cannot."""
+        return dist.get_backend() == "nccl"
+
     def merge(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """The attention over every rank's keys from this rank's partial ``out`` [T, H, D] and ``lse`` [T, H]
         (natural log; -inf where the rank held nothing): one all-gather of both packed in one float32 tensor, then
@@ -170,6 +189,18 @@ class ContextGroup:
             dist.destroy_process_group()
 
 
+@contextmanager
+def quiet_interrupt() -> Iterator[None]:
+    """End a Ctrl-C with one line on stderr and exit status 130 instead of a traceback: under torchrun the
+    interrupt reaches every rank, and each would print its own, from inside whatever collective it waited in."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        rank = f" (rank {os.environ['RANK']})" if ContextGroup.launched() else ""
+        print(f"interrupted{rank}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
 # One all-gather into a flat tensor: named all_gather_single from torch 2.13 on, where the older name warns; the
 # GPU machines' torch (2.11) has only all_gather_into_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -202,6 +233,17 @@ class ShardedKVCache(DuoKVCache):
     @property
     def retrieval_len(self) -> int:
         return self.shards.held(self.seq_len, self.group.rank)
+
+    def retrieval_len_at(self, seq_len: torch.Tensor) -> torch.Tensor:
+        return self.shards.held_at(seq_len, self.group.rank)
+
+    def step_output(self, layer: int, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """The retrieval heads' partials merged over the ranks (one all-gather, which a CUDA graph captures with
+        NCCL); the streaming heads' output as it is: every rank holds them whole and computed the same."""
+        n = self.n_retrieval[layer] * (out.shape[1] // self.args.n_kv_heads)  # their query heads
+        if n:
+            out[:, :n] = self.group.merge(out[:, :n], lse[:, :n])
+        return out
 
     def _retrieval(self, layer: int, q, k, v) -> torch.Tensor:
         s, held = self.layers[layer], self.retrieval_len

@@ -116,8 +116,9 @@ class Engine:
     """One model and the cache it answers from.
 
     With a ``group`` (``duo_qserve.distributed``: context parallelism, one engine per rank, started by torchrun)
-    every cache is a ``ShardedKVCache`` holding this rank's share of the retrieval tokens, decode steps run eagerly
-    (no CUDA graph), and rank 0's sampled token and cancel decide for every rank. Every rank must then make the
+    every cache is a ``ShardedKVCache`` holding this rank's share of the retrieval tokens, decode steps replay a
+    CUDA graph that captures each layer's all-gather where the group is NCCL's (gloo's decode eagerly), and rank
+    0's sampled token and cancel decide for every rank. Every rank must then make the
     same calls in the same order (SPMD). Without one, the single-device engine, with no collectives."""
 
     def __init__(self, loaded: LoadedModel, settings: EngineSettings, group: ContextGroup | None = None):
@@ -153,8 +154,8 @@ class Engine:
         self.capacity = self._cache_spec(settings.max_tokens)  # the largest cache one document may have
         self.cache = self._new_cache(self.capacity)
         # decode steps replay a CUDA graph (DUO_QSERVE_DECODE_GRAPH=0: eager); made per cache, see _decode_step.
-        # A graph captures no collectives here: context parallelism decodes eagerly.
-        self.decode_graph = cuda and environment.decode_graph() and group is None
+        # With context parallelism the graph captures the merge's NCCL all-gather; gloo's cannot be captured.
+        self.decode_graph = cuda and environment.decode_graph() and (group is None or group.in_cuda_graphs)
         self._decoder: GraphedDecoder | None = None
         self.document: DocumentInfo | None = None
         self.last = GenerationStats()
@@ -316,7 +317,7 @@ class Engine:
         decoder, ``last`` and ``prefilled_tokens``. A decode graph belongs to one cache, so a book's first answer
         still captures its own, with every kernel already compiled (one step). On the CPU nothing compiles: a
         minimal pass (8 tokens, 2 steps) runs the same code. ``on_progress`` gets a short message before each stage.
-        Runs as one job (see ``cancel``). With context parallelism there is no decode graph and no evidence pass.
+        Runs as one job (see ``cancel``). With context parallelism there is no evidence pass.
         """
         c, cuda = self.cache_config, self.device.type == "cuda"
         document = c.sink_tokens + c.recent_tokens + c.key_group if cuda else 8

@@ -117,7 +117,7 @@ def save(
 ) -> BookInfo:
     """Save the engine's document (its state right after the pre-fill) as a book; the same document saved with the
     same model and settings replaces the earlier book."""
-    _refuse_context_parallel(engine, "saving a book")
+    refuse_context_parallel(engine, "saving a book")
     with engine.job():
         doc = engine.document
         if doc is None:
@@ -146,7 +146,7 @@ def load(
     """Load a saved book into the engine's cache, ready for questions. ``book`` is a ``BookInfo``, a book id or a
     book directory. The returned ``prefill_seconds`` is the time the load took (nothing was pre-filled)."""
     t0 = time.perf_counter()
-    _refuse_context_parallel(engine, "loading a book")
+    refuse_context_parallel(engine, "loading a book")
     path = _book_dir(book, directory)
     manifest = read_manifest(path)
     if manifest["partial"]:
@@ -231,7 +231,7 @@ def ingest_resumable(
     ignored and overwritten. The checkpoint is deleted once the pre-fill completes: ``save`` keeps the document."""
     if every_chunks < 1:
         raise ValueError(f"every_chunks must be at least 1, got {every_chunks}")
-    _refuse_context_parallel(engine, "a resumable pre-fill")
+    refuse_context_parallel(engine, "a resumable pre-fill")
     ids, ckpt = list(ids), Path(checkpoint_dir)
     done, finished = _resume_from(engine, ids, ckpt)
     if finished:  # a saved book of exactly these ids: nothing left to pre-fill
@@ -256,7 +256,7 @@ def ingest_resumable(
 
 
 # ---- identity and compatibility ------------------------------------------------------------------------------
-def _refuse_context_parallel(engine: Engine, action: str) -> None:
+def refuse_context_parallel(engine: Engine, action: str) -> None:
     """A book is one whole cache in position order; a rank of a context-parallel engine holds only its share of
     the retrieval tokens, so it can neither write nor read one (yet)."""
     if engine.group is not None:

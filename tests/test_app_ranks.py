@@ -12,6 +12,7 @@ import gc
 import json
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from conftest import HAYSTACK, haystack_text, on_ranks, tiny_args, tiny_model
 
@@ -84,6 +85,10 @@ def app_session(server: Server, text: str) -> dict:
         refused = ""
     except LibraryError as e:
         refused = str(e)
+    try:  # the Load book button with no saved book picked (none is listed under torchrun)
+        next(server.load_book(None, info.sha256, None))
+    except gr.Error as e:
+        load_refused = e.message
     server.store.end(KEY)
     with server.engine.lock:
         server._replace_engine(dataclasses.replace(SETTINGS, sparsity=0.75))
@@ -91,7 +96,8 @@ def app_session(server: Server, text: str) -> dict:
         pass
     server.store.prefill(KEY, server.engine.document_ids(text), "essay", "test")
     answers.append(server.engine.answer("What is this text about?", max_new_tokens=TOKENS))
-    return {"answers": answers, "turns": [[t.answer, t.ids] for t in conversation.turns], "refused": refused}
+    return {"answers": answers, "turns": [[t.answer, t.ids] for t in conversation.turns], "refused": refused,
+            "load_refused": load_refused}  # fmt: skip
 
 
 def _ranks(group: ContextGroup, work: str) -> None:
@@ -119,3 +125,21 @@ def test_the_app_on_two_ranks_answers_as_in_one_process(tmp_path, monkeypatch):
     assert all(one["answers"]) and one["refused"] == ""  # one process saves the book
     assert two["answers"] == one["answers"] and two["turns"] == one["turns"]
     assert "not available with context parallelism" in two["refused"]
+    assert one["load_refused"] == "Pick a saved book first."
+    assert two["load_refused"].startswith("Loading a book is not available with context parallelism")
+
+
+def _rank_0_leaves(group: ContextGroup, work: str) -> None:
+    """Rank 0 ends without telling the followers to stop (killed, say); rank 1 keeps what ``follow`` raised."""
+    if group.is_leader:
+        return
+    try:
+        follow(group)
+    except SystemExit as e:
+        (Path(work) / "rank1.txt").write_text(str(e.code))
+
+
+def test_a_follower_whose_rank_0_is_gone_stops_with_one_line(tmp_path):
+    on_ranks(2, _rank_0_leaves, str(tmp_path))
+    message = (tmp_path / "rank1.txt").read_text()
+    assert message == "rank 1: stopped: rank 0 ended or failed (its connection closed)"

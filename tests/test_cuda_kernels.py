@@ -45,12 +45,10 @@ def test_fused_step_matches_reference_on_gpu(hkv, g, n_retrieval, d, group, sink
     k, v = (torch.randn(1, hkv, d, generator=gen).to("cuda", torch.float16) for _ in range(2))
     rope = tuple(t.cuda() for t in rope_cos_sin(rope_inv_freq(args), torch.tensor([pos])))
     p = torch.tensor([pos], device="cuda")
-    tail, ring = p % group, (p - sink) % recent
-    n_quant = (p - tail).to(torch.int32)
-    want = decode_step.reference(
-        q, k, v, rope, want_cache.step_layer(0, n_quant), tail, ring, d**-0.5
-    ).float()
-    got = decode_step.fused(q, k, v, rope, got_cache.step_layer(0, n_quant), tail, ring, d**-0.5).float()
+    slots = decode_step.StepSlots(p % group, torch.ones_like(p), (p - sink) % recent)
+    n_quant = (p - slots.tail).to(torch.int32)
+    want = decode_step.reference(q, k, v, rope, want_cache.step_layer(0, n_quant), slots, d**-0.5)[0].float()
+    got = decode_step.fused(q, k, v, rope, got_cache.step_layer(0, n_quant), slots, d**-0.5)[0].float()
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= TOL * want.abs().max()
     # The new k/v went into the same slots: rotated with and without FMA contraction, so equal to fp16 rounding.

@@ -103,8 +103,21 @@ STEP_CASES = [  # (hkv, g, n_retrieval, d, group, sink, recent, pos)
 @pytest.mark.parametrize("hkv,g,n_retrieval,d,group,sink,recent,pos", STEP_CASES)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fused_step_equals_reference(hkv, g, n_retrieval, d, group, sink, recent, pos, bits, interpreted):
-    """Output within OUT_TOL of the torch reference; every cache tensor afterwards equal (the new k/v in the
-    tail or ring slot, nothing else touched)."""
+    """Output and lse within OUT_TOL of the torch reference; every cache tensor afterwards equal (the new k/v in
+    the tail or ring slot, nothing else touched)."""
+    _fused_against_reference(hkv, g, n_retrieval, d, group, sink, recent, pos, bits, keep=1)
+
+
+@pytest.mark.parametrize("hkv,g,n_retrieval,d,group,sink,recent,pos", STEP_CASES[:5] + STEP_CASES[6:7])
+def test_fused_step_without_the_new_token_equals_reference(
+    hkv, g, n_retrieval, d, group, sink, recent, pos, interpreted
+):  # fmt: skip
+    """``keep = 0`` (another rank of a context-parallel cache holds the new token): the retrieval heads attend
+    their held slots only, whatever the new k/v, and their tail is left as it was; streaming heads as before."""
+    _fused_against_reference(hkv, g, n_retrieval, d, group, sink, recent, pos, 4, keep=0)
+
+
+def _fused_against_reference(hkv, g, n_retrieval, d, group, sink, recent, pos, bits, keep):
     gen = torch.Generator().manual_seed(hash((hkv, g, n_retrieval, d, pos, bits)) % 2**31)
     args = ModelArgs(vocab_size=8, dim=hkv * g * d, n_layers=1, n_heads=hkv * g, n_kv_heads=hkv, head_dim=d,
                      intermediate_size=8, rope_theta=500.0)  # fmt: skip
@@ -117,20 +130,29 @@ def test_fused_step_equals_reference(hkv, g, n_retrieval, d, group, sink, recent
     k, v = torch.randn(1, hkv, d, generator=gen), torch.randn(1, hkv, d, generator=gen)
     rope = rope_cos_sin(rope_inv_freq(args), torch.tensor([pos]))
     p = torch.tensor([pos])
-    tail, ring = p % group, (p - sink) % recent
+    slots = decode_step.StepSlots(p % group, torch.full_like(p, keep), (p - sink) % recent)
+    tail, ring = slots.tail, slots.ring
     n_quant = (p - tail).to(torch.int32)
-    want = decode_step.reference(q, k, v, rope, want_cache.step_layer(0, n_quant), tail, ring, d**-0.5)
-    got = decode_step.fused(q, k, v, rope, got_cache.step_layer(0, n_quant), tail, ring, d**-0.5)
+    want, want_lse = decode_step.reference(q, k, v, rope, want_cache.step_layer(0, n_quant), slots, d**-0.5)
+    got, got_lse = decode_step.fused(q, k, v, rope, got_cache.step_layer(0, n_quant), slots, d**-0.5)
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert (got - want).abs().max() <= OUT_TOL * want.abs().max()
+    assert (got_lse - want_lse).abs().max() <= OUT_TOL * want_lse.abs().max()
     for name, t in want_layer.items():
         assert torch.equal(got_layer[name], t), name
         changed = (t != before[name]).flatten(2).any(-1) if t.dim() == 3 else (t != before[name])
-        if name in ("k_tail", "v_tail", "ring_k", "ring_v"):  # exactly the new token's slot, per head
+        if name in ("k_tail", "v_tail") and not keep:
+            assert not changed.any(), name
+        elif name in ("k_tail", "v_tail", "ring_k", "ring_v"):  # exactly the new token's slot, per head
             slot = int(tail if name.endswith("tail") else ring)
             assert changed[:, slot].all() and changed.sum() == changed.shape[0], name
         else:
             assert not changed.any(), name
+    if not keep:  # the new k/v reach only the streaming heads
+        for name, t in got_layer.items():
+            t.copy_(before[name])
+        other, _ = decode_step.fused(q, k * 2, v * 2, rope, got_cache.step_layer(0, n_quant), slots, d**-0.5)
+        assert torch.equal(other[:, : n_retrieval * g], got[:, : n_retrieval * g])
 
 
 def test_merge_skips_code_splits_of_heads_without_them(interpreted):

@@ -19,11 +19,13 @@ import torch
 from conftest import HAYSTACK, haystack_text, on_ranks, tiny_args, tiny_model
 
 from duo_qserve.cache import CacheConfig
-from duo_qserve.distributed import ContextGroup, TokenShards
+from duo_qserve.decode_graph import GraphedDecoder
+from duo_qserve.distributed import ContextGroup, TokenShards, quiet_interrupt
 from duo_qserve.engine import Cancelled, Engine, EngineSettings
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.kernels.attention import dense_attention
 from duo_qserve.loading import LoadedModel
+from duo_qserve.model import ModelArgs
 from duo_qserve.patterns import random_pattern, save_pattern
 
 ARGS = tiny_args(n_layers=3, n_heads=8, n_kv_heads=4)  # seed 0 at 50%: 1, 3 and 2 retrieval heads of 4
@@ -40,6 +42,17 @@ ANSWER_TOKENS = 16
 # measured at most 1.2e-6 (KV16) and 8.2e-5 (KV4) on logits of size ~2. 2e-4 leaves 2.5x; a token attended or
 # stored in the wrong place moves logits by more than 1e-1.
 LOGITS_ATOL = 2e-4
+# The graph-safe decode step (``decode_graph``, run without a graph: its torch reference on the CPU) for as many
+# steps as cross 7 key-group boundaries, at least 2 on every rank of 3, each one a tail commit on its owner only;
+# on heads of 64 channels, the fewest the step takes (``kv_attention.code_kernel_fits``).
+GRAPH_ARGS = tiny_args(n_layers=3, n_heads=8, n_kv_heads=4, head_dim=64)
+GRAPH_STEP_IDS = [(i * 29 + 3) % ARGS.vocab_size for i in range(7 * BLOCK)]
+# The graph-safe step stores the same k/v as the eager one and sums its softmax in another order: measured at most
+# 1.3e-6 on logits of size ~2 against the eager sharded step and 1.1e-6 against one process (2 ranks). But a key a
+# rounding error from a 4-bit code boundary quantizes differently in one path only and moves later logits by more:
+# seen at 3 ranks from the 4th step on, 2.3e-4 between the eager sharded step and one process. 1e-3 leaves 4x
+# over that; the new token attended on every rank instead of its owner alone moves logits by 5e-2.
+GRAPH_LOGITS_ATOL = 1e-3
 
 
 # ---- ownership arithmetic ------------------------------------------------------------------------------------
@@ -78,9 +91,28 @@ def test_a_rank_allocates_its_share_of_the_retrieval_tokens():
         assert single[part] <= 3 * mine[part] <= 1.002 * single[part]
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_held_on_the_device_is_held(world):
+    shards = TokenShards(world, 16)
+    lengths = torch.arange(0, 10 * world * 16 + 3)
+    for rank in range(world):
+        want = [shards.held(int(n), rank) for n in lengths]
+        assert shards.held_at(lengths, rank).tolist() == want
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_a_ctrl_c_ends_with_one_line(launched, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2" if launched else "1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as end, quiet_interrupt():
+        raise KeyboardInterrupt
+    assert end.value.code == 130
+    assert capsys.readouterr().err == ("interrupted (rank 1)\n" if launched else "interrupted\n")
+
+
 # ---- the scenarios every rank runs, and one process runs for the reference ----------------------------------
-def tiny_engine(group: ContextGroup | None, pattern: Path, kv_bits: int) -> Engine:
-    loaded = LoadedModel(tiny_model(ARGS), None, "tiny", "tiny")
+def tiny_engine(group: ContextGroup | None, pattern: Path, kv_bits: int, args: ModelArgs = ARGS) -> Engine:
+    loaded = LoadedModel(tiny_model(args), None, "tiny", "tiny")
     settings = EngineSettings(
         pattern=str(pattern), sparsity=0.5, kv_bits=kv_bits, key_group=BLOCK, sink=8, recent=32,
         chunk_size=48, max_tokens=2048, w8a8=False,
@@ -101,6 +133,30 @@ def tiny_logits(group: ContextGroup | None, work: Path, kv_bits: int) -> dict:
             logits.append(engine._decode_step(tokens[-1]))
     return {"logits": torch.cat(logits), "tokens": tokens, "ranks": engine.stats()["ranks"],
             "retrieval_len": engine.cache.retrieval_len}  # fmt: skip
+
+
+def tiny_graph_safe(group: ContextGroup | None, work: Path) -> dict:
+    """KV4, the mixed pattern: after the document and the follow-up, ``GRAPH_STEP_IDS`` through the graph-safe
+    step, then again from the checkpoint through the eager step; the logits of both and the layers' retrieval
+    tensors after each (this rank's share)."""
+    engine = tiny_engine(group, work / "pattern", 4, GRAPH_ARGS)
+    out = {}
+    with torch.inference_mode():
+        engine.ingest(DOC)
+        for name in ("graph_safe", "eager"):
+            engine.cache.restore()
+            logits = [engine.model(torch.tensor(FOLLOW), engine.cache)[-1:]]
+            decoder = GraphedDecoder(engine.model, engine.cache, use_graph=False)
+            for token in GRAPH_STEP_IDS:
+                if name == "graph_safe":
+                    assert decoder.supported()
+                    logits.append(decoder.step(token).clone())
+                else:
+                    logits.append(engine.model(torch.tensor([token]), engine.cache, last_only=True))
+            out[name] = torch.cat(logits)
+            out[f"{name}_cache"] = [{n: t.clone() for n, t in layer.items()} for layer in engine.cache.layers]
+        out["retrieval_len"] = engine.cache.retrieval_len
+    return out
 
 
 def tiny_cancel(group: ContextGroup | None, work: Path) -> str:
@@ -164,6 +220,7 @@ def smollm2_answer(group: ContextGroup | None, work: Path) -> dict:
 SCENARIOS = {
     "kv16": lambda g, w: tiny_logits(g, w, 16),
     "kv4": lambda g, w: tiny_logits(g, w, 4),
+    "graph_safe": tiny_graph_safe,
     "cancel": tiny_cancel,
     "merge": merge_with_an_empty_rank,
     "smollm2": smollm2_answer,
@@ -208,7 +265,7 @@ def world2(work) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def world3(work) -> list[dict]:
-    return _spawn(3, work, ["kv16", "kv4", "cancel", "merge"])
+    return _spawn(3, work, ["kv16", "kv4", "graph_safe", "cancel", "merge"])
 
 
 @pytest.fixture(params=[2, 3])
@@ -251,6 +308,35 @@ def test_every_rank_warms_up_and_probes_a_chunk_as_the_app_does(world2, single):
     assert all(t > 0 and math.isfinite(t) for t in single["warm"])
     for r in world2:
         assert len(r["warm"]) == 3 and all(t > 0 and math.isfinite(t) for t in r["warm"])
+
+
+def test_graph_safe_decode_equals_the_eager_step_and_one_process(ranks, single):
+    """The graph-safe step on every rank against the eager sharded step on that rank and the one-process engine,
+    across tail commits on every rank; each rank stored what the eager step stores."""
+    world, start = len(ranks), len(DOC) + len(FOLLOW)
+    shards = TokenShards(world, BLOCK)
+    for rank in range(world):  # the scenario reaches what it is for: at least two commits on every rank
+        end = start + len(GRAPH_STEP_IDS)
+        assert shards.held(end, rank) // BLOCK - shards.held(start, rank) // BLOCK >= 2
+    one = single["graph_safe"]["eager"]
+    for r in ranks:
+        got = r["graph_safe"]
+        for name, want in (("eager sharded", got["eager"]), ("one-process", one)):
+            diff = (got["graph_safe"] - want).abs().max().item()
+            assert diff <= GRAPH_LOGITS_ATOL, (
+                f"{diff:.2e} from the {name} step (allowed {GRAPH_LOGITS_ATOL:.0e})"
+            )
+        # layer 0's k/v come from the embeddings alone, the same in both steps: its codes, scales and fp tail
+        # hold the same bits over the rank's share
+        held = got["retrieval_len"]
+        for name, t in got["eager_cache"][0].items():
+            n = {"k_scale": held // BLOCK, "k_zero": held // BLOCK, "k_tail": held % BLOCK,
+                 "v_tail": held % BLOCK}.get(name, held // BLOCK * BLOCK)  # fmt: skip
+            if not name.startswith(("sink", "ring")):
+                assert torch.equal(got["graph_safe_cache"][0][name][:, :n], t[:, :n]), name
+    assert all(
+        torch.equal(r["graph_safe"]["graph_safe"], ranks[0]["graph_safe"]["graph_safe"]) for r in ranks
+    )
 
 
 def test_merge_over_ranks_with_an_empty_one_is_attention_over_all_keys(ranks):

@@ -4,12 +4,15 @@ of ``--context`` tokens and decode ms/token after it, and each engine's capacity
     torchrun --nproc-per-node 1 -m duo_qserve.bench.context_parallel --context 65536
     torchrun --nproc-per-node 4 -m duo_qserve.bench.context_parallel --context 262144
 
-At world size 1 the plain engine (its decode graph included) and the context-parallel engine (``ShardedKVCache``
-over one rank: a collective per layer, eager decode) run on the same device one after the other, from the same
-synthetic weights: the difference is what the context-parallel path costs where it buys nothing. At world size N
-only the context-parallel engine runs (every rank holds a share), and the result says how many tokens each rank
-and all of them hold. The document is random token ids and decode steps feed the document's ids back (no
-sampling), so every rank runs the same steps; each step reads its logits back to the host, as an answer does.
+At world size 1 the plain engine and the context-parallel engine (``ShardedKVCache`` over one rank: a collective
+per layer) run on the same device one after the other, from the same synthetic weights, each decoding through its
+CUDA graph (the context-parallel one captures the all-gather): the difference is what the context-parallel path
+costs where it buys nothing, reported as ratios to the plain engine. The context-parallel engine then decodes the
+same steps again from the document's checkpoint eagerly (no graph), for the graph's speed-up and the largest
+difference between the two paths' logits. At world size N only the context-parallel engine runs (every rank holds
+a share), and the result says how many tokens each rank and all of them hold. The document is random token ids
+and decode steps feed the document's ids back (no sampling), so every rank runs the same steps; each step reads its
+logits back to the host, as an answer does. ``decode_graph_replays`` counts the timed steps that replayed a graph.
 Rank 0 writes the result.
 """
 
@@ -32,17 +35,25 @@ DEFAULTS = EngineSettings(model="synthetic:llama-3-8b", pattern=None, w8a8=True)
 
 
 def measure(engine: Engine, context: int, steps: int) -> dict:
-    """Warm the engine up, pre-fill ``context`` random ids, then time ``steps`` decode steps after them."""
+    """Warm the engine up, pre-fill ``context`` random ids, then time ``steps`` decode steps after them; a
+    context-parallel engine with a graph times them eagerly too."""
     engine.warm_up()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(engine.args.vocab_size, (context + steps,), generator=gen).tolist()
     info = engine.ingest(ids[:context])
-    with torch.inference_mode():
-        _sync(engine)
-        t0 = time.perf_counter()
-        for token in ids[context:]:
-            engine._decode_step(token)[-1, 0].item()  # a host read per step, as sampling does
-        decode_s = time.perf_counter() - t0
+    replays = engine._decoder.replays if engine._decoder else 0
+    decode_s, logits = _decode(engine, ids[context:])
+    row = {"decode_ms_per_token": decode_s * 1000 / steps, "decode_graph": engine.decode_graph,
+           "decode_graph_replays": (engine._decoder.replays if engine._decoder else 0) - replays}  # fmt: skip
+    if engine.group is not None and engine.decode_graph:
+        engine.decode_graph = False
+        eager_s, eager_logits = _decode(engine, ids[context:])
+        engine.decode_graph = True
+        row |= {
+            "decode_eager_ms_per_token": eager_s * 1000 / steps,
+            "graph_vs_eager_max_abs_logit_diff": (logits - eager_logits).abs().max().item(),
+            "max_abs_logit": eager_logits.abs().max().item(),
+        }
     stats = engine.stats()
     ranks = stats["ranks"]
     return {
@@ -50,14 +61,29 @@ def measure(engine: Engine, context: int, steps: int) -> dict:
         "sparsity": stats["sparsity"],
         "prefill_s": info.prefill_seconds,
         "prefill_tok_per_s": context / info.prefill_seconds,
-        "decode_ms_per_token": decode_s * 1000 / steps,
-        "decode_graph": engine.decode_graph,
+        **row,
         "capacity_tokens": ranks["capacity_tokens"],
         "capacity_tokens_per_rank": ranks["capacity_tokens_per_rank"],
         "cache_bytes_per_rank": sum(v for k, v in ranks["memory_per_rank"].items() if k != "weights"),
         "cache_bytes_total": sum(v for k, v in ranks["memory_total"].items() if k != "weights"),
         "world_size": ranks["world_size"],
     }
+
+
+def _decode(engine: Engine, tokens: list[int]) -> tuple[float, torch.Tensor]:
+    """Seconds for decode steps of ``tokens`` after the document's checkpoint, and their logits [steps, vocab]
+    (a device copy per step: a replayed graph overwrites its logits)."""
+    engine.cache.restore()
+    logits = []
+    with torch.inference_mode():
+        _sync(engine)
+        t0 = time.perf_counter()
+        for token in tokens:
+            step = engine._decode_step(token)
+            step[-1, 0].item()  # a host read per step, as sampling does
+            logits.append(step[-1].clone())
+        seconds = time.perf_counter() - t0
+    return seconds, torch.stack(logits)
 
 
 def _sync(engine: Engine) -> None:
@@ -83,12 +109,43 @@ def run(args: argparse.Namespace, group: ContextGroup) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {
+    fields = {
         "launch": f"torchrun --nproc-per-node {group.world_size}",
         "model": settings.model, "kv_bits": settings.kv_bits, "w8a8": settings.w8a8, "context": args.context,
         "steps": args.steps,
         "rows": rows,
     }  # fmt: skip
+    if len(rows) == 2:
+        fields["ratios"] = ratios(*rows)
+    return fields
+
+
+def ratios(plain: dict, cp: dict) -> dict:
+    """The context-parallel engine at world size 1 over the plain engine (same run, same device), and its eager
+    decode over its graph's."""
+    out = {
+        "prefill_tok_per_s_cp_over_plain": cp["prefill_tok_per_s"] / plain["prefill_tok_per_s"],
+        "decode_ms_cp_over_plain": cp["decode_ms_per_token"] / plain["decode_ms_per_token"],
+    }
+    if "decode_eager_ms_per_token" in cp:
+        out["decode_ms_cp_eager_over_cp_graph"] = cp["decode_eager_ms_per_token"] / cp["decode_ms_per_token"]
+    return out
+
+
+def report(fields: dict) -> None:
+    """Print what was measured: per engine, pre-fill, decode (and how: graph replays or eager), capacity; then
+    the ratios."""
+    for r in fields["rows"]:
+        how = f"{r['decode_graph_replays']} of {fields['steps']} steps replayed a graph"
+        print(f"{r['engine']:>16} x{r['world_size']}: pre-fill {r['prefill_tok_per_s']:.0f} tok/s, "
+              f"decode {r['decode_ms_per_token']:.2f} ms/token ({how}), {r['capacity_tokens']:,} tokens "
+              f"({r['capacity_tokens_per_rank']:,} a rank)")  # fmt: skip
+        if "decode_eager_ms_per_token" in r:
+            print(f"{'':>20} the same steps eagerly: {r['decode_eager_ms_per_token']:.2f} ms/token; logits "
+                  f"differ from the graph's by at most {r['graph_vs_eager_max_abs_logit_diff']:.3g} (largest "
+                  f"{r['max_abs_logit']:.3g})")  # fmt: skip
+    for name, value in fields.get("ratios", {}).items():
+        print(f"{name}: {value:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if group.is_leader:
             write_result(a.out, f"context-parallel-{group.world_size}x", device, date, copy, argv, fields,
                          module="context_parallel")  # fmt: skip
-            for r in fields["rows"]:
-                print(f"{r['engine']:>16} x{r['world_size']}: pre-fill {r['prefill_tok_per_s']:.0f} tok/s, "
-                      f"{r['decode_ms_per_token']:.2f} ms/token, {r['capacity_tokens']:,} tokens "
-                      f"({r['capacity_tokens_per_rank']:,} a rank)")  # fmt: skip
+            report(fields)
     finally:
         group.close()
     return 0

@@ -118,7 +118,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def split_heads(n_retrieval: int, layer: int, q, k, v, retrieval, streaming) -> torch.Tensor:
     """Send KV heads ``[0, n_retrieval)`` (and their query heads) to ``retrieval``, the rest to ``streaming``:
-    head reordering made both contiguous ranges. k/v arrive [T, Hkv, D] and leave [Hkv, T, D]."""
+    head reordering made both contiguous ranges. k/v arrive [T, Hkv, D] and leave [Hkv, T, D]. Both return the
+    output [T, H, D] of their query heads, or (output, lse [T, H]); the two are joined along the heads."""
     g = q.shape[1] // k.shape[1]
     k, v = k.transpose(0, 1), v.transpose(0, 1)
     parts = []
@@ -126,4 +127,8 @@ def split_heads(n_retrieval: int, layer: int, q, k, v, retrieval, streaming) -> 
         parts.append(retrieval(layer, q[:, : n_retrieval * g], k[:n_retrieval], v[:n_retrieval]))
     if n_retrieval < k.shape[0]:
         parts.append(streaming(layer, q[:, n_retrieval * g :], k[n_retrieval:], v[n_retrieval:]))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(pair, dim=1) for pair in zip(*parts, strict=True))
+    return torch.cat(parts, dim=1)

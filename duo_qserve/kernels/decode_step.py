@@ -1,14 +1,17 @@
 """Attention of one decode token over one layer of the DuoAttention cache, with device lengths (CUDA graphs).
 
 Inputs are the layer's un-rotated ``q`` [1, Hq, D] and ``k``/``v`` [1, Hkv, D], the RoPE tables of the token's
-position, the layer's cache tensors (``StepLayer``, built by the cache) and device scalars: ``tail_idx`` (the new
-token's slot in the fp tail), ``ring_idx`` (the ring slot it overwrites) and the arena's ``n_quant`` (quantized
-prefix length). The step rotates q and k, writes the new k/v into the cache,
-and returns the attention output [1, Hq, D]:
+position, the layer's cache tensors (``StepLayer``, built by the cache) and device scalars: ``StepSlots`` (the fp
+tail slots held before the new token, whether this cache keeps it, the ring slot it overwrites) and the arena's
+``n_quant`` (quantized prefix length). The step rotates q and k, writes the new k/v into the cache, and returns the
+attention output [1, Hq, D] with its log-sum-exp [1, Hq]:
 
 - retrieval kv heads ``[0, n_retrieval)``: the quantized prefix ``[0, n_quant)`` + the fp tail slots
-  ``[0, tail_idx]`` (the new token at ``tail_idx``);
-- streaming kv heads: every sink and ring slot + the new token, which then replaces ring slot ``ring_idx`` (the
+  ``[0, tail)``, and the new token, written at slot ``tail``, where ``keep`` is 1. A rank of a context-parallel
+  cache holds only some of the tokens (``duo_qserve.distributed``): the rank that owns the new token keeps it,
+  the others attend their own tokens only and leave their tail as it is, so the token is counted once when the
+  ranks' partials are merged;
+- streaming kv heads: every sink and ring slot + the new token, which then replaces ring slot ``ring`` (the
   ring is full: the token leaving the window is still attended this step, as in ``DuoKVCache._streaming``).
 
 ``reference`` does it with torch ops (CPU); on CUDA three launches replace the ~40 small kernels per layer that a
@@ -19,7 +22,7 @@ launch-bound batch-1 step would otherwise pay for:
    normalized partial (out, lse) per query head; it stores the rotated q for step 2 and the new k/v
    (the program whose chunk read the overwritten ring slot writes it, after a barrier, so nothing reads it late);
 2. the split-K code kernel over the quantized prefix (``kv_attention.code_partials``), into the same buffer;
-3. the split merge (``kv_attention.merge_partials``) straight into the [1, Hq, D] output.
+3. the split merge (``kv_attention.merge_partials``) straight into the [1, Hq, D] output and its lse.
 """
 
 from __future__ import annotations
@@ -53,14 +56,23 @@ class StepLayer(NamedTuple):
         return 0 if self.arena is None else self.arena.k_data.shape[0]
 
 
+class StepSlots(NamedTuple):
+    """Where the new token goes, as int64 [1] tensors on q's device (a CUDA graph reads them at each replay); the
+    same for every layer of a step."""
+
+    tail: torch.Tensor  # the retrieval heads' fp-tail slots held before it: it goes into slot ``tail``
+    keep: torch.Tensor  # 1: the retrieval heads here attend and store it; 0: another rank's cache holds it
+    ring: torch.Tensor  # the streaming ring slot it overwrites
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], s: StepLayer,
-    tail_idx: torch.Tensor, ring_idx: torch.Tensor, sm_scale: float,
-) -> torch.Tensor:  # fmt: skip
-    """The step over layer ``s``: the fused kernels where Triton runs, else ``reference``. ``tail_idx`` and
-    ``ring_idx`` are int64 [1] on q's device."""
+    slots: StepSlots, sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The step over layer ``s``: the fused kernels where Triton runs, else ``reference``. Returns (out [1, Hq, D]
+    in q's dtype, lse [1, Hq] float32; -inf for a head that attended nothing)."""
     path = fused if use_triton(backend(), q, INTERPRETED) else reference
-    return path(q, k, v, rope, s, tail_idx, ring_idx, sm_scale)
+    return path(q, k, v, rope, s, slots, sm_scale)
 
 
 def masked_attention(
@@ -81,28 +93,31 @@ def masked_attention(
     return out.reshape(1, hq, d).to(q.dtype), lse.reshape(1, hq)
 
 
-def reference(q, k, v, rope, s: StepLayer, tail_idx, ring_idx, sm_scale: float) -> torch.Tensor:
+def reference(
+    q, k, v, rope, s: StepLayer, slots: StepSlots, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend`` in torch ops: the whole arena de-quantized and masked, the tail masked, the ring concatenated."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
     def retrieval(_, q, k, v):
         a, (k_tail, v_tail) = s.arena, s.tail
-        k_tail.index_copy_(1, tail_idx, k)
-        v_tail.index_copy_(1, tail_idx, v)
-        out, lse = masked_attention(q, k_tail, v_tail, tail_idx + 1, sm_scale)
+        keep = slots.keep.bool()
+        for tail, new in ((k_tail, k), (v_tail, v)):  # the new token, or the slot as it was where not kept
+            tail.index_copy_(1, slots.tail, torch.where(keep, new, tail.index_select(1, slots.tail)))
+        out, lse = masked_attention(q, k_tail, v_tail, slots.tail + slots.keep, sm_scale)
         k_q = dequantize_keys(a.k_data, a.k_scale, a.k_zero, a.bits, a.group)
         v_q = dequantize_values(a.v_data, a.v_scale, a.v_zero, a.bits)
         out_q, lse_q = masked_attention(q, k_q, v_q, a.n_quant, sm_scale)
-        return merge(out_q, lse_q, out, lse)[0]
+        return merge(out_q, lse_q, out, lse)
 
     def streaming(_, q, k, v):
         (sink_k, sink_v), (ring_k, ring_v) = s.sink, s.ring
         k_all = torch.cat([sink_k, ring_k, k], dim=1)
         v_all = torch.cat([sink_v, ring_v, v], dim=1)
-        out, _ = dense_attention(q, k_all, v_all, n_ctx=k_all.shape[1], sm_scale=sm_scale)
-        ring_k.index_copy_(1, ring_idx, k)
-        ring_v.index_copy_(1, ring_idx, v)
-        return out
+        out, lse = dense_attention(q, k_all, v_all, n_ctx=k_all.shape[1], sm_scale=sm_scale)
+        ring_k.index_copy_(1, slots.ring, k)
+        ring_v.index_copy_(1, slots.ring, v)
+        return out, lse
 
     return split_heads(s.n_retrieval, 0, q, k, v, retrieval, streaming)
 
@@ -119,14 +134,14 @@ def _rope(ptr, d, cos, sin, HALF: tl.constexpr):
 @triton.jit
 def _step_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qr_ptr,
-    kt_ptr, vt_ptr, tail_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, ring_ptr, po_ptr, plse_ptr,
+    kt_ptr, vt_ptr, tail_ptr, keep_ptr, sk_ptr, sv_ptr, rk_ptr, rv_ptr, ring_ptr, po_ptr, plse_ptr,
     n_retrieval, part0, n_parts, qk_scale, s_qh, s_kh, s_vh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
     RECENT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Program (kv head h, chunk c): slots ``c * BLOCK_N + [0, BLOCK_N)`` of head h's fp context, numbered
-    tail ``[0, tail_idx)`` then the new token at ``tail_idx`` (retrieval head), or sinks, ring, then the new token
-    at ``SINK + RECENT`` (streaming head). The G query heads of h are the rows of one [G_PAD, D] tile (rows past
+    tail ``[0, tail)`` then the new token at ``tail`` where kept (retrieval head), or sinks, ring, then the new
+    token at ``SINK + RECENT`` (streaming head). The G query heads of h are the rows of one [G_PAD, D] tile (rows past
     G repeat the last), so scores and outputs are two dots. Partial of query head h * G + g goes to part
     ``part0 + c``."""
     h, c = tl.program_id(0), tl.program_id(1)
@@ -161,13 +176,14 @@ def _step_kernel(
     vv = tl.where(in_ring, tl.load(rv_ptr + ring_off, mask=in_ring, other=0.0), vv)
 
     tail = tl.load(tail_ptr).to(tl.int32)
+    keep = tl.load(keep_ptr).to(tl.int32)
     ring = tl.load(ring_ptr).to(tl.int32)
     new = tl.where(is_r, tail, SINK + RECENT)  # the new token's slot; the slots before it come from memory
     is_new = (n == new)[:, None]
     held = (n < new)[:, None]  # tail slots past the new token hold nothing of this group: zeros, masked below
     kk = tl.where(is_new, k_new[None, :], tl.where(held, kk, 0.0)).to(DOT)
     vv = tl.where(is_new, v_new[None, :], tl.where(held, vv, 0.0)).to(DOT)
-    valid = (n <= new)[None, :]
+    valid = (n < new + tl.where(is_r, keep, 1))[None, :]  # a retrieval head attends the new token where kept
 
     gi = tl.arange(0, G_PAD)
     row_ok = gi < G
@@ -190,7 +206,7 @@ def _step_kernel(
     # the chunk (the ring slot's old token was attended above); no other program reads that slot.
     tl.debug_barrier()
     if is_r:
-        if c == tail // BLOCK_N:
+        if (keep != 0) & (c == tail // BLOCK_N):
             tl.store(kt_ptr + (h * GROUP + tail) * D + d, k_new)
             tl.store(vt_ptr + (h * GROUP + tail) * D + d, v_new)
     elif c == (SINK + ring) // BLOCK_N:
@@ -198,7 +214,9 @@ def _step_kernel(
         tl.store(rv_ptr + (hs * RECENT + ring) * D + d, v_new)
 
 
-def fused(q, k, v, rope, s: StepLayer, tail_idx, ring_idx, sm_scale: float) -> torch.Tensor:
+def fused(
+    q, k, v, rope, s: StepLayer, slots: StepSlots, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend`` in three launches (module docstring). Chunk and split counts depend only on the cache's
     shapes, so the launches are the same for every position."""
     _, hq, d = q.shape
@@ -225,7 +243,7 @@ def fused(q, k, v, rope, s: StepLayer, tail_idx, ring_idx, sm_scale: float) -> t
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cos, sin = rope
     _step_kernel[(hkv, n_chunks)](
-        q, k, v, cos, sin, q_rot, *tails, tail_idx, *sinks, *rings, ring_idx, po, plse,
+        q, k, v, cos, sin, q_rot, *tails, slots.tail, slots.keep, *sinks, *rings, slots.ring, po, plse,
         n_r, code_splits, n_parts, sm_scale * kv_attention.LOG2E, q.stride(1), k.stride(1), v.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, GROUP=group, SINK=sink, RECENT=recent,
         BLOCK_N=BLOCK_N, num_warps=4,
@@ -235,4 +253,4 @@ def fused(q, k, v, rope, s: StepLayer, tail_idx, ring_idx, sm_scale: float) -> t
     out = torch.empty_like(q)
     lse = torch.empty((1, hq), dtype=torch.float32, device=q.device)
     kv_attention.merge_partials(po, plse, out, lse, code_splits, n_r)
-    return out
+    return out, lse
