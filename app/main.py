@@ -572,7 +572,9 @@ class Server:
 
     def save_book(self, mine: str | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         """Save this session's document's cache so it can be loaded later without a pre-fill."""
-        self._check_library("Saving a book")
+        if refused := self._library_refusal("Saving a book"):
+            yield f"**Not saved:** {refused}", gr.skip()
+            return
         engine, key = self.engine, _key(request)
         try:
             self.store.book(key, mine)
@@ -595,7 +597,9 @@ class Server:
         self, book_id: str | None, mine: str | None, request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
         """Load one of this owner's saved books (checked against this engine's model and settings first)."""
-        self._check_library("Loading a book")
+        if refused := self._library_refusal("Loading a book"):
+            yield f"**Not loaded:** {refused}", gr.skip()
+            return
         if not book_id:
             yield "**Not loaded:** pick a saved book first.", gr.skip()
             return
@@ -618,13 +622,14 @@ class Server:
             info.sha256,
         )
 
-    def _check_library(self, action: str) -> None:
-        """Refuse ``action`` with the library's reason where this engine cannot use it (context parallelism),
-        before anything else is asked of the user."""
+    def _library_refusal(self, action: str) -> str:
+        """The library's reason for refusing ``action`` where this engine cannot use it (context parallelism), or
+        "": checked before anything else is asked of the user, and said in the library's status line."""
         try:
             library.refuse_context_parallel(self.engine, action)
         except library.LibraryError as e:
-            raise gr.Error(str(e)) from None
+            return str(e)
+        return ""
 
     def remove_book(self, book_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         if not book_id:
