@@ -215,6 +215,8 @@ class Server:
         self.make_engine = make_engine
         self.evidence = evidence  # show the passages each answer came from (duo_qserve.evidence)
         self.chapters: dict[str, list[tuple[str, int]]] = {}  # by document sha256, for the passages' chapters
+        # by owner key: the uploads each session read (and so deleted), to tell them from uploads not yet written
+        self.read_uploads: dict[str, set[str]] = {}
         self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
         self.engine: Engine = self.make_engine(settings)
         self.store = self._new_store()
@@ -319,23 +321,20 @@ class Server:
     ) -> tuple[Any, ...]:
         """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work. The
         uploaded files are deleted once read: nobody can fetch them afterwards, and reading them again (the box
-        still lists them) is refused with that reason, withdrawing the earlier reading from Load."""
+        still lists them) is refused with that reason, withdrawing the earlier reading from Load. A refused read
+        deletes nothing: the files it did not read stay in the box, to be read once the offending one is
+        removed."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
             raise gr.Error(
                 "The model is being reloaded with new settings; read the document again in a moment."
             )
         try:
             if files:
-                try:
-                    if gone := [Path(f).name for f in files if not Path(f).is_file()]:
-                        raise DocumentError(
-                            f"{', '.join(gone)}: already read, and deleted after reading; remove "
-                            f"{'it' if len(gone) == 1 else 'them'} from the upload box and upload again"
-                        )
-                    self.store.take_uploads(_key(request), files)
-                    doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
-                finally:
-                    _delete_uploads(files)
+                self._check_uploads_present(files, request)
+                self.store.take_uploads(_key(request), files)
+                doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
+                self.read_uploads.setdefault(_key(request), set()).update(files)
+                _delete_uploads(files)
             elif text and text.strip():
                 doc = document_from_text(text)
             else:
@@ -360,6 +359,29 @@ class Server:
             more = f"\n- … and {len(doc.warnings) - 10} more" if len(doc.warnings) > 10 else ""
             summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
+
+    def _check_uploads_present(self, files: list[str], request: gr.Request) -> None:
+        """Refuse (``DocumentError``, naming only those files) uploads that are not on disk: deleted because this
+        session read them already, or, never read here, not yet written by an upload still under way (or removed
+        by Gradio's hourly clean-up of its files)."""
+        missing = [f for f in files if not Path(f).is_file()]
+        if not missing:
+            return
+        read_here = self.read_uploads.get(_key(request), set())
+        read = [Path(f).name for f in missing if f in read_here]
+        uploading = [Path(f).name for f in missing if f not in read_here]
+        reasons = []
+        if read:
+            reasons.append(
+                f"{', '.join(read)}: already read, and deleted after reading; remove "
+                f"{'it' if len(read) == 1 else 'them'} from the upload box and upload again"
+            )
+        if uploading:
+            reasons.append(
+                f"{', '.join(uploading)}: not on the server: still uploading (try again in a moment) or, left "
+                "unread for an hour, removed (upload it again)"
+            )
+        raise DocumentError("; ".join(reasons))
 
     def prefill(
         self, pending: Pending | None, mine: str | None, request: gr.Request
@@ -639,6 +661,7 @@ class Server:
 
     def end_session(self, request: gr.Request) -> None:
         """The tab was closed: an anonymous session's books and library go (a login's stay for its next visit)."""
+        self.read_uploads.pop(_key(request), None)
         if not request.username:
             self.store.end(_key(request))
 

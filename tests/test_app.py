@@ -237,3 +237,21 @@ def test_reading_the_same_uploads_again_is_refused_and_withdraws_the_earlier_rea
     summary, _, pending, _, load = server.read([str(book), str(other)], "", None, request)
     assert summary.startswith("**Not read:**") and "book.txt: already read" in summary
     assert pending is None and load["interactive"] is False
+    # the refused batch deleted nothing it did not read: the other file reads once book.txt is removed
+    assert "other.txt" not in summary and other.exists()
+    summary, _, pending, *_ = server.read([str(other)], "", None, request)
+    assert "Fits" in summary and pending is not None and not other.exists()
+
+
+def test_an_upload_not_yet_on_disk_is_said_to_be_uploading_not_already_read(tmp_path):
+    """A file this session never read that is not on disk (its upload still being written) is not called
+    "already read", and a file refused for any reason stays in place to be read later."""
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    (tmp_path / "a").mkdir()
+    late, binary = tmp_path / "a" / "late.txt", tmp_path / "a" / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    request = gr.Request(session_hash="reader")
+    summary, *_ = server.read([str(late)], "", None, request)
+    assert "late.txt: not on the server: still uploading" in summary and "already read" not in summary
+    summary, *_ = server.read([str(binary)], "", None, request)
+    assert summary.startswith("**Not read:**") and binary.exists()
