@@ -966,7 +966,7 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
 def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
     """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
     answer into the chat and clears the question; Stop ("/stop") only tells the engine; New conversation
-    ("/clear") empties the chat and ``conversation``; Export ("/export") writes it to a file."""
+    ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it to a file."""
     ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
     ask_outputs = [ask.chatbot, ask.question, ask.answer_stats]
     ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **ON_GPU)
@@ -974,7 +974,10 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
     # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
     # the event would leave its last status standing and show an error badge for the user's own action).
     ask.stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
-    ask.clear_button.click(
+    # the chat's own trash icon is New conversation too: emptying only the screen would leave the model (and
+    # the export) with turns the user no longer sees
+    gr.on(
+        [ask.clear_button.click, ask.chatbot.clear],
         lambda: ([], Conversation(), ""),
         None,
         [ask.chatbot, conversation, ask.answer_stats],
