@@ -294,7 +294,9 @@ class Server:
         n = len(self._ids(pending))
         fits = self.store.max_document_tokens
         ratio = engine.smallest_sparsity_for(n) if n > fits else None
-        text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio)
+        # only the operator can reload (with the admin token, in Settings, which only a server with one shows)
+        can_reload = self.admin_token is not None
+        text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio, can_reload)
         sha = token_sha256(pending.ids)
         saved = library.find_by_hash(sha, self.store.library_of(_key(request)), engine=engine)
         if saved:
@@ -303,7 +305,7 @@ class Server:
                 "load it there in seconds instead of pre-filling."
             )
         ratio_button = gr.update(
-            visible=ratio is not None,
+            visible=ratio is not None and can_reload,
             value=f"Reload with {ratio:.0%} streaming heads" if ratio is not None else "Reload",
         )
         return text, ratio_button, gr.update(interactive=n <= fits)
@@ -707,19 +709,66 @@ class Server:
         self.generation += 1
         self._warm_up()
 
-    def check_operator(self, token: str | None) -> None:
-        """Engine-wide changes drop every session's books: only the operator (``--admin-token``) may make them."""
-        if self.admin_token is None or not hmac.compare_digest(
-            (token or "").encode(), self.admin_token.encode()
-        ):
-            raise gr.Error(
-                "Changing the model or its settings is for the operator of this server: give the admin token "
+    def operator_refusal(self, token: str | None) -> str:
+        """Why ``token`` may not change the engine, or "": engine-wide changes drop every session's books, so only
+        the operator (``--admin-token``) may make them. Said in the area's status line, like every user error."""
+        if self.admin_token is None:
+            return (
+                "changing the model or its settings is for the operator of this server, and this server was "
+                "started without an admin token (--admin-token), so nobody can change them here."
+            )
+        if not hmac.compare_digest((token or "").encode(), self.admin_token.encode()):
+            return (
+                "changing the model or its settings is for the operator of this server: give the admin token "
                 "(the app's --admin-token) in Settings."
             )
+        return ""
+
+    def apply_settings(
+        self,
+        model: str,
+        pattern: str,
+        ratio: float,
+        kv_bits: str,
+        w8a8: bool,
+        token: str,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Settings' Apply, for the operator only: re-create the engine with the settings given, streaming the
+        settings' status line and the capacity headline."""
+        if refused := self.operator_refusal(token):
+            yield f"**Not applied:** {refused}", gr.skip()
+            return
+        for message in self.apply(self.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request):
+            yield message, render.capacity_headline(self.engine)
+
+    def apply_ratio(
+        self, pending: Pending | None, token: str, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        """The document area's Reload, for the operator only: re-create the engine at the smallest streaming
+        ratio the read document fits at, then re-summarize it; streams (document status, headline, summary,
+        ratio button, load button, Settings' ratio slider)."""
+        skip = (gr.skip(),) * 4
+        try:
+            refused = self.operator_refusal(token)
+            target = None if refused else self.ratio_settings(pending)
+        except ValueError as e:
+            refused = str(e)
+        if refused:
+            yield f"**Not reloaded:** {refused}", gr.skip(), *skip
+            return
+        for message in self.apply(target, request):
+            yield message, render.capacity_headline(self.engine), *skip
+        yield (
+            gr.skip(),
+            render.capacity_headline(self.engine),
+            *self._summary(pending, request),
+            self.settings.sparsity,
+        )
 
     def apply(self, settings: EngineSettings, request: gr.Request) -> Iterator[str]:
         """Re-create the engine, showing a message while it loads; errors leave the old engine in place (the
-        caller has checked ``check_operator``)."""
+        caller has checked ``operator_refusal``)."""
         what = f"{settings.model}, pattern {settings.pattern}, {settings.sparsity:.0%} streaming heads, KV{settings.kv_bits}"
         # no cancel hook: the job must not keep the old engine alive while it is replaced
         job = self.job = Job(
@@ -747,13 +796,14 @@ class Server:
         )
 
     def ratio_settings(self, pending: Pending | None) -> EngineSettings:
-        """Settings with the smallest streaming ratio at which the read document fits in the same cache bytes."""
+        """Settings with the smallest streaming ratio at which the read document fits in the same cache bytes
+        (``ValueError``, said to the user, where there is no document or no such ratio)."""
         if pending is None:
-            raise gr.Error("Read a document first.")
+            raise ValueError("read a document first.")
         engine = self.engine
         ratio = engine.smallest_sparsity_for(len(self._ids(pending)))
         if ratio is None:
-            raise gr.Error("No streaming-head ratio makes this document fit.")
+            raise ValueError("no streaming-head ratio makes this document fit.")
         max_tokens = self.settings.max_tokens
         # a fixed token count would not grow with the ratio: keep the cache's bytes instead
         if engine.device.type == "cpu" or max_tokens is not None:
@@ -966,7 +1016,8 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
 def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
     """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
     answer into the chat and clears the question; Stop ("/stop") only tells the engine; New conversation
-    ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it to a file."""
+    ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it
+    to a file."""
     ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
     ask_outputs = [ask.chatbot, ask.question, ask.answer_stats]
     ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **ON_GPU)
@@ -1008,46 +1059,19 @@ def _wire_settings(
     server: Server, settings: SettingsArea, doc: DocumentArea, pending: gr.State, headline: gr.Markdown
 ) -> None:
     """Apply ("/apply") and the document area's Reload ("/apply_ratio") re-create the engine on the GPU, each
-    only with the admin token (``Server.check_operator``), and redraw the capacity headline; Reload also
-    re-summarizes the read document and sets the ratio slider to the ratio it applied."""
-
-    def apply_settings(
-        model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, token: str, request: gr.Request
-    ) -> Iterator[tuple[Any, ...]]:
-        server.check_operator(token)
-        for message in server.apply(server.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request):
-            yield message, render.capacity_headline(server.engine)
-
+    only with the admin token (``Server.operator_refusal``, said in the area's status line), and redraw the
+    capacity headline; Reload also re-summarizes the read document and sets the ratio slider to the ratio it
+    applied."""
     engine_fields = [settings.model, settings.pattern, settings.sparsity, settings.kv_bits, settings.w8a8]
     settings.apply_button.click(
-        apply_settings,
+        server.apply_settings,
         [*engine_fields, settings.admin],
         [settings.settings_status, headline],
         api_name="apply",
         **ON_GPU,
     )
-
-    def apply_ratio(p: Pending | None, token: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        server.check_operator(token)
-        target = server.ratio_settings(p)
-        for message in server.apply(target, request):
-            yield (
-                message,
-                render.capacity_headline(server.engine),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-            )
-        yield (
-            gr.skip(),
-            render.capacity_headline(server.engine),
-            *server._summary(p, request),
-            server.settings.sparsity,
-        )
-
     doc.ratio_button.click(
-        apply_ratio,
+        server.apply_ratio,
         [pending, settings.admin],
         [doc.doc_status, headline, doc.summary, doc.ratio_button, doc.load_button, settings.sparsity],
         api_name="apply_ratio",

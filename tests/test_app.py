@@ -158,8 +158,8 @@ def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
 
 def test_settings_are_for_the_operator_only(loaded):
     for token in ("", "operator-toke", None):
-        with pytest.raises(Exception, match="for the operator"):
-            loaded.predict("default", "none", 0.5, "4", False, token, api_name="/apply")
+        status, _headline = loaded.predict("default", "none", 0.5, "4", False, token, api_name="/apply")
+        assert status.startswith("**Not applied:**") and "for the operator" in status, status
     _job, answer, _stats = ask(loaded)
     assert SECRET in answer
 
@@ -187,6 +187,34 @@ def test_too_large_document_offers_the_ratio_that_fits(app_url, tmp_path):
     _status, headline, summary, ratio = client.predict(ADMIN, api_name="/apply_ratio")
     assert "Fits" in summary and ratio == pytest.approx(int(match.group(1)) / 100)
     assert f"{match.group(1)}% streaming heads" in headline
+
+
+def test_without_an_admin_token_a_too_large_document_says_what_the_user_can_do_not_press_reload(tmp_path):
+    """Nobody can reload a server started without --admin-token: the summary names the ratio that would fit but
+    offers no button and no "press the button"; Reload, called anyway, says why in the document's status line
+    (no error raised) and keeps the engine."""
+    pattern = save_pattern(
+        tmp_path / "pattern", np.random.default_rng(0).random((30, 3)), {"sink_size": 32, "recent_size": 64}
+    )
+    server = Server(
+        EngineSettings(device="cpu", max_tokens=2048, chunk_size=128, pattern=str(pattern), sparsity=0.0)
+    )
+    engine, request = server.engine, gr.Request(session_hash="reader")
+    summary, _, pending, ratio_button, load = server.read(None, haystack_text(6000), None, request)
+    assert "Too large" in summary and "would fit at" in summary, summary
+    assert (
+        "press the button" not in summary
+        and "shorten the document" in summary
+        and "ask the operator" in summary
+    )
+    assert ratio_button["visible"] is False and load["interactive"] is False
+    outputs = list(server.apply_ratio(pending, "", request))
+    assert (
+        len(outputs) == 1
+        and outputs[0][0].startswith("**Not reloaded:**")
+        and "without an admin token" in outputs[0][0]
+    )
+    assert server.engine is engine
 
 
 def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, monkeypatch):
