@@ -615,7 +615,20 @@ class Server:
             yield f"**Not saved:** {job.error}", gr.skip()
             return
         book = job.result
-        yield f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`.", self.books(request)
+        saved = f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`."
+        yield f"{saved} {self.library_lifetime(request)}", self.books(request)
+
+    @staticmethod
+    def library_lifetime(request: gr.Request) -> str:
+        """How long this owner's saved books last, said beside the library and with each save: without a login
+        a reload starts a new session, and the ended session's library is deleted (``SessionStore.end``), since
+        nothing could tell its owner from anyone else who opens the page."""
+        if request.username:
+            return "Your saved books stay in your library for your next sign-in."
+        return (
+            "**Without sign-in (the app's --auth), saved books last only while this tab is open:** reloading or "
+            "closing the page deletes them."
+        )
 
     def load_book(
         self, book_id: str | None, mine: str | None, request: gr.Request
@@ -861,6 +874,7 @@ class LibraryArea:
     remove_book_button: gr.Button
     refresh_books_button: gr.Button
     save_book_button: gr.Button
+    lifetime: gr.Markdown  # how long saved books last: only while the tab is open, without a login
     library_status: gr.Markdown
 
 
@@ -959,7 +973,8 @@ def _memory_area(engine: Engine) -> tuple[gr.HTML, gr.HTML]:
 
 def _library_area() -> LibraryArea:
     """Lay out the library accordion (closed): the saved-books dropdown (filled on page load), Load book /
-    Remove / Refresh, Save the loaded document, and a status line."""
+    Remove / Refresh, Save the loaded document, how long saved books last (filled on page load), and a status
+    line."""
     with gr.Accordion("Library (saved books)", open=False):
         book = gr.Dropdown(label="Saved books", choices=[], allow_custom_value=False)
         with gr.Row():
@@ -967,10 +982,12 @@ def _library_area() -> LibraryArea:
             remove_book_button = gr.Button("Remove")
             refresh_books_button = gr.Button("Refresh")
         save_book_button = gr.Button("Save the loaded document")
+        lifetime = gr.Markdown(elem_id="library-lifetime")
         library_status = gr.Markdown()
     return LibraryArea(
-        book, load_book_button, remove_book_button, refresh_books_button, save_book_button, library_status
-    )
+        book, load_book_button, remove_book_button, refresh_books_button, save_book_button, lifetime,
+        library_status,
+    )  # fmt: skip
 
 
 def _settings_area(server: Server) -> SettingsArea:
@@ -1040,10 +1057,12 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
 
 
 def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.State) -> None:
-    """The dropdown is filled on page load and by Refresh ("/books"); Save ("/save_book") and Load book
+    """The dropdown is filled on page load and by Refresh ("/books"), the books' lifetime note on page load;
+    Save ("/save_book") and Load book
     ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book") deletes a saved book."""
     lib.refresh_books_button.click(server.books, None, lib.book, api_name="books")
     demo.load(server.books, None, lib.book, api_visibility="undocumented")
+    demo.load(server.library_lifetime, None, lib.lifetime, api_visibility="undocumented")
     lib.save_book_button.click(
         server.save_book, mine, [lib.library_status, lib.book], api_name="save_book", **ON_GPU
     )

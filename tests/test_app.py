@@ -217,6 +217,26 @@ def test_without_an_admin_token_a_too_large_document_says_what_the_user_can_do_n
     assert server.engine is engine
 
 
+def test_saved_books_say_they_last_only_while_the_tab_is_open_without_a_login(tmp_path, monkeypatch):
+    """An anonymous session's library is deleted when the session ends (a reload): Save says so, as the library
+    panel does (``library_lifetime``); a login's books stay, and its Save says that instead."""
+    monkeypatch.setenv("DUO_QSERVE_LIBRARY", str(tmp_path / "library"))
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    for request in (
+        gr.Request(session_hash="anonymous"),
+        gr.Request(username="alice", session_hash="alice-tab"),
+    ):
+        _summary, _chapters, pending, *_ = server.read(None, haystack_text(1000), None, request)
+        *_, (_bar, _status, mine) = server.prefill(pending, None, request)
+        *_, (saved, _books) = server.save_book(mine, request)
+        assert saved.startswith("Saved **") and server.library_lifetime(request) in saved, saved
+    anonymous, login = (
+        server.library_lifetime(r) for r in (gr.Request(session_hash="x"), gr.Request(username="a"))
+    )
+    assert "only while this tab is open" in anonymous and "--auth" in anonymous
+    assert "next sign-in" in login and "tab" not in login
+
+
 def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, monkeypatch):
     """Reading stops at the characters no streaming-head ratio could hold; the tokenizer never sees the text."""
     import app.main as app_main
