@@ -1159,12 +1159,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without one nobody can)",
     )
     limits = UploadLimits()
-    p.add_argument("--max-upload-mb", type=int, default=limits.per_upload_bytes >> 20, help="bytes per file")
+    p.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=limits.per_upload_bytes >> 20,
+        help="MB (MiB) one uploaded file may have (default: %(default)s)",
+    )
     p.add_argument(
         "--max-session-upload-mb",
         type=int,
         default=limits.per_session_bytes >> 20,
-        help="bytes one session may upload in all",
+        help="MB (MiB) one session may upload in all (default: %(default)s)",
     )
     p.add_argument(
         "--no-evidence",

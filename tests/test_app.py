@@ -17,7 +17,7 @@ import pytest
 from conftest import haystack_text
 from gradio_client import Client, handle_file
 
-from app.main import Server, build_app
+from app.main import Server, build_app, parse_args
 from duo_qserve.engine import EngineSettings
 from duo_qserve.patterns import save_pattern
 
@@ -303,3 +303,11 @@ def test_an_upload_not_yet_on_disk_is_said_to_be_uploading_not_already_read(tmp_
     assert "late.txt: not on the server: still uploading" in summary and "already read" not in summary
     summary, *_ = server.read([str(binary)], "", None, request)
     assert summary.startswith("**Not read:**") and binary.exists()
+
+
+def test_the_upload_limits_help_gives_megabytes_and_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "MB (MiB) one uploaded file may have (default: 256)" in shown
+    assert "MB (MiB) one session may upload in all (default: 2048)" in shown and "bytes per file" not in shown
