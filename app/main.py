@@ -215,6 +215,8 @@ class Server:
         self.make_engine = make_engine
         self.evidence = evidence  # show the passages each answer came from (duo_qserve.evidence)
         self.chapters: dict[str, list[tuple[str, int]]] = {}  # by document sha256, for the passages' chapters
+        # by owner key: the uploads each session read (and so deleted), to tell them from uploads not yet written
+        self.read_uploads: dict[str, set[str]] = {}
         self.exports = Path(tempfile.mkdtemp(prefix="duo-qserve-exports-"))
         self.engine: Engine = self.make_engine(settings)
         self.store = self._new_store()
@@ -292,7 +294,9 @@ class Server:
         n = len(self._ids(pending))
         fits = self.store.max_document_tokens
         ratio = engine.smallest_sparsity_for(n) if n > fits else None
-        text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio)
+        # only the operator can reload (with the admin token, in Settings, which only a server with one shows)
+        can_reload = self.admin_token is not None
+        text = render.document_summary(doc.title, doc.files, len(doc.text), n, fits, ratio, can_reload)
         sha = token_sha256(pending.ids)
         saved = library.find_by_hash(sha, self.store.library_of(_key(request)), engine=engine)
         if saved:
@@ -301,7 +305,7 @@ class Server:
                 "load it there in seconds instead of pre-filling."
             )
         ratio_button = gr.update(
-            visible=ratio is not None,
+            visible=ratio is not None and can_reload,
             value=f"Reload with {ratio:.0%} streaming heads" if ratio is not None else "Reload",
         )
         return text, ratio_button, gr.update(interactive=n <= fits)
@@ -319,23 +323,20 @@ class Server:
     ) -> tuple[Any, ...]:
         """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work. The
         uploaded files are deleted once read: nobody can fetch them afterwards, and reading them again (the box
-        still lists them) is refused with that reason, withdrawing the earlier reading from Load."""
+        still lists them) is refused with that reason, withdrawing the earlier reading from Load. A refused read
+        deletes nothing: the files it did not read stay in the box, to be read once the offending one is
+        removed."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
             raise gr.Error(
                 "The model is being reloaded with new settings; read the document again in a moment."
             )
         try:
             if files:
-                try:
-                    if gone := [Path(f).name for f in files if not Path(f).is_file()]:
-                        raise DocumentError(
-                            f"{', '.join(gone)}: already read, and deleted after reading; remove "
-                            f"{'it' if len(gone) == 1 else 'them'} from the upload box and upload again"
-                        )
-                    self.store.take_uploads(_key(request), files)
-                    doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
-                finally:
-                    _delete_uploads(files)
+                self._check_uploads_present(files, request)
+                self.store.take_uploads(_key(request), files)
+                doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
+                self.read_uploads.setdefault(_key(request), set()).update(files)
+                _delete_uploads(files)
             elif text and text.strip():
                 doc = document_from_text(text)
             else:
@@ -360,6 +361,29 @@ class Server:
             more = f"\n- … and {len(doc.warnings) - 10} more" if len(doc.warnings) > 10 else ""
             summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
+
+    def _check_uploads_present(self, files: list[str], request: gr.Request) -> None:
+        """Refuse (``DocumentError``, naming only those files) uploads that are not on disk: deleted because this
+        session read them already, or, never read here, not yet written by an upload still under way (or removed
+        by Gradio's hourly clean-up of its files)."""
+        missing = [f for f in files if not Path(f).is_file()]
+        if not missing:
+            return
+        read_here = self.read_uploads.get(_key(request), set())
+        read = [Path(f).name for f in missing if f in read_here]
+        uploading = [Path(f).name for f in missing if f not in read_here]
+        reasons = []
+        if read:
+            reasons.append(
+                f"{', '.join(read)}: already read, and deleted after reading; remove "
+                f"{'it' if len(read) == 1 else 'them'} from the upload box and upload again"
+            )
+        if uploading:
+            reasons.append(
+                f"{', '.join(uploading)}: not on the server: still uploading (try again in a moment) or, left "
+                "unread for an hour, removed (upload it again)"
+            )
+        raise DocumentError("; ".join(reasons))
 
     def prefill(
         self, pending: Pending | None, mine: str | None, request: gr.Request
@@ -591,7 +615,20 @@ class Server:
             yield f"**Not saved:** {job.error}", gr.skip()
             return
         book = job.result
-        yield f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`.", self.books(request)
+        saved = f"Saved **{book.title}** ({render.fmt_bytes(book.bytes)}) as `{book.id}`."
+        yield f"{saved} {self.library_lifetime(request)}", self.books(request)
+
+    @staticmethod
+    def library_lifetime(request: gr.Request) -> str:
+        """How long this owner's saved books last, said beside the library and with each save: without a login
+        a reload starts a new session, and the ended session's library is deleted (``SessionStore.end``), since
+        nothing could tell its owner from anyone else who opens the page."""
+        if request.username:
+            return "Your saved books stay in your library for your next sign-in."
+        return (
+            "**Without sign-in (the app's --auth), saved books last only while this tab is open:** reloading or "
+            "closing the page deletes them."
+        )
 
     def load_book(
         self, book_id: str | None, mine: str | None, request: gr.Request
@@ -639,6 +676,7 @@ class Server:
 
     def end_session(self, request: gr.Request) -> None:
         """The tab was closed: an anonymous session's books and library go (a login's stay for its next visit)."""
+        self.read_uploads.pop(_key(request), None)
         if not request.username:
             self.store.end(_key(request))
 
@@ -684,19 +722,66 @@ class Server:
         self.generation += 1
         self._warm_up()
 
-    def check_operator(self, token: str | None) -> None:
-        """Engine-wide changes drop every session's books: only the operator (``--admin-token``) may make them."""
-        if self.admin_token is None or not hmac.compare_digest(
-            (token or "").encode(), self.admin_token.encode()
-        ):
-            raise gr.Error(
-                "Changing the model or its settings is for the operator of this server: give the admin token "
+    def operator_refusal(self, token: str | None) -> str:
+        """Why ``token`` may not change the engine, or "": engine-wide changes drop every session's books, so only
+        the operator (``--admin-token``) may make them. Said in the area's status line, like every user error."""
+        if self.admin_token is None:
+            return (
+                "changing the model or its settings is for the operator of this server, and this server was "
+                "started without an admin token (--admin-token), so nobody can change them here."
+            )
+        if not hmac.compare_digest((token or "").encode(), self.admin_token.encode()):
+            return (
+                "changing the model or its settings is for the operator of this server: give the admin token "
                 "(the app's --admin-token) in Settings."
             )
+        return ""
+
+    def apply_settings(
+        self,
+        model: str,
+        pattern: str,
+        ratio: float,
+        kv_bits: str,
+        w8a8: bool,
+        token: str,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Settings' Apply, for the operator only: re-create the engine with the settings given, streaming the
+        settings' status line and the capacity headline."""
+        if refused := self.operator_refusal(token):
+            yield f"**Not applied:** {refused}", gr.skip()
+            return
+        for message in self.apply(self.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request):
+            yield message, render.capacity_headline(self.engine)
+
+    def apply_ratio(
+        self, pending: Pending | None, token: str, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        """The document area's Reload, for the operator only: re-create the engine at the smallest streaming
+        ratio the read document fits at, then re-summarize it; streams (document status, headline, summary,
+        ratio button, load button, Settings' ratio slider)."""
+        skip = (gr.skip(),) * 4
+        try:
+            refused = self.operator_refusal(token)
+            target = None if refused else self.ratio_settings(pending)
+        except ValueError as e:
+            refused = str(e)
+        if refused:
+            yield f"**Not reloaded:** {refused}", gr.skip(), *skip
+            return
+        for message in self.apply(target, request):
+            yield message, render.capacity_headline(self.engine), *skip
+        yield (
+            gr.skip(),
+            render.capacity_headline(self.engine),
+            *self._summary(pending, request),
+            self.settings.sparsity,
+        )
 
     def apply(self, settings: EngineSettings, request: gr.Request) -> Iterator[str]:
         """Re-create the engine, showing a message while it loads; errors leave the old engine in place (the
-        caller has checked ``check_operator``)."""
+        caller has checked ``operator_refusal``)."""
         what = f"{settings.model}, pattern {settings.pattern}, {settings.sparsity:.0%} streaming heads, KV{settings.kv_bits}"
         # no cancel hook: the job must not keep the old engine alive while it is replaced
         job = self.job = Job(
@@ -724,13 +809,14 @@ class Server:
         )
 
     def ratio_settings(self, pending: Pending | None) -> EngineSettings:
-        """Settings with the smallest streaming ratio at which the read document fits in the same cache bytes."""
+        """Settings with the smallest streaming ratio at which the read document fits in the same cache bytes
+        (``ValueError``, said to the user, where there is no document or no such ratio)."""
         if pending is None:
-            raise gr.Error("Read a document first.")
+            raise ValueError("read a document first.")
         engine = self.engine
         ratio = engine.smallest_sparsity_for(len(self._ids(pending)))
         if ratio is None:
-            raise gr.Error("No streaming-head ratio makes this document fit.")
+            raise ValueError("no streaming-head ratio makes this document fit.")
         max_tokens = self.settings.max_tokens
         # a fixed token count would not grow with the ratio: keep the cache's bytes instead
         if engine.device.type == "cpu" or max_tokens is not None:
@@ -788,6 +874,7 @@ class LibraryArea:
     remove_book_button: gr.Button
     refresh_books_button: gr.Button
     save_book_button: gr.Button
+    lifetime: gr.Markdown  # how long saved books last: only while the tab is open, without a login
     library_status: gr.Markdown
 
 
@@ -886,7 +973,8 @@ def _memory_area(engine: Engine) -> tuple[gr.HTML, gr.HTML]:
 
 def _library_area() -> LibraryArea:
     """Lay out the library accordion (closed): the saved-books dropdown (filled on page load), Load book /
-    Remove / Refresh, Save the loaded document, and a status line."""
+    Remove / Refresh, Save the loaded document, how long saved books last (filled on page load), and a status
+    line."""
     with gr.Accordion("Library (saved books)", open=False):
         book = gr.Dropdown(label="Saved books", choices=[], allow_custom_value=False)
         with gr.Row():
@@ -894,10 +982,12 @@ def _library_area() -> LibraryArea:
             remove_book_button = gr.Button("Remove")
             refresh_books_button = gr.Button("Refresh")
         save_book_button = gr.Button("Save the loaded document")
+        lifetime = gr.Markdown(elem_id="library-lifetime")
         library_status = gr.Markdown()
     return LibraryArea(
-        book, load_book_button, remove_book_button, refresh_books_button, save_book_button, library_status
-    )
+        book, load_book_button, remove_book_button, refresh_books_button, save_book_button, lifetime,
+        library_status,
+    )  # fmt: skip
 
 
 def _settings_area(server: Server) -> SettingsArea:
@@ -943,7 +1033,8 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
 def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
     """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
     answer into the chat and clears the question; Stop ("/stop") only tells the engine; New conversation
-    ("/clear") empties the chat and ``conversation``; Export ("/export") writes it to a file."""
+    ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it
+    to a file."""
     ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
     ask_outputs = [ask.chatbot, ask.question, ask.answer_stats]
     ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **ON_GPU)
@@ -951,7 +1042,10 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
     # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
     # the event would leave its last status standing and show an error badge for the user's own action).
     ask.stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
-    ask.clear_button.click(
+    # the chat's own trash icon is New conversation too: emptying only the screen would leave the model (and
+    # the export) with turns the user no longer sees
+    gr.on(
+        [ask.clear_button.click, ask.chatbot.clear],
         lambda: ([], Conversation(), ""),
         None,
         [ask.chatbot, conversation, ask.answer_stats],
@@ -963,10 +1057,12 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
 
 
 def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.State) -> None:
-    """The dropdown is filled on page load and by Refresh ("/books"); Save ("/save_book") and Load book
+    """The dropdown is filled on page load and by Refresh ("/books"), the books' lifetime note on page load;
+    Save ("/save_book") and Load book
     ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book") deletes a saved book."""
     lib.refresh_books_button.click(server.books, None, lib.book, api_name="books")
     demo.load(server.books, None, lib.book, api_visibility="undocumented")
+    demo.load(server.library_lifetime, None, lib.lifetime, api_visibility="undocumented")
     lib.save_book_button.click(
         server.save_book, mine, [lib.library_status, lib.book], api_name="save_book", **ON_GPU
     )
@@ -982,46 +1078,19 @@ def _wire_settings(
     server: Server, settings: SettingsArea, doc: DocumentArea, pending: gr.State, headline: gr.Markdown
 ) -> None:
     """Apply ("/apply") and the document area's Reload ("/apply_ratio") re-create the engine on the GPU, each
-    only with the admin token (``Server.check_operator``), and redraw the capacity headline; Reload also
-    re-summarizes the read document and sets the ratio slider to the ratio it applied."""
-
-    def apply_settings(
-        model: str, pattern: str, ratio: float, kv_bits: str, w8a8: bool, token: str, request: gr.Request
-    ) -> Iterator[tuple[Any, ...]]:
-        server.check_operator(token)
-        for message in server.apply(server.settings_from_ui(model, pattern, ratio, kv_bits, w8a8), request):
-            yield message, render.capacity_headline(server.engine)
-
+    only with the admin token (``Server.operator_refusal``, said in the area's status line), and redraw the
+    capacity headline; Reload also re-summarizes the read document and sets the ratio slider to the ratio it
+    applied."""
     engine_fields = [settings.model, settings.pattern, settings.sparsity, settings.kv_bits, settings.w8a8]
     settings.apply_button.click(
-        apply_settings,
+        server.apply_settings,
         [*engine_fields, settings.admin],
         [settings.settings_status, headline],
         api_name="apply",
         **ON_GPU,
     )
-
-    def apply_ratio(p: Pending | None, token: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        server.check_operator(token)
-        target = server.ratio_settings(p)
-        for message in server.apply(target, request):
-            yield (
-                message,
-                render.capacity_headline(server.engine),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-                gr.skip(),
-            )
-        yield (
-            gr.skip(),
-            render.capacity_headline(server.engine),
-            *server._summary(p, request),
-            server.settings.sparsity,
-        )
-
     doc.ratio_button.click(
-        apply_ratio,
+        server.apply_ratio,
         [pending, settings.admin],
         [doc.doc_status, headline, doc.summary, doc.ratio_button, doc.load_button, settings.sparsity],
         api_name="apply_ratio",
@@ -1090,12 +1159,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without one nobody can)",
     )
     limits = UploadLimits()
-    p.add_argument("--max-upload-mb", type=int, default=limits.per_upload_bytes >> 20, help="bytes per file")
+    p.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=limits.per_upload_bytes >> 20,
+        help="MB (MiB) one uploaded file may have (default: %(default)s)",
+    )
     p.add_argument(
         "--max-session-upload-mb",
         type=int,
         default=limits.per_session_bytes >> 20,
-        help="bytes one session may upload in all",
+        help="MB (MiB) one session may upload in all (default: %(default)s)",
     )
     p.add_argument(
         "--no-evidence",

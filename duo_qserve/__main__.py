@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from duo_qserve.library_cli import add_library_command
+from duo_qserve.library_cli import add_library_command, print_progress
 from duo_qserve.options import add_engine_args, settings_from_args
 
 REFERENCE_DEMO_TOKENS = 3_300_000  # the DuoAttention demo's context on an A100-80G (W8A8KV4, 50% streaming)
@@ -43,12 +43,9 @@ def cmd_ask(a) -> int:
     engine = _engine(a)
     say = _printer(engine)
 
-    def progress(done: int, total: int) -> None:
-        say(f"\rpre-fill {done:,}/{total:,} tokens", end="", file=sys.stderr, flush=True)
-
     try:
-        info = engine.ingest(doc.text, on_progress=progress, title=doc.title)
-        say(f"\n{info.tokens:,} tokens in {info.prefill_seconds:.1f} s", file=sys.stderr)
+        info = engine.ingest(doc.text, on_progress=print_progress("pre-fill", say=say), title=doc.title)
+        say(f"{info.tokens:,} tokens in {info.prefill_seconds:.1f} s", file=sys.stderr)
         for question in a.question:
             if len(a.question) > 1:
                 say(f"\nQ: {question}\nA: ", end="")

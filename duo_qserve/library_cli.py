@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from duo_qserve import library
@@ -47,14 +48,25 @@ def add_library_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_rm)
 
 
-def _print_progress(what: str, unit: str = "tokens") -> library.Progress:
+def print_progress(what: str, unit: str = "tokens", say: Callable[..., None] = print) -> library.Progress:
+    """A progress callback that prints "what done/total unit" to stderr through ``say``: on a terminal one line
+    redrawn in place (ended at done == total); elsewhere (a log file, a pipe) a carriage return would run every
+    update into one line, so each tenth of the way gets a line of its own."""
+    live = sys.stderr.isatty()
+    shown = [-1]  # the last tenth given a line (off a terminal)
+
     def show(done: int, total: int) -> None:
         if unit == "GB":
-            print(f"\r{what} {done / 1e9:.2f}/{total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)
+            line = f"{what} {done / 1e9:.2f}/{total / 1e9:.2f} GB"
         else:
-            print(f"\r{what} {done:,}/{total:,} {unit}", end="", file=sys.stderr, flush=True)
-        if done == total:
-            print(file=sys.stderr)
+            line = f"{what} {done:,}/{total:,} {unit}"
+        if live:
+            say(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+            return
+        tenth = 10 * done // total if total else 10
+        if tenth > shown[0]:
+            shown[0] = tenth
+            say(line, file=sys.stderr, flush=True)
 
     return show
 
@@ -69,13 +81,13 @@ def _save(a: argparse.Namespace) -> int:
     if a.checkpoint_every:
         ckpt = library.library_dir(a.dir) / f".prefill-{token_sha256(ids)[:16]}"
         info = library.ingest_resumable(
-            engine, ids, ckpt, a.checkpoint_every, _print_progress("pre-fill"), title
+            engine, ids, ckpt, a.checkpoint_every, print_progress("pre-fill"), title
         )
     else:
-        info = engine.ingest(ids, on_progress=_print_progress("pre-fill"), title=title)
+        info = engine.ingest(ids, on_progress=print_progress("pre-fill"), title=title)
     print(f"{info.tokens:,} tokens pre-filled in {info.prefill_seconds:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()
-    book = library.save(engine, a.dir, _print_progress("save", "GB"), files=doc.files or a.doc)
+    book = library.save(engine, a.dir, print_progress("save", "GB"), files=doc.files or a.doc)
     seconds = time.perf_counter() - t0
     print(f"saved {book.id} ({book.bytes / 1e9:.2f} GB in {seconds:.1f} s) in {Path(book.path).parent}")
     return 0
@@ -84,7 +96,7 @@ def _save(a: argparse.Namespace) -> int:
 def _load(a: argparse.Namespace) -> int:
     """Options given override the book's settings (a mismatch is reported by ``library.load``)."""
     engine = Engine.from_settings(settings_from_args(a, base=library.book_settings(a.book, a.dir)))
-    info = library.load(engine, a.book, a.dir, on_progress=_print_progress("load", "GB"))
+    info = library.load(engine, a.book, a.dir, on_progress=print_progress("load", "GB"))
     print(f"loaded {info.title!r}: {info.tokens:,} tokens in {info.prefill_seconds:.1f} s", file=sys.stderr)
     for question in a.ask:
         if len(a.ask) > 1:

@@ -17,7 +17,7 @@ import pytest
 from conftest import haystack_text
 from gradio_client import Client, handle_file
 
-from app.main import Server, build_app
+from app.main import Server, build_app, parse_args
 from duo_qserve.engine import EngineSettings
 from duo_qserve.patterns import save_pattern
 
@@ -158,8 +158,8 @@ def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
 
 def test_settings_are_for_the_operator_only(loaded):
     for token in ("", "operator-toke", None):
-        with pytest.raises(Exception, match="for the operator"):
-            loaded.predict("default", "none", 0.5, "4", False, token, api_name="/apply")
+        status, _headline = loaded.predict("default", "none", 0.5, "4", False, token, api_name="/apply")
+        assert status.startswith("**Not applied:**") and "for the operator" in status, status
     _job, answer, _stats = ask(loaded)
     assert SECRET in answer
 
@@ -187,6 +187,54 @@ def test_too_large_document_offers_the_ratio_that_fits(app_url, tmp_path):
     _status, headline, summary, ratio = client.predict(ADMIN, api_name="/apply_ratio")
     assert "Fits" in summary and ratio == pytest.approx(int(match.group(1)) / 100)
     assert f"{match.group(1)}% streaming heads" in headline
+
+
+def test_without_an_admin_token_a_too_large_document_says_what_the_user_can_do_not_press_reload(tmp_path):
+    """Nobody can reload a server started without --admin-token: the summary names the ratio that would fit but
+    offers no button and no "press the button"; Reload, called anyway, says why in the document's status line
+    (no error raised) and keeps the engine."""
+    pattern = save_pattern(
+        tmp_path / "pattern", np.random.default_rng(0).random((30, 3)), {"sink_size": 32, "recent_size": 64}
+    )
+    server = Server(
+        EngineSettings(device="cpu", max_tokens=2048, chunk_size=128, pattern=str(pattern), sparsity=0.0)
+    )
+    engine, request = server.engine, gr.Request(session_hash="reader")
+    summary, _, pending, ratio_button, load = server.read(None, haystack_text(6000), None, request)
+    assert "Too large" in summary and "would fit at" in summary, summary
+    assert (
+        "press the button" not in summary
+        and "shorten the document" in summary
+        and "ask the operator" in summary
+    )
+    assert ratio_button["visible"] is False and load["interactive"] is False
+    outputs = list(server.apply_ratio(pending, "", request))
+    assert (
+        len(outputs) == 1
+        and outputs[0][0].startswith("**Not reloaded:**")
+        and "without an admin token" in outputs[0][0]
+    )
+    assert server.engine is engine
+
+
+def test_saved_books_say_they_last_only_while_the_tab_is_open_without_a_login(tmp_path, monkeypatch):
+    """An anonymous session's library is deleted when the session ends (a reload): Save says so, as the library
+    panel does (``library_lifetime``); a login's books stay, and its Save says that instead."""
+    monkeypatch.setenv("DUO_QSERVE_LIBRARY", str(tmp_path / "library"))
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    for request in (
+        gr.Request(session_hash="anonymous"),
+        gr.Request(username="alice", session_hash="alice-tab"),
+    ):
+        _summary, _chapters, pending, *_ = server.read(None, haystack_text(1000), None, request)
+        *_, (_bar, _status, mine) = server.prefill(pending, None, request)
+        *_, (saved, _books) = server.save_book(mine, request)
+        assert saved.startswith("Saved **") and server.library_lifetime(request) in saved, saved
+    anonymous, login = (
+        server.library_lifetime(r) for r in (gr.Request(session_hash="x"), gr.Request(username="a"))
+    )
+    assert "only while this tab is open" in anonymous and "--auth" in anonymous
+    assert "next sign-in" in login and "tab" not in login
 
 
 def test_text_longer_than_any_setting_is_refused_before_tokenizing(tmp_path, monkeypatch):
@@ -237,3 +285,29 @@ def test_reading_the_same_uploads_again_is_refused_and_withdraws_the_earlier_rea
     summary, _, pending, _, load = server.read([str(book), str(other)], "", None, request)
     assert summary.startswith("**Not read:**") and "book.txt: already read" in summary
     assert pending is None and load["interactive"] is False
+    # the refused batch deleted nothing it did not read: the other file reads once book.txt is removed
+    assert "other.txt" not in summary and other.exists()
+    summary, _, pending, *_ = server.read([str(other)], "", None, request)
+    assert "Fits" in summary and pending is not None and not other.exists()
+
+
+def test_an_upload_not_yet_on_disk_is_said_to_be_uploading_not_already_read(tmp_path):
+    """A file this session never read that is not on disk (its upload still being written) is not called
+    "already read", and a file refused for any reason stays in place to be read later."""
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    (tmp_path / "a").mkdir()
+    late, binary = tmp_path / "a" / "late.txt", tmp_path / "a" / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    request = gr.Request(session_hash="reader")
+    summary, *_ = server.read([str(late)], "", None, request)
+    assert "late.txt: not on the server: still uploading" in summary and "already read" not in summary
+    summary, *_ = server.read([str(binary)], "", None, request)
+    assert summary.startswith("**Not read:**") and binary.exists()
+
+
+def test_the_upload_limits_help_gives_megabytes_and_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "MB (MiB) one uploaded file may have (default: 256)" in shown
+    assert "MB (MiB) one session may upload in all (default: 2048)" in shown and "bytes per file" not in shown

@@ -103,7 +103,8 @@ def _ask(page, question: str) -> None:
 
 
 def test_warm_up_conversation_and_evidence_in_a_browser(app_url, tmp_path):
-    """The warm-up's message, a follow-up that follows the earlier turn, New conversation, the passages."""
+    """The warm-up's message, a follow-up that follows the earlier turn, New conversation (and the chat's trash
+    icon, which is the same), the passages."""
     book = tmp_path / "needle.txt"
     text = haystack_text(1400)
     book.write_text(text[:700] + f" The secret number is {SECRET}. " + text[700:])
@@ -129,6 +130,13 @@ def test_warm_up_conversation_and_evidence_in_a_browser(app_url, tmp_path):
 
         page.get_by_role("button", name="New conversation").click()
         sync_api.expect(chat).not_to_contain_text(SECRET, timeout=10_000)
+        _ask(page, "What is the secret number?")
+        sync_api.expect(stats).to_contain_text("turn 1 of this conversation (0 earlier", timeout=120_000)
+
+        # the chat's own trash icon starts a new conversation too, not only an empty screen
+        sync_api.expect(chat).to_contain_text(SECRET, timeout=10_000)
+        chat.get_by_role("button", name=re.compile("clear", re.IGNORECASE)).click()
+        sync_api.expect(stats).to_be_empty(timeout=10_000)
         _ask(page, "What is the secret number?")
         sync_api.expect(stats).to_contain_text("turn 1 of this conversation (0 earlier", timeout=120_000)
         browser.close()

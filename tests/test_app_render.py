@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from app.ui_render import passages_markdown, progress_html
+from app.ui_render import document_summary, passages_markdown, progress_html
 from duo_qserve.eta import PrefillClock
 from duo_qserve.evidence import describe, top_passages
 
@@ -39,3 +39,13 @@ def test_passages_are_labelled_with_what_ranks_them_so_the_figures_fall_down_the
     figures = [int(f) for f in re.findall(r"· (\d+)% focus", text)]
     assert len(figures) == 3 and figures == sorted(figures, reverse=True), text
     assert "ranked by *focus*" in text
+
+
+def test_a_too_large_document_warns_of_the_accuracy_cost_only_past_half_streaming_heads():
+    """The README's needle test loses nothing at 50% streaming heads and much at 75%: a summary that proposes a
+    ratio past 50% says so (with the README's figures); one at 50% does not; without a reload it offers no button."""
+    high = document_summary("book", ["book.txt"], 40_000, 9_000, 6_000, 0.75)
+    assert "miss more" in high and "0.61" in high and "press the button below" in high
+    assert "miss more" not in document_summary("book", ["book.txt"], 40_000, 7_000, 6_000, 0.5)
+    plain = document_summary("book", ["book.txt"], 40_000, 9_000, 6_000, 0.75, can_reload=False)
+    assert "button" not in plain and "ask the operator" in plain and "--sparsity 0.75" in plain

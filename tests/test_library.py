@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import haystack_text
 from duo_qserve import library
 from duo_qserve.__main__ import main as cli
 from duo_qserve.engine import Cancelled, Engine
+from duo_qserve.library_cli import print_progress
 from duo_qserve.patterns import random_pattern, save_pattern
 
 QUESTION = "What is the first essay about?"
@@ -310,3 +312,18 @@ def test_an_engine_from_a_books_settings_loads_it(original):
     engine = Engine.from_settings(settings)
     library.load(engine, original["book"].id, original["lib"])
     assert answer(engine) == original["answer"]
+
+
+def test_cli_progress_is_one_line_per_tenth_in_a_log_and_redrawn_in_place_on_a_terminal(capsys, monkeypatch):
+    """A log file or pipe gets newline-ended progress lines (a carriage return would make them one run-on line);
+    a terminal gets one line redrawn in place, ended once the work is done."""
+    show = print_progress("pre-fill")
+    for done in range(0, 1001, 50):
+        show(done, 1000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "pre-fill 0/1,000 tokens" and lines[-1] == "pre-fill 1,000/1,000 tokens"
+    assert len(lines) == 11 and not any("\r" in line for line in lines)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    show = print_progress("load", "GB")
+    show(5e8, 1e9), show(1e9, 1e9)
+    assert capsys.readouterr().err == "\rload 0.50/1.00 GB\rload 1.00/1.00 GB\n"
