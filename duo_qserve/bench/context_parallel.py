@@ -9,10 +9,10 @@ per layer) run on the same device one after the other, from the same synthetic w
 CUDA graph (the context-parallel one captures the all-gather): the difference is what the context-parallel path
 costs where it buys nothing, reported as ratios to the plain engine. The context-parallel engine then decodes the
 same steps again from the document's checkpoint eagerly (no graph), for the graph's speed-up and the largest
-difference between the two paths' logits. At world size N only the context-parallel engine runs (every rank holds
-a share), and the result says how many tokens each rank and all of them hold. The document is random token ids
-and decode steps feed the document's ids back (no sampling), so every rank runs the same steps; each step reads its
-logits back to the host, as an answer does. ``decode_graph_replays`` counts the timed steps that replayed a graph.
+difference between the two paths' logits (taken in untimed passes of the same steps). At world size N only the
+context-parallel engine runs (every rank holds a share), and the result says how many tokens each rank and all of
+them hold. The document is random token ids and decode steps feed the document's ids back (no sampling), so every
+rank runs the same steps; each timed step reads its logits back to the host, as an answer does. ``decode_graph_replays`` counts the timed steps that replayed a graph.
 Rank 0 writes the result.
 """
 
@@ -42,12 +42,14 @@ def measure(engine: Engine, context: int, steps: int) -> dict:
     ids = torch.randint(engine.args.vocab_size, (context + steps,), generator=gen).tolist()
     info = engine.ingest(ids[:context])
     replays = engine._decoder.replays if engine._decoder else 0
-    decode_s, logits = _decode(engine, ids[context:])
+    decode_s = _time_decode(engine, ids[context:])
     row = {"decode_ms_per_token": decode_s * 1000 / steps, "decode_graph": engine.decode_graph,
            "decode_graph_replays": (engine._decoder.replays if engine._decoder else 0) - replays}  # fmt: skip
     if engine.group is not None and engine.decode_graph:
+        logits = _decode_logits(engine, ids[context:])
         engine.decode_graph = False
-        eager_s, eager_logits = _decode(engine, ids[context:])
+        eager_s = _time_decode(engine, ids[context:])
+        eager_logits = _decode_logits(engine, ids[context:])
         engine.decode_graph = True
         row |= {
             "decode_eager_ms_per_token": eager_s * 1000 / steps,
@@ -70,20 +72,24 @@ def measure(engine: Engine, context: int, steps: int) -> dict:
     }
 
 
-def _decode(engine: Engine, tokens: list[int]) -> tuple[float, torch.Tensor]:
-    """Seconds for decode steps of ``tokens`` after the document's checkpoint, and their logits [steps, vocab]
-    (a device copy per step: a replayed graph overwrites its logits)."""
+def _time_decode(engine: Engine, tokens: list[int]) -> float:
+    """Seconds for decode steps of ``tokens`` after the document's checkpoint, each step's logits read back to the
+    host, as sampling does, and nothing else done in the timed loop."""
     engine.cache.restore()
-    logits = []
     with torch.inference_mode():
         _sync(engine)
         t0 = time.perf_counter()
         for token in tokens:
-            step = engine._decode_step(token)
-            step[-1, 0].item()  # a host read per step, as sampling does
-            logits.append(step[-1].clone())
-        seconds = time.perf_counter() - t0
-    return seconds, torch.stack(logits)
+            engine._decode_step(token)[-1, 0].item()
+        return time.perf_counter() - t0
+
+
+def _decode_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
+    """The logits [steps, vocab] of the same steps, untimed (a copy per step: a replayed graph overwrites its
+    logits)."""
+    engine.cache.restore()
+    with torch.inference_mode():
+        return torch.stack([engine._decode_step(token)[-1].clone() for token in tokens])
 
 
 def _sync(engine: Engine) -> None:
