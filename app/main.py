@@ -1058,8 +1058,8 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
 
 def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.State) -> None:
     """The dropdown is filled on page load and by Refresh ("/books"), the books' lifetime note on page load;
-    Save ("/save_book") and Load book
-    ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book") deletes a saved book."""
+    Save ("/save_book") and Load book ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book")
+    deletes a saved book."""
     lib.refresh_books_button.click(server.books, None, lib.book, api_name="books")
     demo.load(server.books, None, lib.book, api_visibility="undocumented")
     demo.load(server.library_lifetime, None, lib.lifetime, api_visibility="undocumented")
