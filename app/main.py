@@ -275,11 +275,11 @@ class Server:
         return pending.ids
 
     @staticmethod
-    def _fraction_progress(job: Job, verb: str) -> Iterator[tuple[str, Any]]:
-        """Status updates of a library job that reports the fraction done, until it ends."""
+    def _fraction_progress(job: Job, verb: str) -> Iterator[str]:
+        """Status lines of a library job that reports the fraction done, until it ends."""
         for batch in job.stream():
             if batch:
-                yield f"{verb}… {batch[-1]:.0%}", gr.skip()
+                yield f"{verb}… {batch[-1]:.0%}"
 
     def _loaded_note(self, mine: str | None, request: gr.Request) -> str:
         """What this session still has loaded (never another session's book)."""
@@ -610,7 +610,8 @@ class Server:
             lambda job: self.store.save(key, mine, on_progress=lambda d, t: job.put(d / t)),
             engine,
         )
-        yield from self._fraction_progress(job, "Saving")
+        for line in self._fraction_progress(job, "Saving"):
+            yield line, gr.skip()
         if job.error is not None:
             yield f"**Not saved:** {job.error}", gr.skip()
             return
@@ -633,12 +634,16 @@ class Server:
     def load_book(
         self, book_id: str | None, mine: str | None, request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
-        """Load one of this owner's saved books (checked against this engine's model and settings first)."""
+        """Load one of this owner's saved books (checked against this engine's model and settings first); streams
+        (library status, document status, pre-fill progress bar, ``mine``). A loaded book becomes the session's
+        document, so the document area says so too and its bar (of an earlier pre-fill) is cleared: left as they
+        were, they would describe the previous document."""
+        skip = (gr.skip(),) * 3
         if refused := self._library_refusal("Loading a book"):
-            yield f"**Not loaded:** {refused}", gr.skip()
+            yield f"**Not loaded:** {refused}", *skip
             return
         if not book_id:
-            yield "**Not loaded:** pick a saved book first.", gr.skip()
+            yield "**Not loaded:** pick a saved book first.", *skip
             return
         engine = self.engine
 
@@ -648,14 +653,18 @@ class Server:
             )
 
         job = self._start(request.session_hash, work, engine)
-        yield from self._fraction_progress(job, "Loading")
+        for line in self._fraction_progress(job, "Loading"):
+            yield line, *skip
         if job.error is not None:
-            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note(mine, request)}", gr.skip()
+            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note(mine, request)}", *skip
             return
         info = job.result
         yield (
             f"Loaded **{info.title}** from the library in {info.prefill_seconds:.1f} s: {info.tokens:,} tokens, "
             "no pre-fill. Ask away.",
+            f"Loaded **{info.title}** from the library: {info.tokens:,} tokens, no pre-fill. Ask away: each "
+            "question reuses this cache.",
+            "",
             info.sha256,
         )
 
@@ -1056,10 +1065,12 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
     )
 
 
-def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.State) -> None:
+def _wire_library(
+    server: Server, demo: gr.Blocks, lib: LibraryArea, doc: DocumentArea, mine: gr.State
+) -> None:
     """The dropdown is filled on page load and by Refresh ("/books"), the books' lifetime note on page load;
-    Save ("/save_book") and Load book ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book")
-    deletes a saved book."""
+    Save ("/save_book") and Load book ("/load_book", which sets ``mine`` and the document area's status and
+    progress bar) run on the GPU; Remove ("/remove_book") deletes a saved book."""
     lib.refresh_books_button.click(server.books, None, lib.book, api_name="books")
     demo.load(server.books, None, lib.book, api_visibility="undocumented")
     demo.load(server.library_lifetime, None, lib.lifetime, api_visibility="undocumented")
@@ -1067,7 +1078,11 @@ def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.St
         server.save_book, mine, [lib.library_status, lib.book], api_name="save_book", **ON_GPU
     )
     lib.load_book_button.click(
-        server.load_book, [lib.book, mine], [lib.library_status, mine], api_name="load_book", **ON_GPU
+        server.load_book,
+        [lib.book, mine],
+        [lib.library_status, doc.doc_status, doc.progress, mine],
+        api_name="load_book",
+        **ON_GPU,
     )
     lib.remove_book_button.click(
         server.remove_book, lib.book, [lib.library_status, lib.book], api_name="remove_book"
@@ -1138,7 +1153,7 @@ def build_app(server: Server) -> gr.Blocks:
 
         _wire_document(server, doc, pending, mine)
         _wire_ask(server, ask, conversation, mine)
-        _wire_library(server, demo, lib, mine)
+        _wire_library(server, demo, lib, doc, mine)
         demo.unload(server.end_session)
         _wire_settings(server, settings, doc, pending, headline)
         _wire_live_readouts(server, mine, memory, banner, head_map, warm_up)

@@ -144,14 +144,18 @@ def test_export_json_carries_provenance(loaded):
 
 
 def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
+    """Load book also sets the document area: its status names the book loaded and the bar of an earlier pre-fill
+    is cleared (they would otherwise still describe the previous document)."""
     status, _books = loaded.predict(api_name="/save_book")
     book_id = re.search(r"as `([^`]+)`", status).group(1)
     book = tmp_path / "needle.txt"
     book.write_text(needle_text())
     summary, _chapters = loaded.predict([handle_file(str(book))], "", api_name="/read")
     assert "A saved copy is in the **Library**" in summary
-    status = loaded.predict(book_id, api_name="/load_book")
+    status, doc_status, progress = loaded.predict(book_id, api_name="/load_book")
     assert status.startswith("Loaded **needle** from the library"), status
+    assert doc_status.startswith("Loaded **needle** from the library") and "no pre-fill" in doc_status
+    assert progress == ""
     _job, answer, _stats = ask(loaded)
     assert SECRET in answer
 
