@@ -19,6 +19,7 @@ import functools
 import gc
 import hmac
 import queue
+import re
 import shutil
 import signal
 import tempfile
@@ -151,6 +152,28 @@ def _key(request: gr.Request) -> str:
 def _who(request: gr.Request) -> str:
     """The name shown next to a loaded document: the login when auth is on, else a short session id."""
     return request.username or f"session {(request.session_hash or '?')[:6]}"
+
+
+def _uploads(files: list[dict | str]) -> tuple[list[str], list[str]]:
+    """The stored paths of uploads and the names to show for them. An upload comes as the page sends it,
+    Gradio's ``FileData`` as a dict (Read's event skips Gradio's preprocessing, which would keep only the path:
+    see ``_wire_document``), or as a path (a direct call; its name is then the path's).
+
+    Gradio stores an upload under a name stripped of the characters it deems unsafe in paths and shells (``$ ! {
+    } ` : ? * " < > |``, control characters), so ``Les Misérables $1.txt`` is stored as ``Les Misérables
+    1.txt``; the name the browser sent is ``FileData.orig_name``, and that is the one shown, in the title and
+    in messages. It is the client's word, so it is only ever a name, never a path (what is read is the stored
+    path, which Gradio checked is in its upload folder, and its suffix picks the reader): only its last path part
+    is taken, without unprintable characters, at most 200 characters, and the stored name where nothing is left.
+    """
+    paths, names = [], []
+    for f in files:
+        path = f if isinstance(f, str) else f["path"]
+        sent = "" if isinstance(f, str) else re.split(r"[\\/]", f.get("orig_name") or "")[-1]
+        shown = "".join(c for c in sent if c.isprintable()).strip()[:200]
+        paths.append(path)
+        names.append(shown or Path(path).name)
+    return paths, names
 
 
 def _delete_uploads(paths: list[str]) -> None:
@@ -319,24 +342,25 @@ class Server:
         return int(CHARS_PER_TOKEN_BOUND * tokens)
 
     def read(
-        self, files: list[str] | None, text: str, mine: str | None, request: gr.Request
+        self, files: list[dict | str] | None, text: str, mine: str | None, request: gr.Request
     ) -> tuple[Any, ...]:
-        """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work. The
-        uploaded files are deleted once read: nobody can fetch them afterwards, and reading them again (the box
-        still lists them) is refused with that reason, withdrawing the earlier reading from Load. A refused read
-        deletes nothing: the files it did not read stay in the box, to be read once the offending one is
-        removed."""
+        """Read uploads (``files``, see ``_uploads``) or pasted text into one document and say whether it fits,
+        before any GPU work. The uploaded files are deleted once read: nobody can fetch them afterwards, and
+        reading them again (the box still lists them) is refused with that reason, withdrawing the earlier reading
+        from Load. A refused read deletes nothing: the files it did not read stay in the box, to be read once the
+        offending one is removed."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
             raise gr.Error(
                 "The model is being reloaded with new settings; read the document again in a moment."
             )
         try:
             if files:
-                self._check_uploads_present(files, request)
-                self.store.take_uploads(_key(request), files)
-                doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
-                self.read_uploads.setdefault(_key(request), set()).update(files)
-                _delete_uploads(files)
+                paths, names = _uploads(files)
+                self._check_uploads_present(paths, names, request)
+                self.store.take_uploads(_key(request), paths, names)
+                doc = read_documents(paths, ReadLimits(max_chars=self._max_chars()), names)
+                self.read_uploads.setdefault(_key(request), set()).update(paths)
+                _delete_uploads(paths)
             elif text and text.strip():
                 doc = document_from_text(text)
             else:
@@ -362,16 +386,16 @@ class Server:
             summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
 
-    def _check_uploads_present(self, files: list[str], request: gr.Request) -> None:
-        """Refuse (``DocumentError``, naming only those files) uploads that are not on disk: deleted because this
-        session read them already, or, never read here, not yet written by an upload still under way (or removed
-        by Gradio's hourly clean-up of its files)."""
-        missing = [f for f in files if not Path(f).is_file()]
+    def _check_uploads_present(self, paths: list[str], names: list[str], request: gr.Request) -> None:
+        """Refuse (``DocumentError``, naming only those files, by ``names``) uploads that are not on disk: deleted
+        because this session read them already, or, never read here, not yet written by an upload still under way
+        (or removed by Gradio's hourly clean-up of its files)."""
+        missing = [(p, name) for p, name in zip(paths, names, strict=True) if not Path(p).is_file()]
         if not missing:
             return
         read_here = self.read_uploads.get(_key(request), set())
-        read = [Path(f).name for f in missing if f in read_here]
-        uploading = [Path(f).name for f in missing if f not in read_here]
+        read = [name for p, name in missing if p in read_here]
+        uploading = [name for p, name in missing if p not in read_here]
         reasons = []
         if read:
             reasons.append(
@@ -1032,6 +1056,7 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
         [doc.files, doc.pasted, mine],
         [doc.summary, doc.chapters, pending, doc.ratio_button, doc.load_button],
         api_name="read",
+        preprocess=False,  # the uploads' FileData, with the names the browser sent (see ``_uploads``)
     )
     doc.load_button.click(
         server.prefill, [pending, mine], [doc.progress, doc.doc_status, mine], api_name="prefill", **ON_GPU

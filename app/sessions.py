@@ -120,18 +120,19 @@ class SessionStore:
         """The owner's private library directory (saved and evicted books); its name reveals nothing."""
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
-    def take_uploads(self, key: str, paths: Sequence[str]) -> None:
-        """Count ``paths`` against the session's upload limit, or refuse them all (``UploadRefused``)."""
-        sizes = {Path(p).name: Path(p).stat().st_size for p in paths}
+    def take_uploads(self, key: str, paths: Sequence[str], names: Sequence[str] | None = None) -> None:
+        """Count ``paths`` against the session's upload limit, or refuse them all (``UploadRefused``, naming a
+        file by its entry in ``names``, the paths' names by default)."""
+        sizes = [Path(p).stat().st_size for p in paths]
         limits = self.uploads
-        for name, size in sizes.items():
+        for name, size in zip(names or [Path(p).name for p in paths], sizes, strict=True):
             if size > limits.per_upload_bytes:
                 raise UploadRefused(
                     f"{name} has {size:,} bytes; one upload may have at most {limits.per_upload_bytes:,}"
                 )
         session = self.session(key)
         with self._lock:
-            total = session.upload_bytes + sum(sizes.values())
+            total = session.upload_bytes + sum(sizes)
             if total > limits.per_session_bytes:
                 raise UploadRefused(
                     f"these files would bring this session's uploads to {total:,} bytes, over its limit of "

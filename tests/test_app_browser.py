@@ -49,7 +49,8 @@ def app_url():
 
 
 def test_upload_prefill_ask_and_live_memory_in_a_browser(app_url, tmp_path):
-    book = tmp_path / "needle.txt"
+    """The book's name keeps the characters Gradio strips from the stored upload's (``$``)."""
+    book = tmp_path / "Les Misérables $1 needle.txt"
     text = haystack_text(1400)
     book.write_text(text[:700] + f" The secret number is {SECRET}. " + text[700:])
     with sync_api.sync_playwright() as p:
@@ -61,12 +62,13 @@ def test_upload_prefill_ask_and_live_memory_in_a_browser(app_url, tmp_path):
         page.locator("input[type=file]").first.set_input_files(str(book))
         page.get_by_role("button", name="Read", exact=True).click()
         sync_api.expect(page.locator("#summary")).to_contain_text("Fits", timeout=30_000)
+        sync_api.expect(page.locator("#summary")).to_contain_text("Les Misérables $1 needle.txt")
 
         page.get_by_role("button", name="Load into model").click()
         progress = page.locator(".prefill-progress")
         sync_api.expect(progress).to_contain_text(re.compile(r"\d+ / \d+ tokens"), timeout=30_000)
         sync_api.expect(page.locator("#doc-status")).to_contain_text("Loaded", timeout=120_000)
-        sync_api.expect(page.locator("#banner")).to_contain_text("needle", timeout=10_000)
+        sync_api.expect(page.locator("#banner")).to_contain_text("Les Misérables $1 needle", timeout=10_000)
 
         page.get_by_label("Question").fill("According to the document, what is the secret number?")
         page.get_by_role("button", name="Ask", exact=True).click()
