@@ -102,6 +102,8 @@ class Job:
         on_cancel: Callable[[], None] | None = None,
     ):
         self.owner, self._on_cancel = owner, on_cancel
+        # (title, tokens done, tokens in all) while the job pre-fills a document, for a question asked meanwhile
+        self.reading: tuple[str, int, int] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -436,6 +438,7 @@ class Server:
 
         started, done, clock = time.perf_counter(), 0, None
         job = self._start(request.session_hash, work, engine)
+        job.reading = (doc.title, 0, len(ids))
         yield render.progress_html(0, len(ids), 0.0, "waiting for the model…"), "Pre-filling…", gr.skip()
         try:
             for batch in job.stream():
@@ -444,6 +447,7 @@ class Server:
                         started, clock = at, PrefillClock(done, at, prior=self.prefill_prior)
                     clock.done(done, at)
                 if batch:
+                    job.reading = (doc.title, done, len(ids))
                     left = clock.seconds_left(len(ids))
                     yield (
                         render.progress_html(done, len(ids), time.perf_counter() - started, left=left),
@@ -490,6 +494,24 @@ class Server:
             job.cancel()
 
     # ---- questions -------------------------------------------------------------------------------------------
+    def ask_waits(self, question: str, request: gr.Request) -> Any:
+        """The line under the chat, said the moment Ask is pressed while this session's pre-fill runs (or ``skip``
+        otherwise). The question then waits in the GPU queue behind the pre-fill, where the page itself shows no
+        more than the queue's position on the chat, and ``ask`` answers it as soon as the pre-fill ends, about
+        the book the session holds by then: the book just read, or, if the pre-fill was cancelled, the one before
+        (``ask`` names it as it starts)."""
+        job = self.job
+        if not (question or "").strip() or job is None or job.owner != request.session_hash:
+            return gr.skip()
+        reading = job.reading
+        if reading is None or job.done.is_set():
+            return gr.skip()
+        title, done, total = reading
+        return (
+            f"**Waiting:** **{title}** is still being read ({done:,} of {total:,} tokens, "
+            f"{done / max(total, 1):.0%}); your question is answered as soon as it is loaded."
+        )
+
     def ask(
         self,
         question: str,
@@ -546,7 +568,7 @@ class Server:
 
         history = [*history, {"role": "user", "content": question}]
         job = self._start(request.session_hash, work, engine)
-        yield [*history, {"role": "assistant", "content": "…"}], "", "Answering…"
+        yield [*history, {"role": "assistant", "content": "…"}], "", f"Answering about **{doc.title}**…"
         try:
             for batch in job.stream():
                 reloading = [u for u in batch if isinstance(u, float)]  # a fraction of the book's reload
@@ -1066,13 +1088,28 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
 
 def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
     """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
-    answer into the chat and clears the question; Stop ("/stop") only tells the engine; New conversation
+    answer into the chat and clears the question; pressed during this session's pre-fill, it also says at once
+    that the question waits for it; Stop ("/stop") only tells the engine; New conversation
     ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it
     to a file."""
     ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
     ask_outputs = [ask.chatbot, ask.question, ask.answer_stats]
-    ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **ON_GPU)
-    ask.question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **ON_GPU)
+    # a question waiting for the GPU shows the queue on the chat only, so the question box stays readable and
+    # the line under the chat can say why it waits (``Server.ask_waits``, outside the queue). That listener comes
+    # first: registered after Ask's, it reached the server only once Ask's event had ended (the page holds back
+    # an event whose input, here the question, is an output of one still pending).
+    gr.on(
+        [ask.ask_button.click, ask.question.submit],
+        server.ask_waits,
+        ask.question,
+        ask.answer_stats,
+        show_progress="hidden",
+        concurrency_limit=None,
+        api_visibility="private",
+    )
+    on_gpu = dict(ON_GPU, show_progress_on=ask.chatbot)
+    ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **on_gpu)
+    ask.question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **on_gpu)
     # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
     # the event would leave its last status standing and show an error badge for the user's own action).
     ask.stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 
 import gradio as gr
@@ -371,3 +372,29 @@ def test_read_takes_no_file_from_outside_the_upload_folder(app_url, tmp_path):
     outside.write_text(text)
     completed = read_raw(str(outside), "intruder")
     assert completed["success"] is False and SECRET not in json.dumps(completed) and outside.exists()
+
+
+def test_a_question_asked_during_this_sessions_prefill_is_told_it_waits_for_it(tmp_path):
+    """Ask during the session's own pre-fill queues behind it (and is answered once it ends): ``ask_waits`` says
+    so at once, with the pre-fill's progress; for another session, an empty question, or once the pre-fill has
+    ended, it says nothing."""
+    server = Server(EngineSettings(device="cpu", max_tokens=4096, chunk_size=128))
+    reader, other = gr.Request(session_hash="reader"), gr.Request(session_hash="other")
+    _summary, _chapters, pending, *_ = server.read(None, haystack_text(8000), None, reader)
+    outputs = []
+    prefill = threading.Thread(target=lambda: outputs.extend(server.prefill(pending, None, reader)))
+    prefill.start()
+    deadline = time.monotonic() + 120
+    while not (server.job and server.job.reading and server.job.reading[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = server.ask_waits("What is it about?", reader)
+    match = re.fullmatch(
+        r"\*\*Waiting:\*\* \*\*Pasted text\*\* is still being read \(([\d,]+) of ([\d,]+) tokens, \d+%\); "
+        r"your question is answered as soon as it is loaded\.",
+        line,
+    )
+    assert match and 0 < int(match[1].replace(",", "")) < int(match[2].replace(",", "")), line
+    assert server.ask_waits("What is it about?", other) == gr.skip()
+    assert server.ask_waits("  ", reader) == gr.skip()
+    prefill.join()
+    assert "Loaded" in outputs[-1][1] and server.ask_waits("What is it about?", reader) == gr.skip()
