@@ -19,6 +19,7 @@ import functools
 import gc
 import hmac
 import queue
+import re
 import shutil
 import signal
 import tempfile
@@ -101,6 +102,8 @@ class Job:
         on_cancel: Callable[[], None] | None = None,
     ):
         self.owner, self._on_cancel = owner, on_cancel
+        # (title, tokens done, tokens in all) while the job pre-fills a document, for a question asked meanwhile
+        self.reading: tuple[str, int, int] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -151,6 +154,28 @@ def _key(request: gr.Request) -> str:
 def _who(request: gr.Request) -> str:
     """The name shown next to a loaded document: the login when auth is on, else a short session id."""
     return request.username or f"session {(request.session_hash or '?')[:6]}"
+
+
+def _uploads(files: list[dict | str]) -> tuple[list[str], list[str]]:
+    """The stored paths of uploads and the names to show for them. An upload comes as the page sends it,
+    Gradio's ``FileData`` as a dict (Read's event skips Gradio's preprocessing, which would keep only the path:
+    see ``_wire_document``), or as a path (a direct call; its name is then the path's).
+
+    Gradio stores an upload under a name stripped of the characters it deems unsafe in paths and shells (``$ ! {
+    } ` : ? * " < > |``, control characters), so ``Les Misérables $1.txt`` is stored as ``Les Misérables
+    1.txt``; the name the browser sent is ``FileData.orig_name``, and that is the one shown, in the title and
+    in messages. It is the client's word, so it is only ever a name, never a path (what is read is the stored
+    path, which Gradio checked is in its upload folder, and its suffix picks the reader): only its last path part
+    is taken, without unprintable characters, at most 200 characters, and the stored name where nothing is left.
+    """
+    paths, names = [], []
+    for f in files:
+        path = f if isinstance(f, str) else f["path"]
+        sent = "" if isinstance(f, str) else re.split(r"[\\/]", f.get("orig_name") or "")[-1]
+        shown = "".join(c for c in sent if c.isprintable()).strip()[:200]
+        paths.append(path)
+        names.append(shown or Path(path).name)
+    return paths, names
 
 
 def _delete_uploads(paths: list[str]) -> None:
@@ -275,11 +300,11 @@ class Server:
         return pending.ids
 
     @staticmethod
-    def _fraction_progress(job: Job, verb: str) -> Iterator[tuple[str, Any]]:
-        """Status updates of a library job that reports the fraction done, until it ends."""
+    def _fraction_progress(job: Job, verb: str) -> Iterator[str]:
+        """Status lines of a library job that reports the fraction done, until it ends."""
         for batch in job.stream():
             if batch:
-                yield f"{verb}… {batch[-1]:.0%}", gr.skip()
+                yield f"{verb}… {batch[-1]:.0%}"
 
     def _loaded_note(self, mine: str | None, request: gr.Request) -> str:
         """What this session still has loaded (never another session's book)."""
@@ -319,24 +344,25 @@ class Server:
         return int(CHARS_PER_TOKEN_BOUND * tokens)
 
     def read(
-        self, files: list[str] | None, text: str, mine: str | None, request: gr.Request
+        self, files: list[dict | str] | None, text: str, mine: str | None, request: gr.Request
     ) -> tuple[Any, ...]:
-        """Read uploads (or pasted text) into one document and say whether it fits, before any GPU work. The
-        uploaded files are deleted once read: nobody can fetch them afterwards, and reading them again (the box
-        still lists them) is refused with that reason, withdrawing the earlier reading from Load. A refused read
-        deletes nothing: the files it did not read stay in the box, to be read once the offending one is
-        removed."""
+        """Read uploads (``files``, see ``_uploads``) or pasted text into one document and say whether it fits,
+        before any GPU work. The uploaded files are deleted once read: nobody can fetch them afterwards, and
+        reading them again (the box still lists them) is refused with that reason, withdrawing the earlier reading
+        from Load. A refused read deletes nothing: the files it did not read stay in the box, to be read once the
+        offending one is removed."""
         if self.engine is None:  # only while a GPU engine is replaced (the old one had to go first)
             raise gr.Error(
                 "The model is being reloaded with new settings; read the document again in a moment."
             )
         try:
             if files:
-                self._check_uploads_present(files, request)
-                self.store.take_uploads(_key(request), files)
-                doc = read_documents(files, ReadLimits(max_chars=self._max_chars()))
-                self.read_uploads.setdefault(_key(request), set()).update(files)
-                _delete_uploads(files)
+                paths, names = _uploads(files)
+                self._check_uploads_present(paths, names, request)
+                self.store.take_uploads(_key(request), paths, names)
+                doc = read_documents(paths, ReadLimits(max_chars=self._max_chars()), names)
+                self.read_uploads.setdefault(_key(request), set()).update(paths)
+                _delete_uploads(paths)
             elif text and text.strip():
                 doc = document_from_text(text)
             else:
@@ -362,16 +388,16 @@ class Server:
             summary += f"\n\n**Read with warnings:**\n{shown}{more}"
         return summary, chapters, pending, ratio_button, load_button
 
-    def _check_uploads_present(self, files: list[str], request: gr.Request) -> None:
-        """Refuse (``DocumentError``, naming only those files) uploads that are not on disk: deleted because this
-        session read them already, or, never read here, not yet written by an upload still under way (or removed
-        by Gradio's hourly clean-up of its files)."""
-        missing = [f for f in files if not Path(f).is_file()]
+    def _check_uploads_present(self, paths: list[str], names: list[str], request: gr.Request) -> None:
+        """Refuse (``DocumentError``, naming only those files, by ``names``) uploads that are not on disk: deleted
+        because this session read them already, or, never read here, not yet written by an upload still under way
+        (or removed by Gradio's hourly clean-up of its files)."""
+        missing = [(p, name) for p, name in zip(paths, names, strict=True) if not Path(p).is_file()]
         if not missing:
             return
         read_here = self.read_uploads.get(_key(request), set())
-        read = [Path(f).name for f in missing if f in read_here]
-        uploading = [Path(f).name for f in missing if f not in read_here]
+        read = [name for p, name in missing if p in read_here]
+        uploading = [name for p, name in missing if p not in read_here]
         reasons = []
         if read:
             reasons.append(
@@ -412,6 +438,7 @@ class Server:
 
         started, done, clock = time.perf_counter(), 0, None
         job = self._start(request.session_hash, work, engine)
+        job.reading = (doc.title, 0, len(ids))
         yield render.progress_html(0, len(ids), 0.0, "waiting for the model…"), "Pre-filling…", gr.skip()
         try:
             for batch in job.stream():
@@ -420,6 +447,7 @@ class Server:
                         started, clock = at, PrefillClock(done, at, prior=self.prefill_prior)
                     clock.done(done, at)
                 if batch:
+                    job.reading = (doc.title, done, len(ids))
                     left = clock.seconds_left(len(ids))
                     yield (
                         render.progress_html(done, len(ids), time.perf_counter() - started, left=left),
@@ -466,6 +494,24 @@ class Server:
             job.cancel()
 
     # ---- questions -------------------------------------------------------------------------------------------
+    def ask_waits(self, question: str, request: gr.Request) -> Any:
+        """The line under the chat, said the moment Ask is pressed while this session's pre-fill runs (or ``skip``
+        otherwise). The question then waits in the GPU queue behind the pre-fill, where the page itself shows no
+        more than the queue's position on the chat, and ``ask`` answers it as soon as the pre-fill ends, about
+        the book the session holds by then: the book just read, or, if the pre-fill was cancelled, the one before
+        (``ask`` names it as it starts)."""
+        job = self.job
+        if not (question or "").strip() or job is None or job.owner != request.session_hash:
+            return gr.skip()
+        reading = job.reading
+        if reading is None or job.done.is_set():
+            return gr.skip()
+        title, done, total = reading
+        return (
+            f"**Waiting:** **{title}** is still being read ({done:,} of {total:,} tokens, "
+            f"{done / max(total, 1):.0%}); your question is answered as soon as it is loaded."
+        )
+
     def ask(
         self,
         question: str,
@@ -522,7 +568,7 @@ class Server:
 
         history = [*history, {"role": "user", "content": question}]
         job = self._start(request.session_hash, work, engine)
-        yield [*history, {"role": "assistant", "content": "…"}], "", "Answering…"
+        yield [*history, {"role": "assistant", "content": "…"}], "", f"Answering about **{doc.title}**…"
         try:
             for batch in job.stream():
                 reloading = [u for u in batch if isinstance(u, float)]  # a fraction of the book's reload
@@ -610,7 +656,8 @@ class Server:
             lambda job: self.store.save(key, mine, on_progress=lambda d, t: job.put(d / t)),
             engine,
         )
-        yield from self._fraction_progress(job, "Saving")
+        for line in self._fraction_progress(job, "Saving"):
+            yield line, gr.skip()
         if job.error is not None:
             yield f"**Not saved:** {job.error}", gr.skip()
             return
@@ -633,12 +680,16 @@ class Server:
     def load_book(
         self, book_id: str | None, mine: str | None, request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
-        """Load one of this owner's saved books (checked against this engine's model and settings first)."""
+        """Load one of this owner's saved books (checked against this engine's model and settings first); streams
+        (library status, document status, pre-fill progress bar, ``mine``). A loaded book becomes the session's
+        document, so the document area says so too and its bar (of an earlier pre-fill) is cleared: left as they
+        were, they would describe the previous document."""
+        skip = (gr.skip(),) * 3
         if refused := self._library_refusal("Loading a book"):
-            yield f"**Not loaded:** {refused}", gr.skip()
+            yield f"**Not loaded:** {refused}", *skip
             return
         if not book_id:
-            yield "**Not loaded:** pick a saved book first.", gr.skip()
+            yield "**Not loaded:** pick a saved book first.", *skip
             return
         engine = self.engine
 
@@ -648,14 +699,18 @@ class Server:
             )
 
         job = self._start(request.session_hash, work, engine)
-        yield from self._fraction_progress(job, "Loading")
+        for line in self._fraction_progress(job, "Loading"):
+            yield line, *skip
         if job.error is not None:
-            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note(mine, request)}", gr.skip()
+            yield f"**Not loaded:** {job.error}\n\n{self._loaded_note(mine, request)}", *skip
             return
         info = job.result
         yield (
             f"Loaded **{info.title}** from the library in {info.prefill_seconds:.1f} s: {info.tokens:,} tokens, "
             "no pre-fill. Ask away.",
+            f"Loaded **{info.title}** from the library: {info.tokens:,} tokens, no pre-fill. Ask away: each "
+            "question reuses this cache.",
+            "",
             info.sha256,
         )
 
@@ -1023,6 +1078,7 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
         [doc.files, doc.pasted, mine],
         [doc.summary, doc.chapters, pending, doc.ratio_button, doc.load_button],
         api_name="read",
+        preprocess=False,  # the uploads' FileData, with the names the browser sent (see ``_uploads``)
     )
     doc.load_button.click(
         server.prefill, [pending, mine], [doc.progress, doc.doc_status, mine], api_name="prefill", **ON_GPU
@@ -1032,13 +1088,28 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
 
 def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
     """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
-    answer into the chat and clears the question; Stop ("/stop") only tells the engine; New conversation
+    answer into the chat and clears the question; pressed during this session's pre-fill, it also says at once
+    that the question waits for it; Stop ("/stop") only tells the engine; New conversation
     ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it
     to a file."""
     ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
     ask_outputs = [ask.chatbot, ask.question, ask.answer_stats]
-    ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **ON_GPU)
-    ask.question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **ON_GPU)
+    # a question waiting for the GPU shows the queue on the chat only, so the question box stays readable and
+    # the line under the chat can say why it waits (``Server.ask_waits``, outside the queue). That listener comes
+    # first: registered after Ask's, it reached the server only once Ask's event had ended (the page holds back
+    # an event whose input, here the question, is an output of one still pending).
+    gr.on(
+        [ask.ask_button.click, ask.question.submit],
+        server.ask_waits,
+        ask.question,
+        ask.answer_stats,
+        show_progress="hidden",
+        concurrency_limit=None,
+        api_visibility="private",
+    )
+    on_gpu = dict(ON_GPU, show_progress_on=ask.chatbot)
+    ask.ask_button.click(server.ask, ask_inputs, ask_outputs, api_name="ask", **on_gpu)
+    ask.question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **on_gpu)
     # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
     # the event would leave its last status standing and show an error badge for the user's own action).
     ask.stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
@@ -1056,10 +1127,12 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
     )
 
 
-def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.State) -> None:
+def _wire_library(
+    server: Server, demo: gr.Blocks, lib: LibraryArea, doc: DocumentArea, mine: gr.State
+) -> None:
     """The dropdown is filled on page load and by Refresh ("/books"), the books' lifetime note on page load;
-    Save ("/save_book") and Load book ("/load_book", which sets ``mine``) run on the GPU; Remove ("/remove_book")
-    deletes a saved book."""
+    Save ("/save_book") and Load book ("/load_book", which sets ``mine`` and the document area's status and
+    progress bar) run on the GPU; Remove ("/remove_book") deletes a saved book."""
     lib.refresh_books_button.click(server.books, None, lib.book, api_name="books")
     demo.load(server.books, None, lib.book, api_visibility="undocumented")
     demo.load(server.library_lifetime, None, lib.lifetime, api_visibility="undocumented")
@@ -1067,7 +1140,11 @@ def _wire_library(server: Server, demo: gr.Blocks, lib: LibraryArea, mine: gr.St
         server.save_book, mine, [lib.library_status, lib.book], api_name="save_book", **ON_GPU
     )
     lib.load_book_button.click(
-        server.load_book, [lib.book, mine], [lib.library_status, mine], api_name="load_book", **ON_GPU
+        server.load_book,
+        [lib.book, mine],
+        [lib.library_status, doc.doc_status, doc.progress, mine],
+        api_name="load_book",
+        **ON_GPU,
     )
     lib.remove_book_button.click(
         server.remove_book, lib.book, [lib.library_status, lib.book], api_name="remove_book"
@@ -1138,7 +1215,7 @@ def build_app(server: Server) -> gr.Blocks:
 
         _wire_document(server, doc, pending, mine)
         _wire_ask(server, ask, conversation, mine)
-        _wire_library(server, demo, lib, mine)
+        _wire_library(server, demo, lib, doc, mine)
         demo.unload(server.end_session)
         _wire_settings(server, settings, doc, pending, headline)
         _wire_live_readouts(server, mine, memory, banner, head_map, warm_up)

@@ -16,7 +16,8 @@ import hashlib
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,18 +120,19 @@ class SessionStore:
         """The owner's private library directory (saved and evicted books); its name reveals nothing."""
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
-    def take_uploads(self, key: str, paths: Sequence[str]) -> None:
-        """Count ``paths`` against the session's upload limit, or refuse them all (``UploadRefused``)."""
-        sizes = {Path(p).name: Path(p).stat().st_size for p in paths}
+    def take_uploads(self, key: str, paths: Sequence[str], names: Sequence[str] | None = None) -> None:
+        """Count ``paths`` against the session's upload limit, or refuse them all (``UploadRefused``, naming a
+        file by its entry in ``names``, the paths' names by default)."""
+        sizes = [Path(p).stat().st_size for p in paths]
         limits = self.uploads
-        for name, size in sizes.items():
+        for name, size in zip(names or [Path(p).name for p in paths], sizes, strict=True):
             if size > limits.per_upload_bytes:
                 raise UploadRefused(
                     f"{name} has {size:,} bytes; one upload may have at most {limits.per_upload_bytes:,}"
                 )
         session = self.session(key)
         with self._lock:
-            total = session.upload_bytes + sum(sizes.values())
+            total = session.upload_bytes + sum(sizes)
             if total > limits.per_session_bytes:
                 raise UploadRefused(
                     f"these files would bring this session's uploads to {total:,} bytes, over its limit of "
@@ -161,9 +163,13 @@ class SessionStore:
     def resident_bytes(self) -> int:
         return self.residency().resident_bytes
 
-    def residency(self) -> Residency:
+    def _all_books(self) -> list[Book]:
+        """Every session's books (for counts and the engine's bookkeeping: never shown, never named)."""
         with self._lock:
-            books = [b for s in self._sessions.values() for b in s.books.values()]
+            return [b for s in self._sessions.values() for b in s.books.values()]
+
+    def residency(self) -> Residency:
+        books = self._all_books()
         resident = [b for b in books if b.cache]
         return Residency(len(resident), sum(b.cache.spec.nbytes for b in resident), self.budget_bytes,
                          len(books) - len(resident), self.evictions, self.reloads)  # fmt: skip
@@ -179,7 +185,7 @@ class SessionStore:
     ) -> DocumentInfo:
         """Pre-fill a document into a new cache of this session (making room first) and make it the engine's."""
         sha = token_sha256(ids)
-        with self.engine.job():
+        with self.engine.job(), self._back_on_failure():
             cache = self._room_for(len(ids))
             self.engine.use(cache, None)
             info = self.engine.ingest(ids, on_progress=on_progress, title=title, loaded_by=loaded_by)
@@ -233,8 +239,26 @@ class SessionStore:
 
     def _load(self, path: Path, loaded_by: str, on_progress: Progress | None) -> DocumentInfo:
         tokens = book_format.read_manifest(path)["tokens"]
-        self.engine.use(self._room_for(tokens), None)
-        return library.load(self.engine, path, on_progress=on_progress, loaded_by=loaded_by)
+        with self._back_on_failure():
+            self.engine.use(self._room_for(tokens), None)
+            return library.load(self.engine, path, on_progress=on_progress, loaded_by=loaded_by)
+
+    @contextmanager
+    def _back_on_failure(self) -> Iterator[None]:
+        """Around a pre-fill or a load into a new cache (inside an engine job): if it fails or is cancelled, the
+        engine answers again from the book it held before, or from an empty cache if that book was evicted to
+        make room. The new cache is dropped either way, so neither its memory nor its figures (the live memory
+        readout draws the engine's cache) outlive the work that made it."""
+        engine = self.engine
+        before = next((b for b in self._all_books() if b.cache is engine.cache), None)
+        try:
+            yield
+        except BaseException:
+            if before is not None and before.cache is not None:  # still resident
+                engine.use(before.cache, before.info)
+            else:
+                engine.use(engine.new_cache(0), None)
+            raise
 
     def _room_for(self, tokens: int) -> DuoKVCache:
         """A new empty cache for ``tokens`` document tokens, after evicting least recently used books until it

@@ -93,7 +93,7 @@ def document_summary(
     """Before pre-fill: size, and whether it fits; if not, what would: the streaming ratio ``ratio``, which the
     button applies where this server lets its operator reload (``can_reload``; elsewhere the advice is what the
     user can do instead), with a warning where that ratio costs accuracy."""
-    source = ", ".join(files) if files else "pasted text"
+    source = html.escape(", ".join(files)) if files else "pasted text"  # an upload's name is the browser's
     head = f"**{html.escape(title)}** ({source}): {chars:,} characters, {tokens:,} tokens."
     if tokens <= fits:
         return f"{head}\n\n**Fits:** the cache holds {fits:,} document tokens. Press **Load into model**."

@@ -140,10 +140,15 @@ _FORMAT_NAMES = {
 }
 
 
-def read_document(path: str | Path, limits: ReadLimits = ReadLimits()) -> Document:
-    """Read one uploaded file, choosing the extractor by its suffix; any failure is a ``DocumentError``."""
+def read_document(path: str | Path, limits: ReadLimits = ReadLimits(), name: str | None = None) -> Document:
+    """Read one uploaded file, choosing the extractor by its suffix; any failure is a ``DocumentError``.
+
+    ``name`` is what the file is called in its title, ``files`` and messages: its owner's name for it, where that
+    differs from the path's (an upload stored under a sanitized name); the path's name by default. The extractor
+    is always chosen by the path's suffix.
+    """
     path = Path(path)
-    name = path.name
+    name = name or path.name
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DocumentError(
@@ -188,7 +193,7 @@ def read_document(path: str | Path, limits: ReadLimits = ReadLimits()) -> Docume
         found = f" ({'; '.join(reading.warnings[:3])})" if reading.warnings else ""
         raise DocumentError(f"{name!r} contains no text after extraction{found}; {hint}.")
     return Document(
-        title=_usable_title(title) or path.stem,
+        title=_usable_title(title) or Path(name).stem,
         text=text,
         chapters=chapters,
         files=[name],
@@ -196,29 +201,34 @@ def read_document(path: str | Path, limits: ReadLimits = ReadLimits()) -> Docume
     )
 
 
-def read_documents(paths: Sequence[str | Path], limits: ReadLimits = ReadLimits()) -> Document:
+def read_documents(
+    paths: Sequence[str | Path], limits: ReadLimits = ReadLimits(), names: Sequence[str] | None = None
+) -> Document:
     """Read several files as one document so questions can span them; each file becomes a headed chapter.
 
-    ``limits.max_chars`` bounds all files together.
+    ``limits.max_chars`` bounds all files together; ``names``, one per path, are the files' names as
+    ``read_document`` takes them (the paths' names by default).
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise DocumentError(f"No files were given; upload at least one {', '.join(SUPPORTED_SUFFIXES)} file.")
+    if names is None:
+        names = [Path(path).name for path in paths]
     docs: list[Document] = []
     used = 0
-    for path in paths:
+    for path, name in zip(paths, names, strict=True):
         file_limits = limits
         if limits.max_chars is not None:
             file_limits = replace(limits, max_chars=limits.max_chars - used)
         try:
-            docs.append(read_document(path, file_limits))
+            docs.append(read_document(path, file_limits, name))
         except DocumentTooLong as exc:
             if not docs:
                 raise
             raise DocumentTooLong(
                 f"The files together have more than {limits.max_chars:,} characters of text, the most this "
-                f"read may take (reached in {Path(path).name!r}); upload fewer or shorter files.",
+                f"read may take (reached in {name!r}); upload fewer or shorter files.",
                 exc.max_chars,
             ) from exc
         used += len(docs[-1].text) + len(f"# {docs[-1].files[0]}\n\n\n\n")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 
 import gradio as gr
+import httpx
 import numpy as np
 import pytest
 from conftest import haystack_text
@@ -144,14 +146,18 @@ def test_export_json_carries_provenance(loaded):
 
 
 def test_a_saved_book_loads_without_prefill_and_answers(loaded, tmp_path):
+    """Load book also sets the document area: its status names the book loaded and the bar of an earlier pre-fill
+    is cleared (they would otherwise still describe the previous document)."""
     status, _books = loaded.predict(api_name="/save_book")
     book_id = re.search(r"as `([^`]+)`", status).group(1)
     book = tmp_path / "needle.txt"
     book.write_text(needle_text())
     summary, _chapters = loaded.predict([handle_file(str(book))], "", api_name="/read")
     assert "A saved copy is in the **Library**" in summary
-    status = loaded.predict(book_id, api_name="/load_book")
+    status, doc_status, progress = loaded.predict(book_id, api_name="/load_book")
     assert status.startswith("Loaded **needle** from the library"), status
+    assert doc_status.startswith("Loaded **needle** from the library") and "no pre-fill" in doc_status
+    assert progress == ""
     _job, answer, _stats = ask(loaded)
     assert SECRET in answer
 
@@ -311,3 +317,84 @@ def test_the_upload_limits_help_gives_megabytes_and_the_defaults(capsys):
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
     assert "MB (MiB) one uploaded file may have (default: 256)" in shown
     assert "MB (MiB) one session may upload in all (default: 2048)" in shown and "bytes per file" not in shown
+
+
+def test_an_upload_is_called_by_the_name_the_browser_sent_which_is_only_ever_a_name(tmp_path):
+    """Gradio stores ``Les Misérables $1.txt`` as ``Les Misérables 1.txt`` (it strips ``$`` and other characters
+    from stored names): Read shows the name the browser sent (``FileData.orig_name``), in the summary and in
+    refusals. That name is only a name: a path in it is cut to its last part and unprintable characters go, and
+    what is read is the stored path."""
+    server = Server(EngineSettings(device="cpu", max_tokens=2048, chunk_size=128))
+    request = gr.Request(session_hash="reader")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    stored = tmp_path / "a" / "Les Misérables 1.txt"
+    stored.write_text(haystack_text(300))
+    upload = {"path": str(stored), "orig_name": "Les Misérables $1.txt", "meta": {"_type": "gradio.FileData"}}
+    summary, _, pending, *_ = server.read([upload], "", None, request)
+    assert summary.startswith("**Les Misérables $1** (Les Misérables $1.txt):"), summary
+    assert pending.document.title == "Les Misérables $1"
+    summary, *_ = server.read([upload], "", None, request)  # read already, and deleted
+    assert "Les Misérables $1.txt: already read" in summary, summary
+    other = tmp_path / "b" / "other.txt"
+    other.write_text(haystack_text(200))
+    sneaky = {"path": str(other), "orig_name": "../../etc/pass\x00wd.txt"}
+    summary, _, pending, *_ = server.read([sneaky], "", None, request)
+    assert pending.document.files == ["passwd.txt"] and not other.exists()
+
+
+def test_read_takes_no_file_from_outside_the_upload_folder(app_url, tmp_path):
+    """Read gets the uploads' FileData unprocessed (for the names the browser sent), and Gradio still refuses a
+    path it did not receive as an upload before the handler sees it: that file is neither read nor deleted, while
+    the same request with an uploaded file reads it."""
+    config = httpx.get(f"{app_url}config").json()
+    read = next(d["id"] for d in config["dependencies"] if d["api_name"] == "read")
+
+    def read_raw(path: str, session: str) -> dict:
+        upload = {"path": path, "orig_name": "book.txt", "meta": {"_type": "gradio.FileData"}}
+        joined = httpx.post(
+            f"{app_url}gradio_api/queue/join",
+            json={"data": [[upload], "", None], "fn_index": read, "session_hash": session},
+        )
+        assert joined.status_code == 200, joined.text
+        with httpx.stream(
+            "GET", f"{app_url}gradio_api/queue/data", params={"session_hash": session}
+        ) as events:
+            messages = [json.loads(line[5:]) for line in events.iter_lines() if line.startswith("data:")]
+        return next(m for m in messages if m.get("msg") == "process_completed")
+
+    text = f"The secret number is {SECRET}. " + haystack_text(300)
+    uploaded = httpx.post(
+        f"{app_url}gradio_api/upload", files=[("files", ("book.txt", text.encode()))]
+    ).json()
+    completed = read_raw(uploaded[0], "uploader")
+    assert completed["success"] and "**book** (book.txt)" in completed["output"]["data"][0], completed
+    outside = tmp_path / "secret.txt"
+    outside.write_text(text)
+    completed = read_raw(str(outside), "intruder")
+    assert completed["success"] is False and SECRET not in json.dumps(completed) and outside.exists()
+
+
+def test_a_question_asked_during_this_sessions_prefill_is_told_it_waits_for_it(tmp_path):
+    """Ask during the session's own pre-fill queues behind it (and is answered once it ends): ``ask_waits`` says
+    so at once, with the pre-fill's progress; for another session, an empty question, or once the pre-fill has
+    ended, it says nothing."""
+    server = Server(EngineSettings(device="cpu", max_tokens=4096, chunk_size=128))
+    reader, other = gr.Request(session_hash="reader"), gr.Request(session_hash="other")
+    _summary, _chapters, pending, *_ = server.read(None, haystack_text(8000), None, reader)
+    outputs = []
+    prefill = threading.Thread(target=lambda: outputs.extend(server.prefill(pending, None, reader)))
+    prefill.start()
+    deadline = time.monotonic() + 120
+    while not (server.job and server.job.reading and server.job.reading[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = server.ask_waits("What is it about?", reader)
+    match = re.fullmatch(
+        r"\*\*Waiting:\*\* \*\*Pasted text\*\* is still being read \(([\d,]+) of ([\d,]+) tokens, \d+%\); "
+        r"your question is answered as soon as it is loaded\.",
+        line,
+    )
+    assert match and 0 < int(match[1].replace(",", "")) < int(match[2].replace(",", "")), line
+    assert server.ask_waits("What is it about?", other) == gr.skip()
+    assert server.ask_waits("  ", reader) == gr.skip()
+    prefill.join()
+    assert "Loaded" in outputs[-1][1] and server.ask_waits("What is it about?", reader) == gr.skip()

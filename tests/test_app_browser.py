@@ -49,7 +49,8 @@ def app_url():
 
 
 def test_upload_prefill_ask_and_live_memory_in_a_browser(app_url, tmp_path):
-    book = tmp_path / "needle.txt"
+    """The book's name keeps the characters Gradio strips from the stored upload's (``$``)."""
+    book = tmp_path / "Les Misérables $1 needle.txt"
     text = haystack_text(1400)
     book.write_text(text[:700] + f" The secret number is {SECRET}. " + text[700:])
     with sync_api.sync_playwright() as p:
@@ -61,12 +62,13 @@ def test_upload_prefill_ask_and_live_memory_in_a_browser(app_url, tmp_path):
         page.locator("input[type=file]").first.set_input_files(str(book))
         page.get_by_role("button", name="Read", exact=True).click()
         sync_api.expect(page.locator("#summary")).to_contain_text("Fits", timeout=30_000)
+        sync_api.expect(page.locator("#summary")).to_contain_text("Les Misérables $1 needle.txt")
 
         page.get_by_role("button", name="Load into model").click()
         progress = page.locator(".prefill-progress")
         sync_api.expect(progress).to_contain_text(re.compile(r"\d+ / \d+ tokens"), timeout=30_000)
         sync_api.expect(page.locator("#doc-status")).to_contain_text("Loaded", timeout=120_000)
-        sync_api.expect(page.locator("#banner")).to_contain_text("needle", timeout=10_000)
+        sync_api.expect(page.locator("#banner")).to_contain_text("Les Misérables $1 needle", timeout=10_000)
 
         page.get_by_label("Question").fill("According to the document, what is the secret number?")
         page.get_by_role("button", name="Ask", exact=True).click()
@@ -143,7 +145,8 @@ def test_warm_up_conversation_and_evidence_in_a_browser(app_url, tmp_path):
 
 
 def test_stop_cancel_and_time_left_in_a_browser(app_url, tmp_path):
-    """Cancel during the pre-fill says so without an error badge; the time left shows; Stop keeps the answer and
+    """Cancel during the pre-fill says so without an error badge; the time left shows; a question asked during
+    the pre-fill is told at once that it waits for it, and is answered once it ends; Stop keeps the answer and
     returns the UI to ready."""
     book = tmp_path / "long.txt"
     book.write_text(haystack_text(3800, start_file=2))  # ~900 tokens: 15 chunks of 64
@@ -163,8 +166,16 @@ def test_stop_cancel_and_time_left_in_a_browser(app_url, tmp_path):
         assert page.get_by_text("Error", exact=True).count() == 0
 
         page.get_by_role("button", name="Load into model").click()
-        sync_api.expect(status).to_contain_text("Loaded", timeout=180_000)
+        sync_api.expect(progress).to_contain_text(
+            re.compile(r"[1-9][\d,]* / [\d,]+ tokens · [\d,]+ tokens/s")
+        )
         _ask(page, "Write a long, detailed summary of the whole document.")
+        sync_api.expect(page.locator("#answer-stats")).to_contain_text(
+            re.compile(r"Waiting: long is still being read \([\d,]+ of [\d,]+ tokens"), timeout=10_000
+        )
+        # the queued question shows its place in the queue on the chat alone: the line and the question stay clear
+        assert _on_top(page.locator("#answer-stats p").first) and _on_top(page.get_by_label("Question"))
+        sync_api.expect(status).to_contain_text("Loaded", timeout=180_000)
         chat = page.locator("#chat")
         # the answer's first words, not the question's
         answer_started = re.compile(r"whole document\.\s+(?!\(no answer\))\w+\W+\w+")
@@ -177,6 +188,18 @@ def test_stop_cancel_and_time_left_in_a_browser(app_url, tmp_path):
         assert answer_started.search(chat.inner_text())  # the text generated so far stays
         assert page.get_by_text("Error", exact=True).count() == 0
         browser.close()
+
+
+def _on_top(element) -> bool:
+    """Whether the middle of ``element`` shows it, not a progress overlay (or anything else) drawn over it."""
+    element.scroll_into_view_if_needed()
+    return element.evaluate(
+        """e => {
+            const r = e.getBoundingClientRect();
+            const top = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+            return e.contains(top);
+        }"""
+    )
 
 
 def _notices(page) -> list[str]:

@@ -49,3 +49,9 @@ def test_a_too_large_document_warns_of_the_accuracy_cost_only_past_half_streamin
     assert "miss more" not in document_summary("book", ["book.txt"], 40_000, 7_000, 6_000, 0.5)
     plain = document_summary("book", ["book.txt"], 40_000, 9_000, 6_000, 0.75, can_reload=False)
     assert "button" not in plain and "ask the operator" in plain and "--sparsity 0.75" in plain
+
+
+def test_the_summary_escapes_the_file_names_as_it_does_the_title():
+    """Uploads are called by the names the browser sent (``app.main._uploads``), which may hold markup."""
+    text = document_summary("<b>x", ["<img src=x onerror=alert(1)>.txt"], 100, 30, 1000, None)
+    assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;.txt" in text and "<b>" not in text

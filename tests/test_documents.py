@@ -277,6 +277,22 @@ def test_read_documents_joins_files_with_headings(tmp_path: Path) -> None:
     assert read_documents([first]) == read_document(first)
 
 
+def test_files_are_called_by_the_names_given_and_read_by_their_paths_suffix(tmp_path: Path) -> None:
+    """An upload stored under a sanitized name (``Les Misérables 1.txt``) is called by its owner's name for it in
+    the title, the files, the headings that join several files and the messages; its path's suffix picks the
+    reader."""
+    stored = tmp_path / "Les Misérables 1.txt"
+    stored.write_text("Chapter 1\nAlpha text.\n", encoding="utf-8")
+    doc = read_documents([stored], names=["Les Misérables $1.txt"])
+    assert doc.title == "Les Misérables $1" and doc.files == ["Les Misérables $1.txt"]
+    both = read_documents([stored, stored], names=["Tome $1.txt", "Tome $2.txt"])
+    assert both.text.startswith("# Tome $1.txt\n\n") and "# Tome $2.txt\n\n" in both.text
+    empty = tmp_path / "Cosette 1.txt"
+    empty.write_text("")
+    with pytest.raises(DocumentError, match=r"'Cosette \$1\.md' contains no text"):
+        read_document(empty, name="Cosette $1.md")
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 
 

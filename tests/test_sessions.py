@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import haystack_text
 
 from app.sessions import NoBook, SessionStore
 from app.ui_render import memory_html
-from duo_qserve.engine import DocumentTooLarge, Engine
+from duo_qserve.engine import Cancelled, DocumentTooLarge, Engine
 
 QUESTION = "According to the document, what is the secret number?"
 
@@ -73,5 +75,41 @@ def test_a_book_larger_than_the_budget_is_refused_and_the_others_stay(engine, tm
     with pytest.raises(DocumentTooLarge, match=f"{store.max_document_tokens:,} document tokens"):
         store.prefill("session:b", larger, "larger", "session b")
     assert store.session("session:a").books[a.sha256].cache is not None  # nothing was evicted for it
+    store.activate("session:a", a.sha256)
+    assert "48213" in engine.answer(QUESTION, max_new_tokens=24)
+
+
+def _cache_figures(engine) -> list[str]:
+    """What the memory readout says of the engine's cache: its KV bytes and the context it holds."""
+    readout = memory_html(engine)
+    return re.findall(r"(?:Retrieval KV|KV scales|Streaming KV) [\d.]+ \w+|Context held: [^·]+", readout)
+
+
+def test_a_cancelled_prefill_gives_the_engine_back_the_book_it_held_or_an_empty_cache(engine, tmp_path):
+    """The live memory readout draws the engine's cache: after a cancelled pre-fill it shows the book the engine
+    answered from before (or, where that book was evicted to make room, no book), never the cancelled pre-fill's
+    cache, which is dropped."""
+    ids_a = engine.document_ids(planted("48213", 0))
+    # several chunks: each pre-fill of it is cancelled after the first
+    longer = engine.document_ids(haystack_text(3000, start_file=1))
+    assert len(longer) > 2 * engine.chunk_size
+
+    def cancel(done: int, total: int) -> None:
+        engine.cancel()
+
+    store = SessionStore(engine, budget_bytes=1 << 30, library_root=tmp_path / "roomy")
+    a = store.prefill("session:a", ids_a, "alpha", "session a")
+    before, cache = _cache_figures(engine), engine.cache
+    with pytest.raises(Cancelled):
+        store.prefill("session:a", longer, "longer", "session a", on_progress=cancel)
+    assert engine.cache is cache and engine.document is a and _cache_figures(engine) == before
+
+    one_book = engine.cache_spec_for(len(longer)).nbytes
+    store = SessionStore(engine, budget_bytes=int(one_book * 1.2), library_root=tmp_path / "tight")
+    a = store.prefill("session:a", ids_a, "alpha", "session a")
+    with pytest.raises(Cancelled):  # alpha is evicted to make room first
+        store.prefill("session:b", longer, "longer", "session b", on_progress=cancel)
+    assert store.session("session:a").books[a.sha256].cache is None
+    assert engine.document is None and engine.cache.max_tokens == engine.cache_spec_for(0).max_tokens
     store.activate("session:a", a.sha256)
     assert "48213" in engine.answer(QUESTION, max_new_tokens=24)
