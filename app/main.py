@@ -100,8 +100,10 @@ class Job:
         work: Callable[[Job], Any],
         lock: threading.Lock,
         on_cancel: Callable[[], None] | None = None,
+        kind: str = "document",
     ):
-        self.owner, self._on_cancel = owner, on_cancel
+        # kind: "answer" (what Stop stops) or "document" (a pre-fill or a library job: what Cancel stops)
+        self.owner, self._on_cancel, self.kind = owner, on_cancel, kind
         # (title, tokens done, tokens in all) while the job pre-fills a document, for a question asked meanwhile
         self.reading: tuple[str, int, int] | None = None
         self.result: Any = None
@@ -247,6 +249,10 @@ class Server:
         self.store = self._new_store()
         self.generation = 0
         self.job: Job | None = None
+        # sessions whose question waits in the queue behind their own pre-fill (``ask_waits``), and those of them
+        # that pressed Stop meanwhile: their question is not asked when its turn comes
+        self.waiting: set[str] = set()
+        self.withdrawn: set[str] = set()
         self.warm_status = ""
         self._warm_up()
 
@@ -289,8 +295,8 @@ class Server:
         return SessionStore(self.engine, budget, uploads=self.uploads)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def _start(self, owner: str, work: Callable[[Job], Any], engine: Engine) -> Job:
-        self.job = Job(owner, work, engine.lock, engine.cancel)
+    def _start(self, owner: str, work: Callable[[Job], Any], engine: Engine, kind: str = "document") -> Job:
+        self.job = Job(owner, work, engine.lock, engine.cancel, kind)
         return self.job
 
     def _ids(self, pending: Pending) -> list[int]:
@@ -488,10 +494,29 @@ class Server:
         yield bar, status, info.sha256
 
     def cancel(self, request: gr.Request) -> None:
-        """Stop this session's running pre-fill or answer (never another user's)."""
-        job = self.job
-        if job is not None and job.owner == request.session_hash and not job.done.is_set():
+        """Cancel: stop this session's running pre-fill or library job (never an answer, never another user's)."""
+        job = self._running(request, "document")
+        if job is not None:
             job.cancel()
+
+    def stop(self, request: gr.Request) -> Any:
+        """Stop: end this session's running answer (which then says so and keeps what it wrote), or withdraw its
+        question still waiting behind its own pre-fill, which runs on. Returns the line under the chat: the
+        withdrawal's, else ``skip`` (the answer's own event says how it ended)."""
+        job = self._running(request, "answer")
+        if job is not None:
+            job.cancel()
+        elif request.session_hash in self.waiting:
+            self.waiting.discard(request.session_hash)
+            self.withdrawn.add(request.session_hash)
+            return "**Stopped:** your question will not be asked; the book is still being read."
+        return gr.skip()
+
+    def _running(self, request: gr.Request, kind: str) -> Job | None:
+        job = self.job
+        if job is None or job.owner != request.session_hash or job.kind != kind or job.done.is_set():
+            return None
+        return job
 
     # ---- questions -------------------------------------------------------------------------------------------
     def ask_waits(self, question: str, request: gr.Request) -> Any:
@@ -507,6 +532,7 @@ class Server:
         if reading is None or job.done.is_set():
             return gr.skip()
         title, done, total = reading
+        self.waiting.add(request.session_hash)
         return (
             f"**Waiting:** **{title}** is still being read ({done:,} of {total:,} tokens, "
             f"{done / max(total, 1):.0%}); your question is answered as soon as it is loaded."
@@ -531,6 +557,15 @@ class Server:
         pre-filled. Stop ends the answer and keeps it (the event itself runs to its end). What goes wrong is said
         once, in the line under the chat, and the question stays in its box unless it was answered."""
         engine, question = self.engine, (question or "").strip()
+        self.waiting.discard(request.session_hash)
+        if request.session_hash in self.withdrawn:
+            self.withdrawn.discard(request.session_hash)
+            yield (
+                gr.skip(),
+                gr.skip(),
+                "**Not asked:** you pressed Stop while it waited; it is still in the box.",
+            )
+            return
         if not question:
             yield gr.skip(), gr.skip(), "**Not asked:** type a question first."
             return
@@ -567,7 +602,7 @@ class Server:
             return engine.last
 
         history = [*history, {"role": "user", "content": question}]
-        job = self._start(request.session_hash, work, engine)
+        job = self._start(request.session_hash, work, engine, kind="answer")
         yield [*history, {"role": "assistant", "content": "…"}], "", f"Answering about **{doc.title}**…"
         try:
             for batch in job.stream():
@@ -1089,7 +1124,8 @@ def _wire_document(server: Server, doc: DocumentArea, pending: gr.State, mine: g
 def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.State) -> None:
     """Ask ("/ask", on the GPU; Enter in the question box does the same, unlisted in the API) streams the
     answer into the chat and clears the question; pressed during this session's pre-fill, it also says at once
-    that the question waits for it; Stop ("/stop") only tells the engine; New conversation
+    that the question waits for it; Stop ("/stop") ends this session's answer or withdraws its question waiting
+    behind its pre-fill (Cancel, in the document area, stops the pre-fill); New conversation
     ("/clear", also the chat's trash icon) empties the chat and ``conversation``; Export ("/export") writes it
     to a file."""
     ask_inputs = [ask.question, ask.chatbot, conversation, mine, *ask.sampling]
@@ -1112,7 +1148,9 @@ def _wire_ask(server: Server, ask: AskArea, conversation: gr.State, mine: gr.Sta
     ask.question.submit(server.ask, ask_inputs, ask_outputs, api_visibility="private", **on_gpu)
     # Stop and Cancel only tell the engine: the event then ends by itself and says what happened (cancelling
     # the event would leave its last status standing and show an error badge for the user's own action).
-    ask.stop_button.click(server.cancel, None, None, api_name="stop", concurrency_limit=None)
+    ask.stop_button.click(
+        server.stop, None, ask.answer_stats, api_name="stop", concurrency_limit=None, show_progress="hidden"
+    )
     # the chat's own trash icon is New conversation too: emptying only the screen would leave the model (and
     # the export) with turns the user no longer sees
     gr.on(

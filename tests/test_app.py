@@ -398,3 +398,40 @@ def test_a_question_asked_during_this_sessions_prefill_is_told_it_waits_for_it(t
     assert server.ask_waits("  ", reader) == gr.skip()
     prefill.join()
     assert "Loaded" in outputs[-1][1] and server.ask_waits("What is it about?", reader) == gr.skip()
+
+
+def test_stop_withdraws_a_question_waiting_behind_the_prefill_and_leaves_the_prefill_running():
+    """Stop is for answers and Cancel for pre-fills: Stop pressed while this session's question waits behind its
+    pre-fill withdraws the question (said at once; when its turn comes it is not asked and stays in its box) and
+    the pre-fill runs on; Stop with nothing waiting, or from another session, does nothing; the next question is
+    answered as usual."""
+    from duo_qserve.conversation import Conversation
+
+    server = Server(EngineSettings(device="cpu", max_tokens=4096, chunk_size=128))
+    reader, other = gr.Request(session_hash="reader"), gr.Request(session_hash="other")
+    _summary, _chapters, pending, *_ = server.read(None, haystack_text(8000), None, reader)
+    outputs = []
+    prefill = threading.Thread(target=lambda: outputs.extend(server.prefill(pending, None, reader)))
+    prefill.start()
+    deadline = time.monotonic() + 120
+    while not (server.job and server.job.reading and server.job.reading[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (
+        server.stop(reader) == gr.skip() and not server.job.cancelled
+    )  # nothing waits: the pre-fill goes on
+    assert server.ask_waits("What is it about?", reader).startswith("**Waiting:**")
+    assert server.stop(other) == gr.skip()
+    assert (
+        server.stop(reader) == "**Stopped:** your question will not be asked; the book is still being read."
+    )
+    prefill.join()
+    assert "Loaded" in outputs[-1][1], outputs[-1]
+    mine = outputs[-1][2]
+    sampling = (0.0, 1.0, 8, 1.0, 0, 0)
+    withdrawn = list(server.ask("What is it about?", [], Conversation(), mine, *sampling, reader))
+    assert withdrawn == [
+        (gr.skip(), gr.skip(), "**Not asked:** you pressed Stop while it waited; it is still in the box.")
+    ]
+    answered = list(server.ask("What is it about?", [], Conversation(), mine, *sampling, reader))
+    history = [o[0] for o in answered if isinstance(o[0], list)][-1]
+    assert answered[0][1] == "" and history[-1]["role"] == "assistant" and history[-1]["content"]
