@@ -374,19 +374,26 @@ def test_read_takes_no_file_from_outside_the_upload_folder(app_url, tmp_path):
     assert completed["success"] is False and SECRET not in json.dumps(completed) and outside.exists()
 
 
-def test_a_question_asked_during_this_sessions_prefill_is_told_it_waits_for_it(tmp_path):
-    """Ask during the session's own pre-fill queues behind it (and is answered once it ends): ``ask_waits`` says
-    so at once, with the pre-fill's progress; for another session, an empty question, or once the pre-fill has
-    ended, it says nothing."""
+def _prefill_under_way(request: gr.Request) -> tuple[Server, threading.Thread, list]:
+    """A CPU server pre-filling pasted text for ``request``'s session in a thread, returned once its first chunk
+    is done (so the pre-fill is mid-way): the server, the thread and the list its outputs go to."""
     server = Server(EngineSettings(device="cpu", max_tokens=4096, chunk_size=128))
-    reader, other = gr.Request(session_hash="reader"), gr.Request(session_hash="other")
-    _summary, _chapters, pending, *_ = server.read(None, haystack_text(8000), None, reader)
-    outputs = []
-    prefill = threading.Thread(target=lambda: outputs.extend(server.prefill(pending, None, reader)))
+    _summary, _chapters, pending, *_ = server.read(None, haystack_text(8000), None, request)
+    outputs: list = []
+    prefill = threading.Thread(target=lambda: outputs.extend(server.prefill(pending, None, request)))
     prefill.start()
     deadline = time.monotonic() + 120
     while not (server.job and server.job.reading and server.job.reading[1]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return server, prefill, outputs
+
+
+def test_a_question_asked_during_this_sessions_prefill_is_told_it_waits_for_it(tmp_path):
+    """Ask during the session's own pre-fill queues behind it (and is answered once it ends): ``ask_waits`` says
+    so at once, with the pre-fill's progress; for another session, an empty question, or once the pre-fill has
+    ended, it says nothing."""
+    reader, other = gr.Request(session_hash="reader"), gr.Request(session_hash="other")
+    server, prefill, outputs = _prefill_under_way(reader)
     line = server.ask_waits("What is it about?", reader)
     match = re.fullmatch(
         r"\*\*Waiting:\*\* \*\*Pasted text\*\* is still being read \(([\d,]+) of ([\d,]+) tokens, \d+%\); "
@@ -407,15 +414,8 @@ def test_stop_withdraws_a_question_waiting_behind_the_prefill_and_leaves_the_pre
     answered as usual."""
     from duo_qserve.conversation import Conversation
 
-    server = Server(EngineSettings(device="cpu", max_tokens=4096, chunk_size=128))
     reader, other = gr.Request(session_hash="reader"), gr.Request(session_hash="other")
-    _summary, _chapters, pending, *_ = server.read(None, haystack_text(8000), None, reader)
-    outputs = []
-    prefill = threading.Thread(target=lambda: outputs.extend(server.prefill(pending, None, reader)))
-    prefill.start()
-    deadline = time.monotonic() + 120
-    while not (server.job and server.job.reading and server.job.reading[1]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    server, prefill, outputs = _prefill_under_way(reader)
     assert (
         server.stop(reader) == gr.skip() and not server.job.cancelled
     )  # nothing waits: the pre-fill goes on
