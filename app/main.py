@@ -765,8 +765,11 @@ class Server:
         return f"Removed `{book_id}`.", self.books(request)
 
     def end_session(self, request: gr.Request) -> None:
-        """The tab was closed: an anonymous session's books and library go (a login's stay for its next visit)."""
+        """The tab was closed: an anonymous session's books and library go (a login's stay for its next visit), and
+        so does any question of it that was waiting or withdrawn."""
         self.read_uploads.pop(_key(request), None)
+        self.waiting.discard(request.session_hash)
+        self.withdrawn.discard(request.session_hash)
         if not request.username:
             self.store.end(_key(request))
 
