@@ -23,6 +23,7 @@ _VALUED = {
     "--recent": "recent",
     "--chunk-size": "chunk_size",
     "--max-tokens": "max_tokens",
+    "--w8a8-recipe": "smoothing",
 }
 DEFAULTS = EngineSettings()
 
@@ -69,6 +70,8 @@ def add_engine_args(parser: argparse.ArgumentParser, defaults: EngineSettings | 
         "--chunk-size": "pre-fill chunk in tokens; " + shown("chunk_size", "32768 on CUDA, 512 on CPU"),
         "--max-tokens": "cache capacity in tokens; "
         + shown("max_tokens", "what fits on the GPU, 32768 on CPU"),
+        "--w8a8-recipe": "how W8A8 prepares the model: a recipe file (rotation, SmoothQuant statistics); 'auto': "
+        "the one shipped for the model, if any; 'none': plain W8A8; " + shown("smoothing"),
     }
     types = {"--sparsity": _fraction, "--kv-bits": int, "--key-group": int, "--sink": int, "--recent": int,
              "--chunk-size": int, "--max-tokens": int}  # fmt: skip
@@ -95,6 +98,8 @@ def settings_from_args(args: argparse.Namespace, base: EngineSettings | None = N
     given = {k: v for k, v in given.items() if v is not None}
     if "pattern" in given:
         given["pattern"] = parse_pattern(given["pattern"])
+    if given.get("smoothing", "").lower() == "none":
+        given["smoothing"] = None
     if args.cpu:
         given |= {"device": "cpu", "dtype": None}
     settings = dataclasses.replace(settings, **given)

@@ -54,6 +54,15 @@ def test_given_options_override_a_books_settings_and_the_rest_are_kept():
     )  # the CPU's dtype; a mismatch is load's to say
 
 
+def test_w8a8_recipe_names_a_file_the_shipped_one_or_none():
+    assert settings_from_args(parser().parse_args([])).smoothing == "auto"
+    assert settings_from_args(parser().parse_args(["--w8a8-recipe", "None"])).smoothing is None
+    assert (
+        settings_from_args(parser().parse_args(["--w8a8-recipe", "r.safetensors"])).smoothing
+        == "r.safetensors"
+    )
+
+
 def test_demo_names_the_devices_demo_model():
     assert settings_from_args(parser().parse_args(["--model", "demo", "--cpu"])).model == demo_model(cpu=True)
 
