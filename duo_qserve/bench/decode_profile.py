@@ -1,11 +1,15 @@
-"""Where the time of one CUDA-graph decode step goes (Llama-3-8B shape, synthetic weights; needs a CUDA GPU).
+"""Where the time of one CUDA-graph decode step goes (a named model shape, synthetic weights; needs a CUDA GPU).
 
 The step of ``duo_qserve.decode_graph`` is replayed under the PyTorch profiler, which records every kernel of
 the graph with its start and end. Per context the result lists, for each kernel (name and grid: the GEMVs of
 different shapes are told apart by their grids), how many run per step and their microseconds per step, and the
 step's idle time between kernels (launch gaps), against the step's floor (weight + KV bytes / copy bandwidth).
 
-    python -m duo_qserve.bench.decode_profile --out DIR [--contexts 32768,1048576] [--pattern DIR]
+    python -m duo_qserve.bench.decode_profile --out DIR --pattern DIR [--contexts 32768,1048576]
+        [--shape qwen2.5-coder-1.5b] [--recipe FILE]
+
+``--recipe``: a W8A8 recipe file (``duo_qserve.quant.recipe``, e.g. the one shipped in ``quant/calibration/``):
+a rotation recipe adds its online Hadamard to the step, as in the served model. Without it, plain W8A8.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from duo_qserve.cache import CacheConfig, CacheSpec, DuoKVCache
 from duo_qserve.decode_graph import GraphedDecoder
 from duo_qserve.loading import load_model
 from duo_qserve.patterns import load_pattern, reorder_heads
+from duo_qserve.quant.recipe import quantize_with_recipe
 from duo_qserve.quant.w8a8 import quantize_model_w8a8
 
 
@@ -72,9 +77,12 @@ def run(args) -> dict:
     pattern = load_pattern(args.pattern)
     mask, sparsity = pattern.retrieval_mask(args.sparsity)
     config = CacheConfig(kv_bits=4, sink_tokens=pattern.sink_size, recent_tokens=pattern.recent_size)
-    model = load_model("synthetic:llama-3-8b", "cuda", torch.float16).model
+    model = load_model(f"synthetic:{args.shape}", "cuda", torch.float16).model
     heads = reorder_heads(model, mask)
-    quantize_model_w8a8(model)
+    if args.recipe:
+        quantize_with_recipe(model, args.recipe)
+    else:
+        quantize_model_w8a8(model)
     torch.cuda.empty_cache()
     w_q = weight_bytes_read(model)
     rows = []
@@ -118,14 +126,16 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     return write_result(
         args.out, "decode-profile", device, date, copy, None,
-        {"model_shape": "llama-3-8b (synthetic weights)", "pattern": pattern.name, "sparsity": sparsity,
-         "weights_read_bytes": w_q, "rows": rows}, module="decode_profile",
+        {"model_shape": f"{args.shape} (synthetic weights)", "recipe": args.recipe, "pattern": pattern.name,
+         "sparsity": sparsity, "weights_read_bytes": w_q, "rows": rows}, module="decode_profile",
     )[1]  # fmt: skip
 
 
 def main(argv=None) -> int:
     p = model_parser(__doc__, "32768,1048576")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--shape", default="llama-3-8b", help="a model shape of duo_qserve.model.PRESETS")
+    p.add_argument("--recipe", default=None, help="a W8A8 recipe file (default: plain W8A8)")
     run(p.parse_args(argv))
     return 0
 

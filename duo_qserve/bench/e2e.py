@@ -419,10 +419,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def model_parser(doc: str, contexts: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark of the Llama-3-8B-shaped model takes (output folder, pattern, contexts)."""
+    """The arguments every decode benchmark takes (output folder, pattern, contexts)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--pattern", required=True, help="a Llama-3-8B attention pattern dir")
+    p.add_argument("--pattern", required=True, help="an attention pattern dir for the model shape")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--contexts", default=contexts)
     return p
