@@ -36,7 +36,6 @@ GEMM_SHAPES = [
 ]
 # Row shapes for the quantization kernels; the last one has leading dims [2, 5].
 ROW_SHAPES = [(1, 160), (3, 96), (33, 4096), (2, 5, 100)]
-ACT_OPS = ("quantize_per_token", "rmsnorm_quantize", "silu_mul_quantize")
 EPS = 1e-5
 
 
@@ -64,6 +63,20 @@ def make_cases() -> dict[str, tuple]:
     cases["group-1x(97,64,33,16)"] = ("w8a8_matmul_group", (*x, weights), {"out_dtype": torch.float32})
     x3 = (_nonzero_int8(3, k, gen=gen), torch.rand(3, 1, generator=gen) + 0.01)
     cases["group-3x(97,64)"] = ("w8a8_matmul_group", (*x3, weights[:2]), {"out_dtype": torch.float32})
+    # Biases in the epilogue (Qwen2's q/k/v): the grouped GEMV, its M = 3 fallback, and each tile path.
+    # x scales shrunk so products are a few tens, the size of the biases: a bias left out cannot hide in rtol.
+    biases = [torch.randn(n, generator=gen) * 30 for n in (97, 64, 33, 16)]
+    for name, (x_q, x_scale), n_weights in (("1x(97,64,33,16)", x, 4), ("3x(97,64)", x3, 2)):
+        cases[f"group-{name}-bias"] = (
+            "w8a8_matmul_group", (x_q, x_scale / 1e3, weights[:n_weights]),
+            {"out_dtype": torch.float32, "biases": biases[:n_weights]},
+        )  # fmt: skip
+    for m, n, k in (GEMM_SHAPES[0], GEMM_SHAPES[2], GEMM_SHAPES[5]):
+        bias = (torch.randn(n, generator=gen) * 30).half()
+        x_q, x_scale, w_q, w_scale = cases[f"gemm-{m}x{n}x{k}-fp32"][1]
+        cases[f"gemm-{m}x{n}x{k}-bias-fp16"] = (
+            "w8a8_matmul", (x_q, x_scale / 1e3, w_q, w_scale), {"out_dtype": torch.float16, "bias": bias}
+        )  # fmt: skip
     # The residual add of o_proj/down_proj, in the GEMV's and the tiles' epilogue.
     for m, n, k in (GEMM_SHAPES[0], GEMM_SHAPES[5]):
         x_q, x_scale, w_q, w_scale = cases[f"gemm-{m}x{n}x{k}-fp32"][1]
@@ -89,6 +102,8 @@ def make_cases() -> dict[str, tuple]:
             cases[f"quantize_per_token-{tag}"] = ("quantize_per_token", (x,), {})
             cases[f"rmsnorm_quantize-{tag}"] = ("rmsnorm_quantize", (x, weight, EPS), {})
             cases[f"silu_mul_quantize-{tag}"] = ("silu_mul_quantize", (gate, up), {})
+            # Hadamard blocks of 32 (x5, x3: padded to 8 and 4 blocks), 4096 (one block) and 4 (x25).
+            cases[f"silu_mul_hadamard_quantize-{tag}"] = ("silu_mul_hadamard_quantize", (gate, up), {})
     return cases
 
 
@@ -96,8 +111,12 @@ def _function(name: str):
     return getattr(int8_gemm if name.startswith("w8a8") else quantize_act, name)
 
 
-def _group_reference(x_q, x_scale, weights, out_dtype):
-    return [int8_gemm.reference(x_q, x_scale, w_q, w_scale, out_dtype) for w_q, w_scale in weights]
+def _group_reference(x_q, x_scale, weights, out_dtype, biases=None):
+    each = biases or [None] * len(weights)
+    return [
+        int8_gemm.reference(x_q, x_scale, w_q, w_scale, out_dtype, bias=b)
+        for (w_q, w_scale), b in zip(weights, each, strict=True)
+    ]
 
 
 def _reference(name: str):

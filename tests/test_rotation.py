@@ -16,17 +16,10 @@ import torch
 from test_w8a8 import CALIB, IDS, logits, rel_err, tiny_model
 from torch import nn
 
-from duo_qserve.kernels.quantize_act import quantize_per_token
+from duo_qserve.kernels.hadamard import fast_hadamard, hadamard_block, hadamard_matrix
 from duo_qserve.model import ModelArgs, RMSNorm, SiluAndMul, Transformer
 from duo_qserve.quant import search
-from duo_qserve.quant.rotation import (
-    SiluMulHadamard,
-    fast_hadamard,
-    hadamard_block,
-    hadamard_matrix,
-    residual_rotation,
-    rotate_model,
-)
+from duo_qserve.quant.rotation import SiluMulHadamard, residual_rotation, rotate_model
 from duo_qserve.quant.w8a8 import (
     SiluMulHadamardQuant,
     W8A8Linear,
@@ -120,8 +113,7 @@ def test_hadamard_quant_matches_float_reference():
     a = SiluMulHadamardQuant()(gate, up)
     y = SiluMulHadamard()(gate.double(), up.double())  # float64 reference
     assert ((a.q.double() * a.scale - y).abs() <= a.scale / 2 * (1 + 1e-4) + 1e-6).all()  # half a step
-    q, s = quantize_per_token(fast_hadamard(torch.nn.functional.silu(gate) * up))
-    assert torch.equal(a.q, q) and torch.equal(a.scale, s)
+    assert (a.q.abs().amax(dim=1) == 127).all()  # each row's largest value takes the last code
 
 
 def test_rotation_reduces_w8a8_error_on_outlier_channels():

@@ -59,9 +59,9 @@ import torch
 from duo_qserve.environment import REPO_ROOT
 from duo_qserve.eval.common import _finite
 from duo_qserve.kernels.attention import apply_rope
+from duo_qserve.kernels.hadamard import hadamard_matrix
 from duo_qserve.model import CausalAttention, rope_cos_sin
 from duo_qserve.quant.kv_quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
-from duo_qserve.quant.rotation import hadamard_matrix
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 BITS = 4

@@ -45,11 +45,11 @@ def _tune_timer(fn, quantiles):
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, bias_ptr, res_ptr,
     M, N, K, m_bucket,
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
 ):  # fmt: skip
     # m_bucket only keys the autotuner (see TUNE_MAX_M).
     pid = tl.program_id(0)
@@ -83,6 +83,8 @@ def _w8a8_gemm_kernel(
     out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None] * stride_om + cols[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:  # res has out's layout
         out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -103,9 +105,11 @@ def _dot4(a, b, acc, ASM: tl.constexpr):
 
 @triton.jit
 def _w8a8_gemv_kernel(
-    x_ptr, xs_ptr, w0_ptr, ws0_ptr, out0_ptr, w1_ptr, ws1_ptr, out1_ptr, w2_ptr, ws2_ptr, out2_ptr, res_ptr,
+    x_ptr, xs_ptr, w0_ptr, ws0_ptr, b0_ptr, out0_ptr, w1_ptr, ws1_ptr, b1_ptr, out1_ptr,
+    w2_ptr, ws2_ptr, b2_ptr, out2_ptr, res_ptr,
     n0, n1, n2, K4,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
 ):  # fmt: skip
     """M = 1: ``BLOCK_N`` weight rows per program, read as int32 words (4 codes each) and reduced with dp4a into
     an elementwise int32 accumulator that is summed once at the end. No tensor cores (a 1-row product would pad
@@ -113,16 +117,17 @@ def _w8a8_gemv_kernel(
 
     One launch serves up to three weights [n_i, 4 * K4] that read the same x (q/k/v, gate/up): the first
     cdiv(n0, BLOCK_N) programs take rows of w0, the next cdiv(n1, BLOCK_N) rows of w1, the rest rows of w2.
-    ``HAS_RES`` (one weight only): ``res`` [n0] is added to the output, the residual add of o_proj and down_proj."""
+    ``HAS_BIAS``: each weight's bias ``b_i`` [n_i] is added (Qwen2's q/k/v). ``HAS_RES`` (one weight only):
+    ``res`` [n0] is added to the output, the residual add of o_proj and down_proj."""
     pid = tl.program_id(0)
     p0 = tl.cdiv(n0, BLOCK_N)
     p1 = p0 + tl.cdiv(n1, BLOCK_N)
     if pid < p0:
-        w_ptr, ws_ptr, out_ptr, n, tile = w0_ptr, ws0_ptr, out0_ptr, n0, pid
+        w_ptr, ws_ptr, b_ptr, out_ptr, n, tile = w0_ptr, ws0_ptr, b0_ptr, out0_ptr, n0, pid
     elif pid < p1:
-        w_ptr, ws_ptr, out_ptr, n, tile = w1_ptr, ws1_ptr, out1_ptr, n1, pid - p0
+        w_ptr, ws_ptr, b_ptr, out_ptr, n, tile = w1_ptr, ws1_ptr, b1_ptr, out1_ptr, n1, pid - p0
     else:
-        w_ptr, ws_ptr, out_ptr, n, tile = w2_ptr, ws2_ptr, out2_ptr, n2, pid - p1
+        w_ptr, ws_ptr, b_ptr, out_ptr, n, tile = w2_ptr, ws2_ptr, b2_ptr, out2_ptr, n2, pid - p1
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     last = tl.minimum(rows, n - 1)  # clamped: duplicates dropped at the store
     w_rows = w_ptr + last[:, None] * K4
@@ -135,6 +140,8 @@ def _w8a8_gemv_kernel(
         acc = _dot4(w, tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), acc, ASM)
     dot = tl.sum(acc, 1).to(tl.float32)
     out = dot * tl.load(xs_ptr) * tl.load(ws_ptr + last)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + last).to(tl.float32)
     if HAS_RES:
         out += tl.load(res_ptr + last).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < n)
@@ -181,6 +188,7 @@ def _check(
     w_q: torch.Tensor,
     w_scale: torch.Tensor,
     residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     if x_q.dtype != torch.int8 or w_q.dtype != torch.int8 or x_q.dim() != 2 or w_q.dim() != 2:
         raise ValueError(
@@ -194,6 +202,8 @@ def _check(
                          f"{tuple(w_scale.shape)}")  # fmt: skip
     if residual is not None and tuple(residual.shape) != (m, n):
         raise ValueError(f"residual {tuple(residual.shape)} is not the output's shape {(m, n)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias {tuple(bias.shape)} is not [N] = {(n,)}")
 
 
 def reference(
@@ -203,11 +213,14 @@ def reference(
     w_scale: torch.Tensor,
     out_dtype: torch.dtype,
     residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch. float64 holds every int8 dot product of K < 2^37 terms exactly, so this is exact integer
-    accumulation followed by the scales (and the residual), rounded once."""
-    _check(x_q, x_scale, w_q, w_scale, residual)
+    accumulation followed by the scales (and the bias and residual), rounded once."""
+    _check(x_q, x_scale, w_q, w_scale, residual, bias)
     out = (x_q.double() @ w_q.double().T) * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if bias is not None:
+        out += bias.double()
     if residual is not None:
         out += residual.double()
     return out.to(out_dtype)
@@ -218,31 +231,40 @@ def _gemv_grid(n0: int, n1: int = 0, n2: int = 0):
     return lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in (n0, n1, n2)),)
 
 
-def _gemv_group(x_q, x_scale, weights, out_dtype, residual=None) -> list[torch.Tensor]:
-    """M = 1 through every (w_q, w_scale) of ``weights``, three weights per launch; ``residual`` goes with a
-    single weight."""
+def _gemv_group(x_q, x_scale, weights, out_dtype, biases=None, residual=None) -> list[torch.Tensor]:
+    """M = 1 through every (w_q, w_scale) of ``weights`` (and its bias, if ``biases``), three weights per launch;
+    ``residual`` goes with a single weight."""
     x4 = x_q.contiguous().view(torch.int32)
     xs = x_scale.reshape(-1).float().contiguous()
-    res = x4 if residual is None else residual.contiguous()  # x4: a pointer no program reads
+    unread = x4  # the pointer passed for an absent bias or residual: no program reads it
+    res = unread if residual is None else residual.contiguous()
     outs = []
     for i in range(0, len(weights), 3):
-        parts = [
-            (w.contiguous().view(torch.int32), s.reshape(-1).float().contiguous())
-            for w, s in weights[i : i + 3]
+        group = [
+            (
+                w.contiguous().view(torch.int32),
+                s.reshape(-1).float().contiguous(),
+                unread if biases is None else biases[i + j].contiguous(),
+                torch.empty((1, w.shape[0]), dtype=out_dtype, device=x_q.device),
+            )
+            for j, (w, s) in enumerate(weights[i : i + 3])
         ]
-        group = [(w, s, torch.empty((1, w.shape[0]), dtype=out_dtype, device=x_q.device)) for w, s in parts]
-        outs += [o for _, _, o in group]
-        rows = [w.shape[0] for w, _, _ in group] + [0] * (3 - len(group))
+        outs += [part[-1] for part in group]
+        rows = [part[0].shape[0] for part in group] + [0] * (3 - len(group))
         group += [group[0]] * (3 - len(group))  # pointers for the absent parts: no program reads them
         args = (x4, xs, *(t for part in group for t in part), res, *rows, x4.shape[1])
-        _launch(_gemv, _gemv_grid(*rows), args, ASM=not INTERPRETED, HAS_RES=residual is not None)
+        _launch(
+            _gemv, _gemv_grid(*rows), args, ASM=not INTERPRETED, HAS_BIAS=biases is not None,
+            HAS_RES=residual is not None,
+        )  # fmt: skip
     return outs
 
 
-def _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual) -> torch.Tensor:
+def _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual, bias) -> torch.Tensor:
     (m, k), n = x_q.shape, w_q.shape[0]
     if m == 1 and k % 4 == 0:  # decode: the dp4a GEMV over int32 words
-        return _gemv_group(x_q, x_scale, [(w_q, w_scale)], out_dtype, residual)[0]
+        biases = None if bias is None else [bias]
+        return _gemv_group(x_q, x_scale, [(w_q, w_scale)], out_dtype, biases, residual)[0]
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     x_scale = x_scale.reshape(-1).float().contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
@@ -250,13 +272,15 @@ def _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual) -> torch.Tensor:
     if m == 0:
         return out
     res = out if residual is None else residual.contiguous()  # out: a pointer no program reads
+    b = out if bias is None else bias.contiguous()
     tuned = _decode_gemm if m <= DECODE_MAX_M else _prefill_gemm
-    args = (x_q, x_scale, w_q, w_scale, out, res, m, n, k, min(triton.next_power_of_2(m), TUNE_MAX_M), x_q.stride(0),
-            w_q.stride(0), n)  # fmt: skip
+    args = (x_q, x_scale, w_q, w_scale, out, b, res, m, n, k, min(triton.next_power_of_2(m), TUNE_MAX_M),
+            x_q.stride(0), w_q.stride(0), n)  # fmt: skip
     _launch(
         tuned,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         args,
+        HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
     )
     return out
@@ -282,17 +306,18 @@ def w8a8_matmul(
     out_dtype: torch.dtype = torch.float16,
     backend: str = "auto",
     residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_q int8 [M, K], x_scale fp32 [M, 1], w_q int8 [N, K], w_scale fp32 [N] or [1, N] -> [M, N] out_dtype,
-    plus ``residual`` [M, N] if given (added in fp32 before the one rounding to out_dtype: a transformer block's
-    residual add, fused into the epilogue).
+    plus ``bias`` [N] and ``residual`` [M, N] if given (added in fp32 before the one rounding to out_dtype: a
+    linear's bias and a transformer block's residual add, fused into the epilogue).
 
     ``backend``: "auto" (Triton on CUDA, the reference on CPU), "triton" or "reference".
     """
-    _check(x_q, x_scale, w_q, w_scale, residual)
+    _check(x_q, x_scale, w_q, w_scale, residual, bias)
     if use_triton(backend, x_q, INTERPRETED):
-        return _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual)
-    return reference(x_q, x_scale, w_q, w_scale, out_dtype, residual)
+        return _triton(x_q, x_scale, w_q, w_scale, out_dtype, residual, bias)
+    return reference(x_q, x_scale, w_q, w_scale, out_dtype, residual, bias)
 
 
 def w8a8_matmul_group(
@@ -301,13 +326,21 @@ def w8a8_matmul_group(
     weights: list[tuple[torch.Tensor, torch.Tensor]],
     out_dtype: torch.dtype = torch.float16,
     backend: str = "auto",
+    biases: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """``[w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype) for w_q, w_scale in weights]`` for the linears that
-    read one input (q/k/v, gate/up). At M = 1 on the GPU one GEMV launch covers three weights: a launch that
-    reads a 4 MB weight alone (Llama-3-8B's k or v) moves it at a third of copy bandwidth."""
-    for w_q, w_scale in weights:
-        _check(x_q, x_scale, w_q, w_scale)
+    """``[w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, bias=b) ...]`` for the linears that read one input
+    (q/k/v, gate/up), with ``biases`` one per weight or None. At M = 1 on the GPU one GEMV launch covers three
+    weights: a launch that reads a 4 MB weight alone (Llama-3-8B's k or v) moves it at a third of copy
+    bandwidth."""
+    if biases is not None and len(biases) != len(weights):
+        raise ValueError(f"{len(biases)} biases for {len(weights)} weights")
+    each = [None] * len(weights) if biases is None else biases
+    for (w_q, w_scale), bias in zip(weights, each, strict=True):
+        _check(x_q, x_scale, w_q, w_scale, bias=bias)
     m, k = x_q.shape
     if m == 1 and k % 4 == 0 and use_triton(backend, x_q, INTERPRETED):
-        return _gemv_group(x_q, x_scale, weights, out_dtype)
-    return [w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, backend) for w_q, w_scale in weights]
+        return _gemv_group(x_q, x_scale, weights, out_dtype, biases)
+    return [
+        w8a8_matmul(x_q, x_scale, w_q, w_scale, out_dtype, backend, bias=bias)
+        for (w_q, w_scale), bias in zip(weights, each, strict=True)
+    ]

@@ -25,7 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..kernels.int8_gemm import w8a8_matmul, w8a8_matmul_group
-from ..kernels.quantize_act import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
+from ..kernels.quantize_act import (
+    quantize_per_token,
+    rmsnorm_quantize,
+    silu_mul_hadamard_quantize,
+    silu_mul_quantize,
+)
 from ..model import CausalAttention
 from .rotation import SiluMulHadamard
 
@@ -61,7 +66,7 @@ def _quantized(x: torch.Tensor | QuantizedActivation) -> QuantizedActivation:
 
 class W8A8Linear(nn.Module):
     """nn.Linear with int8 weight ``[out, in]``, fp32 per-output-channel ``dequant_scale`` and an optional bias
-    in ``compute_dtype`` (Qwen2's q/k/v), added after the int8 GEMM.
+    in ``compute_dtype`` (Qwen2's q/k/v), added in the int8 GEMM's epilogue.
 
     Accepts a QuantizedActivation, or a float tensor that it quantizes per token itself (o_proj's input comes
     from attention). The output dtype is ``compute_dtype``, fixed at construction: quantize a model after casting
@@ -105,35 +110,32 @@ class W8A8Linear(nn.Module):
     def forward(
         self, x: torch.Tensor | QuantizedActivation, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``self(x)``, plus ``residual`` [..., out_features] if given (summed in fp32, rounded once; with a bias,
-        the biased output is rounded before the residual joins it)."""
+        """``self(x)``, plus ``residual`` [..., out_features] if given (product, bias and residual summed in fp32
+        in the GEMM's epilogue, rounded once)."""
         x = _quantized(x)
         lead = x.q.shape[:-1]
         res = None if residual is None else residual.reshape(-1, self.out_features)
         out = w8a8_matmul(
             x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1), self.weight, self.dequant_scale,
-            self.compute_dtype, residual=None if self.bias is not None else res,
+            self.compute_dtype, residual=res, bias=self.bias,
         )  # fmt: skip
-        if self.bias is not None:
-            out = out + self.bias
-            if res is not None:
-                out = out + res
         return out.reshape(*lead, self.out_features)
 
     @staticmethod
     def forward_group(x: torch.Tensor | QuantizedActivation, linears: list[W8A8Linear]) -> list[torch.Tensor]:
         """``[linear(x) for linear in linears]``, x quantized once and, at batch 1 on the GPU, one GEMV launch
-        for up to three weights (``model.project``: q/k/v, gate/up); biases are added after it."""
+        for up to three weights (``model.project``: q/k/v, gate/up), biases added in its epilogue."""
         x = _quantized(x)
         lead, k = x.q.shape[:-1], linears[0].in_features
         weights = [(lin.weight, lin.dequant_scale) for lin in linears]
+        has_bias = [lin.bias is not None for lin in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("a group of linears has biases on some of them only")
         outs = w8a8_matmul_group(
-            x.q.reshape(-1, k), x.scale.reshape(-1, 1), weights, linears[0].compute_dtype
-        )
-        return [
-            (out if lin.bias is None else out + lin.bias).reshape(*lead, lin.out_features)
-            for out, lin in zip(outs, linears, strict=True)
-        ]
+            x.q.reshape(-1, k), x.scale.reshape(-1, 1), weights, linears[0].compute_dtype,
+            biases=[lin.bias for lin in linears] if any(has_bias) else None,
+        )  # fmt: skip
+        return [out.reshape(*lead, lin.out_features) for out, lin in zip(outs, linears, strict=True)]
 
     def extra_repr(self) -> str:
         return (
@@ -162,12 +164,11 @@ class SiluMulQuant(nn.Module):
 
 
 class SiluMulHadamardQuant(nn.Module):
-    """``rotation.SiluMulHadamard`` followed by per-token int8 quantization: the input of a rotated model's
-    down_proj. The Hadamard runs in torch (fp32) between the activation and the quantization kernel, so it
-    costs one more pass over the activation than ``SiluMulQuant``'s fused kernel."""
+    """``rotation.SiluMulHadamard`` followed by per-token int8 quantization, in one kernel: the input of a rotated
+    model's down_proj."""
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> QuantizedActivation:
-        return QuantizedActivation(*quantize_per_token(SiluMulHadamard()(gate.float(), up.float())))
+        return QuantizedActivation(*silu_mul_hadamard_quantize(gate, up))
 
 
 def _smooth_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
