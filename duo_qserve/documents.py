@@ -15,6 +15,11 @@ Uploads are hostile until read, so every reader here:
 - reports what it could not read in ``Document.warnings`` instead of dropping it silently;
 - raises only ``DocumentError``, whose message is for the person who uploaded the file.
 
+Those rules bound what the readers here do; the libraries under them (pypdf above all) can still be led into
+minutes of work or gigabytes of memory by a crafted file. So ``read_documents`` reads each file in a fresh
+interpreter of its own (``_read_apart``), which is killed past ``ReadLimits.max_seconds`` and cannot take more than
+``ReadLimits.max_memory_bytes``: a hostile upload costs its own read, never the process that serves everyone.
+
 Text bytes are decoded by one rule (``_decode_text``): a byte-order mark (UTF-8/16/32) decides; else UTF-16/32
 without one is recognised by its NUL pattern; else other NUL bytes mean binary; else UTF-8 when its valid
 multi-byte characters are at least as many as its invalid bytes (those few are replaced, with a warning); else
@@ -29,12 +34,21 @@ import bisect
 import codecs
 import html
 import io
+import json
+import math
+import os
 import posixpath
 import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import unquote
@@ -44,6 +58,7 @@ from pypdf.errors import LimitReachedError
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".epub", ".pdf", ".html", ".htm")
 MiB = 1 << 20
+GiB = 1 << 30
 BINARY_CHAR_RATIO = 0.02
 
 
@@ -54,7 +69,9 @@ class ReadLimits:
     ``max_chars`` bounds the extracted text (counted as extracted, before blank lines are tidied), so a caller
     that only needs to know "does it fit" stops reading early; ``None`` means no bound. The zip limits apply to
     EPUB files, whose sizes are checked from the zip directory before anything is decompressed and again while
-    decompressing, since the directory can lie.
+    decompressing, since the directory can lie. ``max_seconds`` and ``max_memory_bytes`` bound the child process
+    each file is read in (``read_documents``); ``read_document``, which reads in the caller's process, cannot
+    enforce them.
     """
 
     max_file_bytes: int = 128 * MiB  # one upload, as stored
@@ -64,6 +81,8 @@ class ReadLimits:
     max_member_bytes: int = 64 * MiB  # one member, decompressed
     max_compression_ratio: float = 100.0  # decompressed total / archive size, books reach ~10
     ratio_floor_bytes: int = 16 * MiB  # archives expanding to less are harmless whatever their ratio
+    max_seconds: float = 120.0  # wall time of one read (all files of read_documents together)
+    max_memory_bytes: int = 4 * GiB  # address space of the process reading one file
 
 
 class DocumentError(ValueError):
@@ -130,6 +149,12 @@ _REPAIR_HINTS = {
     ".epub": "check that it is a complete, DRM-free .epub file",
     ".pdf": "check that it is a complete, unencrypted .pdf file",
 }
+
+
+def _repair_hint(suffix: str) -> str:
+    return _REPAIR_HINTS.get(suffix, f"check that it is a complete {suffix} file")
+
+
 _FORMAT_NAMES = {
     ".txt": "text",
     ".md": "Markdown",
@@ -145,7 +170,8 @@ def read_document(path: str | Path, limits: ReadLimits = ReadLimits(), name: str
 
     ``name`` is what the file is called in its title, ``files`` and messages: its owner's name for it, where that
     differs from the path's (an upload stored under a sanitized name); the path's name by default. The extractor
-    is always chosen by the path's suffix.
+    is always chosen by the path's suffix. This reads in the caller's process, unbounded in time and memory: read
+    a file you did not make with ``read_documents``, which runs this in a child process.
     """
     path = Path(path)
     name = name or path.name
@@ -173,15 +199,14 @@ def read_document(path: str | Path, limits: ReadLimits = ReadLimits(), name: str
     reading = _Reading(name, limits)
     try:
         title, text, chapters = _READERS[suffix](data, reading)
-    except DocumentError:
+    except (DocumentError, MemoryError):  # out of memory is no parse failure: ``_read_apart`` says what it is
         raise
     except (
         Exception
     ) as exc:  # the libraries and the data raise many kinds; the user gets one kind, with a cause
-        hint = _REPAIR_HINTS.get(suffix, f"check that it is a complete {suffix} file")
         raise DocumentError(
             f"{name!r} could not be parsed as {_FORMAT_NAMES[suffix]} "
-            f"({type(exc).__name__}: {_one_line(str(exc))[:200]}); {hint}."
+            f"({type(exc).__name__}: {_one_line(str(exc))[:200]}); {_repair_hint(suffix)}."
         ) from exc
     if not text.strip():
         hint = (
@@ -204,10 +229,11 @@ def read_document(path: str | Path, limits: ReadLimits = ReadLimits(), name: str
 def read_documents(
     paths: Sequence[str | Path], limits: ReadLimits = ReadLimits(), names: Sequence[str] | None = None
 ) -> Document:
-    """Read several files as one document so questions can span them; each file becomes a headed chapter.
+    """Read files (uploads) as one document so questions can span them; each file becomes a headed chapter.
 
-    ``limits.max_chars`` bounds all files together; ``names``, one per path, are the files' names as
-    ``read_document`` takes them (the paths' names by default).
+    Each file is read by ``read_document`` in a child process of its own (``_read_apart``), within
+    ``limits.max_memory_bytes``; ``limits.max_seconds`` and ``limits.max_chars`` bound all files together.
+    ``names``, one per path, are the files' names as ``read_document`` takes them (the paths' names by default).
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -217,12 +243,13 @@ def read_documents(
         names = [Path(path).name for path in paths]
     docs: list[Document] = []
     used = 0
+    deadline = time.monotonic() + limits.max_seconds
     for path, name in zip(paths, names, strict=True):
         file_limits = limits
         if limits.max_chars is not None:
             file_limits = replace(limits, max_chars=limits.max_chars - used)
         try:
-            docs.append(read_document(path, file_limits, name))
+            docs.append(_read_apart(path, file_limits, name, deadline))
         except DocumentTooLong as exc:
             if not docs:
                 raise
@@ -253,6 +280,105 @@ def read_documents(
         files=names,
         warnings=[warning for doc in docs for warning in doc.warnings],
     )
+
+
+# --- reading in a child process ----------------------------------------------------------------------------
+
+# A fresh interpreter, not a fork: the parent may hold a model and threads mid-work. Isolated mode (-I) keeps the
+# environment and the current directory out of its imports; this package's own root goes first on its path, so
+# the child runs the same code as its parent.
+_CHILD_COMMAND = (
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from duo_qserve.documents import _serve_parent; _serve_parent()"
+)
+
+
+def _read_apart(path: str | Path, limits: ReadLimits, name: str, deadline: float) -> Document:
+    """``read_document(path, limits, name)`` in a child process, killed at ``deadline`` (``time.monotonic``) and
+    unable to take more than ``limits.max_memory_bytes``. The outcome comes back as JSON, plain data, because the
+    child has handled hostile input. Raises what ``read_document`` raises, and a ``DocumentError`` naming the file
+    when the read ran out of time or memory or its process died."""
+    request = json.dumps({"path": os.fspath(path), "name": name, "limits": asdict(limits)})
+    command = _CHILD_COMMAND.format(root=str(Path(__file__).resolve().parents[1]))
+    with tempfile.TemporaryFile() as result:  # a file, not a pipe: a full pipe would stall the child
+        child = subprocess.Popen([sys.executable, "-I", "-c", command], stdin=subprocess.PIPE, stdout=result)
+        try:
+            child.communicate(request.encode(), timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise DocumentError(_out_of_time(name, limits)) from None
+        finally:
+            if child.poll() is None:  # out of time, or the caller was interrupted: the read ends with it
+                child.kill()
+                child.wait()
+        result.seek(0)
+        return _outcome(result.read(), child.returncode, path, name, limits)
+
+
+def _outcome(result: bytes, returncode: int, path: str | Path, name: str, limits: ReadLimits) -> Document:
+    """The document a child of ``_read_apart`` wrote, or its error raised; a child that wrote nothing died."""
+    try:
+        outcome = json.loads(result.decode("utf-8", "surrogatepass"))
+        kind = outcome["kind"]
+    except (ValueError, TypeError, KeyError):
+        kind = None
+    if kind == "document":
+        fields = outcome["document"]
+        return Document(**{**fields, "chapters": [Chapter(**chapter) for chapter in fields["chapters"]]})
+    if kind == "too_long":
+        raise DocumentTooLong(outcome["message"], outcome["max_chars"])
+    if kind == "refused":
+        raise DocumentError(outcome["message"])
+    if kind == "out_of_memory":
+        raise DocumentError(
+            f"{name!r} needs more than {limits.max_memory_bytes / MiB:,.0f} MiB of memory to read, the most one "
+            "file may take: it is probably a decompression bomb or otherwise hostile - upload a genuine copy, "
+            "or the book in smaller parts."
+        )
+    if returncode == -signal.SIGXCPU:  # the child's own CPU limit (``_serve_parent``) ended it
+        raise DocumentError(_out_of_time(name, limits))
+    how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+    raise DocumentError(
+        f"{name!r} could not be read: its reader stopped ({how}); the file is probably damaged or hostile - "
+        f"{_repair_hint(Path(path).suffix.lower())}."
+    )
+
+
+def _out_of_time(name: str, limits: ReadLimits) -> str:
+    return (
+        f"{name!r} was not read within {limits.max_seconds:g} s, the most this read may take (a book reads in "
+        "seconds): it is probably damaged or built to stall readers - upload a repaired copy, or the book's text "
+        "as .txt."
+    )
+
+
+def _serve_parent() -> None:
+    """The child process of ``_read_apart``: take its request (JSON) from stdin, bound this process's memory and
+    CPU time, read the file, and write the outcome as JSON to stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # what a library prints goes to stderr, never into the outcome
+    request = json.load(sys.stdin)
+    limits = ReadLimits(**request["limits"])
+    _lower_limit(resource.RLIMIT_AS, limits.max_memory_bytes)
+    # the parent kills this process at its deadline; the CPU limit ends it too should the parent die first
+    _lower_limit(resource.RLIMIT_CPU, math.ceil(limits.max_seconds) + 1)
+    try:
+        doc = read_document(request["path"], limits, request["name"])
+        outcome = json.dumps({"kind": "document", "document": asdict(doc)}, ensure_ascii=False)
+        encoded = outcome.encode("utf-8", "surrogatepass")  # text is text as extracted, lone surrogates too
+    except DocumentTooLong as exc:
+        encoded = json.dumps({"kind": "too_long", "message": str(exc), "max_chars": exc.max_chars}).encode()
+    except DocumentError as exc:
+        encoded = json.dumps({"kind": "refused", "message": str(exc)}).encode()
+    except MemoryError:  # what failed to fit is gone with the frames that held it: this much fits
+        encoded = b'{"kind": "out_of_memory"}'
+    out.write(encoded)
+    out.close()
+
+
+def _lower_limit(which: int, limit: int) -> None:
+    """Lower this process's soft ``resource`` limit ``which`` to ``limit`` (or to its hard limit, if lower)."""
+    _soft, hard = resource.getrlimit(which)
+    resource.setrlimit(which, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
 def document_from_text(text: str, title: str = "Pasted text") -> Document:
@@ -1016,7 +1142,7 @@ class _Epub:
             return None
         try:
             data = self.archive.read(path)
-        except DocumentError:
+        except (DocumentError, MemoryError):
             raise
         except Exception as exc:  # zipfile and zlib raise many kinds for a damaged or encrypted member
             self.reading.warn(f"{path!r} could not be decompressed ({type(exc).__name__}); it was left out.")
@@ -1172,6 +1298,8 @@ def _read_pdf(data: bytes, reading: _Reading) -> tuple[str, str, list[Chapter]]:
                 f"{reading.name!r}: page {number} holds more data than is safe to decompress "
                 f"({_one_line(str(exc))[:120]}); it is probably a decompression bomb, not a document."
             ) from exc
+        except MemoryError:
+            raise
         except Exception as exc:  # pypdf raises many kinds for a damaged page; the other pages still read
             reading.warn(f"page {number} could not be read ({type(exc).__name__}); it was left out.")
             text = ""
