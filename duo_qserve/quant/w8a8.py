@@ -128,13 +128,17 @@ class W8A8Linear(nn.Module):
         x = _quantized(x)
         lead, k = x.q.shape[:-1], linears[0].in_features
         weights = [(lin.weight, lin.dequant_scale) for lin in linears]
-        has_bias = [lin.bias is not None for lin in linears]
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("a group of linears has biases on some of them only")
+        biases = None
+        if any(lin.bias is not None for lin in linears):  # a linear without one in a biased group adds zeros
+            biases = [
+                lin.weight.new_zeros(lin.out_features, dtype=lin.compute_dtype)
+                if lin.bias is None
+                else lin.bias
+                for lin in linears
+            ]
         outs = w8a8_matmul_group(
-            x.q.reshape(-1, k), x.scale.reshape(-1, 1), weights, linears[0].compute_dtype,
-            biases=[lin.bias for lin in linears] if any(has_bias) else None,
-        )  # fmt: skip
+            x.q.reshape(-1, k), x.scale.reshape(-1, 1), weights, linears[0].compute_dtype, biases=biases
+        )
         return [out.reshape(*lead, lin.out_features) for out, lin in zip(outs, linears, strict=True)]
 
     def extra_repr(self) -> str:
