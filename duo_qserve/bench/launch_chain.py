@@ -2,7 +2,8 @@
 
 A batch-1 decode step of a small model is a chain of a few hundred dependent kernels, most of them moving well
 under a megabyte. This replays a graph of ``--chain`` dependent copies (each reads the buffer the previous one
-wrote) for each size and reports microseconds per kernel and the bandwidth reached, against the copy ceiling.
+wrote; ``common.bench_graph``) for each size and reports microseconds per kernel and the bandwidth reached,
+against the copy ceiling.
 ``us_per_kernel`` at the smallest size is the fixed cost of a boundary (launch, ramp-up, drain); with it, a step
 of ``n`` kernels moving ``B`` bytes cannot run faster than about ``n * fixed + B / bandwidth``.
 
@@ -15,29 +16,14 @@ import argparse
 
 import torch
 
-from duo_qserve.bench.common import gpu_header, write_result
+from duo_qserve.bench.common import bench_graph, gpu_header, write_result
 
 
-def time_chain(n_bytes: int, chain: int, repeats: int = 20) -> float:
-    """Median milliseconds of one replay of ``chain`` dependent copies of ``n_bytes`` each."""
+def chain_calls(n_bytes: int, chain: int) -> list:
+    """``chain`` dependent copies of ``n_bytes`` each: every copy reads the buffer the previous one wrote."""
     a = torch.zeros(max(n_bytes // 2, 1), dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(chain):
-            src, dst = (a, b) if i % 2 == 0 else (b, a)
-            dst.copy_(src)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return sorted(times)[len(times) // 2]
+    return [lambda s=src, d=dst: d.copy_(s) for src, dst in [(a, b), (b, a)] * (chain // 2)]
 
 
 def main(argv=None) -> int:
@@ -50,8 +36,7 @@ def main(argv=None) -> int:
     rows = []
     for kb in [int(s) for s in a.sizes_kb.split(",")]:
         n = kb * 1024
-        ms = time_chain(n, a.chain)
-        us = ms * 1000 / a.chain
+        us = bench_graph(chain_calls(n, a.chain)) * 1000
         gbps = 2 * n / (us * 1e-6) / 1e9  # read + write
         rows.append({"kb": kb, "us_per_kernel": us, "GBps": gbps, "of_copy_ceiling": gbps / copy})
         print(
